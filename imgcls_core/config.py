@@ -1,0 +1,357 @@
+"""Typed configuration: one tree of dataclasses shared by every job.
+
+YAML in, strict ``from_dict`` out: an unknown key, a wrong type or a value
+outside its allowed set raises :class:`ConfigError` naming the dotted key and
+what was expected. Command lines override single values with dotted keys::
+
+    cfg = load_config("configs/digits.yaml", overrides=["optim.lr=0.2"])
+
+Dicts exist only at process boundaries (Ray's ``train_loop_config``, MLflow
+params): ``cfg.to_dict()`` there, ``Config.from_dict(d)`` on the other side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are batched."""
+
+    # imagefolder: <root>/<split>/<class>/<image>; parquet: <root>/<split>/*.parquet
+    # (written by imgcls_core.data.shards); cifar10/cifar100: the python-pickle
+    # folder; digits: scikit-learn's digits, materialized under <root> on first use.
+    format: Literal["imagefolder", "parquet", "cifar10", "cifar100", "digits"] = "digits"
+    root: str = "data/digits"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # Used only when <root>/<val_split> does not exist: a stratified, seeded
+    # fraction of the training split becomes the validation split.
+    val_fraction: float = 0.1
+    image_size: int = 32  # side of the square network input, in pixels
+    # "dataset": mean/std computed from the training split; "imagenet": the
+    # ImageNet statistics (for pretrained backbones); "auto": imagenet when
+    # model.pretrained is set, else dataset.
+    normalization: Literal["auto", "dataset", "imagenet"] = "auto"
+    batch_size: int = 128  # per worker
+    eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader worker processes; 0 decodes in the main process
+    # Class imbalance: "weighted_loss" weights the loss by inverse class frequency,
+    # "weighted_sampler" draws training samples with inverse-frequency weights.
+    balance: Literal["none", "weighted_loss", "weighted_sampler"] = "none"
+    seed: int = 0  # split and shuffling seed
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; see imgcls_core/data/presets.py for the strength mapping."""
+
+    # 0 = resize (+ optional flip) only, 1 = strong: crop range, colour jitter,
+    # auto-augment magnitude and random-erasing probability all scale with it.
+    strength: float = 0.3
+    policy: Literal["trivialaugment", "randaugment", "none"] = "trivialaugment"
+    hflip: bool = False  # off by default: flipping changes the meaning of digits and text
+    mixup_alpha: float = 0.0  # 0 disables MixUp
+    cutmix_alpha: float = 0.0  # 0 disables CutMix
+    eval_crop_ratio: float = 1.0  # eval resizes to image_size / ratio, then centre-crops
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (a name in imgcls_core.models' registry)."""
+
+    name: str = "resnet18"
+    # 3x3 stride-1 stem with no max-pool, for inputs of 64 px or less.
+    # None = decide from data.image_size.
+    small_input: bool | None = None
+    width: float = 1.0  # channel multiplier; 1.0 keeps torchvision's shapes
+    zero_init_residual: bool = False
+    dropout: float = 0.0  # before the classifier
+    pretrained: str | None = None  # local path to a state_dict (e.g. torchvision's)
+    # Number of leading stages frozen: 0 none, 1 the stem, 2 stem+layer1, ... 5 all
+    # but the classifier.
+    freeze_stages: int = 0
+    backbone_lr_scale: float = 1.0  # LR multiplier for everything but the classifier
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # peak LR for the reference batch size below
+    # LR scales linearly with global batch size: lr * global_batch / ref_batch_size.
+    # 0 disables scaling.
+    ref_batch_size: int = 0
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    norm_weight_decay: float = 0.0  # weight decay for norm and bias parameters
+    schedule: Literal["cosine", "onecycle", "multistep", "plateau", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup, counted in (fractional) epochs
+    warmup_start_factor: float = 0.1  # warmup starts at lr * this
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep, fraction of epochs
+    gamma: float = 0.1  # multistep and plateau decay factor
+    plateau_patience: int = 2  # epochs without val improvement before plateau decays
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and its numerics."""
+
+    epochs: int = 10
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0 disables EMA; typical 0.999 with ema_steps 1..32
+    ema_steps: int = 1  # update the EMA every this many optimizer steps
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": bf16 on GPUs that support it, else fp16 with GradScaler; off on CPU.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = True  # applied on CUDA only
+    compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = True
+    deterministic: bool = False  # deterministic kernels; slower
+    seed: int = 0
+    log_every: int = 20  # steps between progress updates
+    output_dir: str = "runs/local"
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from output_dir's latest checkpoint if there is one
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking; jobs log from rank 0 only."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI from the environment
+    experiment: str = "imgcls"
+    run_name: str | None = None
+    register_as: str | None = None  # registered model name for the final model
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+        cfg = _build(cls, data or {}, "")
+        validate(cfg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 0.1, ...}``: for MLflow params and result tables."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults) and apply ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return Config.from_dict(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b=value`` in a nested dict; the value is parsed as YAML (``0.2``, ``[1, 2]``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!r}; allowed keys"
+            f"{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {name: _coerce(hints[name], data[name], _join(prefix, name)) for name in names if name in data}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch per type kind
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: a value is required")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a schema bug
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+# (dotted key, lowest, highest) allowed value of numeric fields, both inclusive.
+_RANGES: list[tuple[str, float, float]] = [
+    ("data.val_fraction", 0.0, 0.9),
+    ("data.image_size", 8, 4096),
+    ("data.batch_size", 1, 1 << 16),
+    ("data.eval_batch_size", 1, 1 << 16),
+    ("data.num_workers", 0, 256),
+    ("augment.strength", 0.0, 1.0),
+    ("augment.mixup_alpha", 0.0, 10.0),
+    ("augment.cutmix_alpha", 0.0, 10.0),
+    ("augment.eval_crop_ratio", 0.1, 1.0),
+    ("model.width", 0.0625, 8.0),
+    ("model.dropout", 0.0, 0.99),
+    ("model.freeze_stages", 0, 5),
+    ("model.backbone_lr_scale", 0.0, 10.0),
+    ("optim.lr", 1e-8, 100.0),
+    ("optim.ref_batch_size", 0, 1 << 20),
+    ("optim.momentum", 0.0, 0.999),
+    ("optim.weight_decay", 0.0, 1.0),
+    ("optim.norm_weight_decay", 0.0, 1.0),
+    ("optim.warmup_start_factor", 1e-4, 1.0),
+    ("optim.min_lr_ratio", 0.0, 1.0),
+    ("optim.gamma", 1e-4, 1.0),
+    ("optim.plateau_patience", 0, 1000),
+    ("train.epochs", 1, 100_000),
+    ("train.label_smoothing", 0.0, 0.5),
+    ("train.ema_decay", 0.0, 0.99999),
+    ("train.ema_steps", 1, 10_000),
+    ("train.grad_clip_norm", 0.0, 1e6),
+    ("train.log_every", 1, 1_000_000),
+    ("train.checkpoint_every_epochs", 1, 100_000),
+    ("train.keep_checkpoints", 1, 1000),
+]
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks that the types alone cannot express."""
+    flat = cfg.flat()
+    for key, low, high in _RANGES:
+        value = flat[key]
+        if not low <= value <= high:
+            raise ConfigError(f"{key}: {value!r} is out of range; expected {low} <= value <= {high}")
+    if not 0.0 <= cfg.optim.warmup_epochs < cfg.train.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs: {cfg.optim.warmup_epochs} must be >= 0 and less than "
+            f"train.epochs ({cfg.train.epochs})"
+        )
+    if any(not 0.0 < m < 1.0 for m in cfg.optim.milestones) or sorted(cfg.optim.milestones) != list(
+        cfg.optim.milestones
+    ):
+        raise ConfigError(
+            f"optim.milestones: {cfg.optim.milestones} must be increasing fractions of training in (0, 1)"
+        )
+    from imgcls_core.models import list_models  # the registry is the source of truth
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: {cfg.model.name!r} is not registered; choose one of {list_models()}")

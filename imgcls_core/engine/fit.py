@@ -1,0 +1,68 @@
+"""The epoch driver shared by the local runner and the Ray Train worker.
+
+``fit`` trains, validates and checkpoints; what happens to each epoch's
+metrics and checkpoint directory is the caller's ``report(metrics, ckpt_dir)``:
+the local runner moves the directory into ``<output_dir>/checkpoints``, a Ray
+job passes it to ``ray.train.report``. ``fit`` deletes whatever is left of the
+directory after ``report`` returns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from imgcls_core.engine.checkpoint import Preprocessing, save_checkpoint
+from imgcls_core.engine.loop import Batch, Engine
+
+Report = Callable[[dict[str, float], Path | None], None]
+StepCallback = Callable[[dict[str, float]], None]
+
+
+def fit(
+    engine: Engine,
+    train_batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+    val_batches: Callable[[], Iterable[Batch]] | Iterable[Batch],
+    preprocessing: Preprocessing,
+    report: Report,
+    *,
+    stop_after: int | None = None,
+    on_step: StepCallback | None = None,
+) -> list[dict[str, float]]:
+    """Run the remaining epochs (from ``engine.epoch`` to ``train.epochs``).
+
+    ``train_batches``/``val_batches`` are re-iterable (a DataLoader) or
+    factories called per epoch (``train_batches(epoch)``), for ingest that is
+    built per epoch such as Ray Data shards. ``stop_after`` ends this call after
+    that many epochs (a time-boxed run that resumes later).
+    """
+    cfg = engine.cfg
+    history = []
+    end = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, engine.epoch + stop_after)
+    while engine.epoch < end:
+        epoch = engine.epoch
+        train = train_batches(epoch) if callable(train_batches) else train_batches
+        metrics = engine.train_epoch(train, on_step)
+        val = engine.evaluate(val_batches() if callable(val_batches) else val_batches, preprocessing.classes)
+        metrics.update(val.metrics("val/"))
+        if engine.ema is not None:
+            ema_val = engine.evaluate(val_batches() if callable(val_batches) else val_batches,
+                                      preprocessing.classes, use_ema=True)
+            metrics.update(ema_val.metrics("val_ema/"))
+        engine.end_epoch(metrics["val/acc1"])
+        metrics["epoch"] = engine.epoch
+        metrics["step"] = engine.step
+        history.append(metrics)
+        due = engine.epoch % cfg.train.checkpoint_every_epochs == 0 or engine.epoch in (end, cfg.train.epochs)
+        if due:
+            tmp = Path(tempfile.mkdtemp(prefix=f"imgcls-ckpt-{engine.epoch:04d}-"))
+            try:
+                save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics)
+                report(metrics, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            report(metrics, None)
+    return history

@@ -1,0 +1,215 @@
+"""The training engine: one object holding everything a run's state is made of.
+
+The same engine runs in the local runner and in every Ray Train worker: it
+takes any iterable of ``(images, labels)`` batches (a DataLoader or Ray Data's
+``iter_torch_batches``), and a distributed job hands it a ``wrap`` (DDP) for
+the forward/backward model while the engine keeps the bare module for state.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from imgcls_core.config import Config
+from imgcls_core.engine.optim import LRSchedule, build_optimizer, param_groups, scaled_lr
+from imgcls_core.engine.runtime import Runtime, epoch_seed, rng_state, seed_everything, set_rng_state
+from imgcls_core.evaluation import EvalReport, MetricAccumulator
+from imgcls_core.models import keep_frozen_bn_eval
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+BatchMix = Callable[[torch.Tensor, torch.Tensor], Batch]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the LR is too high or the data is broken."""
+
+
+class Engine:
+    """Model + EMA + optimizer + schedule + scaler + counters, and the epoch loop."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        runtime: Runtime,
+        steps_per_epoch: int,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        class_weights: torch.Tensor | None = None,
+        batch_mix: BatchMix | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ):
+        self.cfg, self.runtime, self.rank, self.world_size = cfg, runtime, rank, world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.model = model.to(runtime.device, memory_format=runtime.memory_format)
+        self.global_batch_size = cfg.data.batch_size * world_size
+        self.lr = scaled_lr(cfg.optim, self.global_batch_size)
+        groups = param_groups(self.model, cfg.optim, self.lr, cfg.model.backbone_lr_scale)
+        self.optimizer = build_optimizer(groups, cfg.optim)
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+        self.ema = self._build_ema()
+        weight = class_weights.to(runtime.device) if class_weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+        self.batch_mix = batch_mix
+        compiled = torch.compile(self.model) if cfg.train.compile else self.model
+        self.train_model = wrap(compiled) if wrap else compiled
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.best_acc1 = -1.0
+
+    def _build_ema(self) -> AveragedModel | None:
+        if self.cfg.train.ema_decay <= 0:
+            return None
+        # use_buffers=True averages BN running stats too, so the EMA model evaluates as is.
+        return AveragedModel(
+            self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.train.ema_decay), use_buffers=True
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.runtime.describe()} world_size={self.world_size} "
+            f"global_batch={self.global_batch_size} peak_lr={self.lr:.4g} "
+            f"(optim.lr={self.cfg.optim.lr}, ref_batch_size={self.cfg.optim.ref_batch_size or 'off'})"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train_epoch(
+        self, batches: Iterable[Batch], on_step: Callable[[dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
+        """Train for one pass over ``batches``; returns ``train/*`` metrics averaged over ranks."""
+        self._reseed()
+        self.train_model.train()
+        keep_frozen_bn_eval(self.model)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        start, n_batches = time.perf_counter(), 0
+        for images, labels in batches:
+            loss, correct, n = self._train_step(images, labels)
+            sums += torch.tensor([loss * n, correct, n], dtype=torch.float64)
+            n_batches += 1
+            if on_step is not None and n_batches % self.cfg.train.log_every == 0:
+                on_step({"loss": sums[0].item() / sums[2].item(), "lr": self.schedule.last_lr()})
+        seconds = time.perf_counter() - start
+        sums = self._all_reduce(sums)
+        if sums[2] == 0:
+            raise RuntimeError("the training data yielded no batches; is the training split empty?")
+        return {
+            "train/loss": sums[0].item() / sums[2].item(),
+            "train/acc1": sums[1].item() / sums[2].item(),
+            "train/images_per_s": sums[2].item() / max(seconds, 1e-9),
+            "train/epoch_s": seconds,
+            "lr": self.schedule.last_lr(),
+        }
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        device = self.runtime.device
+        images = images.to(device, non_blocking=True, memory_format=self.runtime.memory_format)
+        labels = labels.to(device, non_blocking=True)
+        hard = labels
+        if self.batch_mix is not None:
+            images, labels = self.batch_mix(images, labels)  # labels become soft (N x C)
+        with torch.autocast(device.type, dtype=self.runtime.amp_dtype, enabled=self.runtime.amp_dtype is not None):
+            logits = self.train_model(images)
+            loss = self.criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
+                f"lower optim.lr (now {self.lr:.4g}) or check the input data"
+            )
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step_batch()
+        self.step += 1
+        self._update_ema()
+        correct = (logits.argmax(1) == hard).sum().item()
+        return loss.item(), correct, hard.numel()
+
+    def _update_ema(self) -> None:
+        if self.ema is None or self.step % self.cfg.train.ema_steps:
+            return
+        self.ema.update_parameters(self.model)
+        if self.epoch < self.cfg.optim.warmup_epochs:
+            # During LR warmup the weights move fast; restart the average so it doesn't lag
+            # (torchvision's reference recipe does the same).
+            self.ema.n_averaged.fill_(0)
+
+    def _reseed(self) -> None:
+        seed_everything(epoch_seed(self.cfg.train.seed, self.epoch, self.rank))
+
+    def end_epoch(self, val_acc1: float) -> None:
+        """Advance the epoch counter and give the plateau schedule its metric."""
+        self.schedule.step_epoch(val_acc1)
+        self.epoch += 1
+        self.best_acc1 = max(self.best_acc1, val_acc1)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch], class_names: list[str], use_ema: bool = False) -> EvalReport:
+        """Evaluate on every rank's share and sum the counts over ranks before computing metrics."""
+        model = self.ema.module if use_ema and self.ema is not None else self.model
+        model.eval()
+        acc = MetricAccumulator(len(class_names))
+        device = self.runtime.device
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True, memory_format=self.runtime.memory_format)
+            with torch.autocast(device.type, dtype=self.runtime.amp_dtype, enabled=self.runtime.amp_dtype is not None):
+                logits = model(images)
+            acc.update(logits.float().cpu(), labels.cpu())
+        if dist.is_available() and dist.is_initialized():
+            acc = MetricAccumulator.from_state({k: self._all_reduce(v) for k, v in acc.state().items()})
+        return acc.report(class_names)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            return tensor
+        # gloo and NCCL both reduce float64/int64; NCCL needs the tensor on the GPU.
+        on = tensor.to(self.runtime.device) if dist.get_backend() == "nccl" else tensor.clone()
+        dist.all_reduce(on)
+        return on.cpu()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_acc1": self.best_acc1,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
+        set_rng_state(state["rng"])
+
+    def inference_model(self, prefer_ema: bool) -> nn.Module:
+        """A standalone copy of the weights to export: the EMA's when asked for and present."""
+        source = self.ema.module if prefer_ema and self.ema is not None else self.model
+        return copy.deepcopy(source).eval().to(memory_format=torch.contiguous_format)
+

@@ -1,0 +1,119 @@
+"""Optimizers with per-group weight decay and LR, and per-step LR schedules.
+
+Every schedule is built from torch.optim.lr_scheduler and advanced once per
+optimizer step; warmup is a LinearLR chained in front with SequentialLR
+(OneCycleLR has its own warm-up phase; ReduceLROnPlateau reacts per epoch to
+the validation metric once warmup is over).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from imgcls_core.config import OptimConfig
+from imgcls_core.models import split_head_parameters
+
+
+def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
+    """Linear LR scaling: ``lr * global_batch / ref_batch_size`` (off when ref_batch_size is 0)."""
+    if cfg.ref_batch_size <= 0:
+        return cfg.lr
+    return cfg.lr * global_batch_size / cfg.ref_batch_size
+
+
+def param_groups(
+    model: nn.Module, cfg: OptimConfig, lr: float, backbone_lr_scale: float = 1.0
+) -> list[dict]:
+    """Split trainable parameters into (backbone|head) x (decay|no-decay) groups.
+
+    Norm weights and biases (every parameter with ndim <= 1) get
+    ``norm_weight_decay`` (0 by default): decaying them only hurts accuracy.
+    """
+    backbone, head = split_head_parameters(model)
+    groups = []
+    for named, scale in ((backbone, backbone_lr_scale), (head, 1.0)):
+        decay = [p for _, p in named if p.ndim > 1]
+        no_decay = [p for _, p in named if p.ndim <= 1]
+        for params, wd in ((decay, cfg.weight_decay), (no_decay, cfg.norm_weight_decay)):
+            if params:
+                groups.append({"params": params, "weight_decay": wd, "lr": lr * scale})
+    if not groups:
+        raise ValueError("the model has no trainable parameters (are all stages frozen?)")
+    return groups
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, betas=cfg.betas)
+
+
+class LRSchedule:
+    """One object the loop steps per batch (``step_batch``) and per epoch (``step_epoch``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.kind = cfg.schedule
+        total = max(1, epochs * steps_per_epoch)
+        self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+        self.steps = 0
+        self.plateau: lr_scheduler.ReduceLROnPlateau | None = None
+        self.per_step = self._build(optimizer, cfg, total)
+
+    def _build(self, opt, cfg: OptimConfig, total: int) -> lr_scheduler.LRScheduler | None:
+        warm = self.warmup_steps
+        if cfg.schedule == "onecycle":
+            peaks = [g["lr"] for g in opt.param_groups]
+            div = 1.0 / cfg.warmup_start_factor
+            final_div = 1.0 / (div * cfg.min_lr_ratio) if cfg.min_lr_ratio > 0 else 1e4
+            return lr_scheduler.OneCycleLR(
+                opt, max_lr=peaks, total_steps=total, pct_start=max(warm, 1) / total,
+                div_factor=div, final_div_factor=final_div,
+                cycle_momentum=isinstance(opt, torch.optim.SGD) and cfg.momentum > 0,
+            )
+        warmup = lr_scheduler.LinearLR(opt, cfg.warmup_start_factor, 1.0, total_iters=warm) if warm else None
+        main: lr_scheduler.LRScheduler | None = None
+        rest = total - warm
+        if cfg.schedule == "cosine":
+            main = lr_scheduler.CosineAnnealingLR(opt, T_max=rest, eta_min=cfg.lr * cfg.min_lr_ratio)
+        elif cfg.schedule == "multistep":
+            marks = sorted({max(1, round(m * total) - warm) for m in cfg.milestones})
+            main = lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=cfg.gamma)
+        elif cfg.schedule == "plateau":
+            self.plateau = lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience
+            )
+        if warmup and main:
+            return lr_scheduler.SequentialLR(opt, [warmup, main], milestones=[warm])
+        return warmup or main
+
+    def step_batch(self) -> None:
+        self.steps += 1
+        if self.per_step is None:
+            return
+        if self.plateau is not None and self.steps > self.warmup_steps:
+            return  # warmup over: plateau owns the LR from here
+        self.per_step.step()
+
+    def step_epoch(self, val_metric: float) -> None:
+        if self.plateau is not None and self.steps >= self.warmup_steps:
+            self.plateau.step(val_metric)
+
+    def last_lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "per_step": self.per_step.state_dict() if self.per_step else None,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        if self.per_step and state["per_step"]:
+            self.per_step.load_state_dict(state["per_step"])
+        if self.plateau and state["plateau"]:
+            self.plateau.load_state_dict(state["plateau"])

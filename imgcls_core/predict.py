@@ -1,0 +1,69 @@
+"""Offline prediction from a saved model: the core that serving wraps.
+
+The model file carries its own preprocessing (input size, mean/std, class
+names), so callers never re-declare it::
+
+    predictor = Predictor.from_file("runs/digits/model.pt")
+    predictor.classify([open("3.png", "rb").read()], top_k=3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgcls_core.config import ModelConfig
+from imgcls_core.data import decode_image
+from imgcls_core.data.presets import build_eval_transform
+from imgcls_core.engine.checkpoint import Preprocessing, load_checkpoint
+from imgcls_core.models import build_model
+
+
+def rebuild_model(model_config: dict, num_classes: int, image_size: int) -> nn.Module:
+    """The network a model file was trained with, without re-reading pretrained weights."""
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in model_config.items() if k in known})
+    cfg.pretrained, cfg.freeze_stages = None, 0
+    return build_model(cfg, num_classes, image_size)
+
+
+class Predictor:
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.pre = preprocessing
+        self.transform = build_eval_transform(
+            preprocessing.image_size, preprocessing.mean, preprocessing.std, preprocessing.crop_ratio
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+        """Load ``model.pt`` (from the runner) or a training checkpoint (file or directory)."""
+        payload = load_checkpoint(path)
+        pre = Preprocessing.from_dict(payload["preprocessing"])
+        model_config = payload["model_config"] if "model_config" in payload else payload["config"]["model"]
+        model = rebuild_model(model_config, len(pre.classes), pre.image_size)
+        model.load_state_dict(payload["model"])
+        return cls(model, pre, device)
+
+    def preprocess(self, images: list[bytes | str | Path | torch.Tensor]) -> torch.Tensor:
+        """Decode (bytes/paths) and transform into one float batch; uint8 CHW tensors pass through decode."""
+        tensors = [img if isinstance(img, torch.Tensor) else decode_image(img) for img in images]
+        return torch.stack([self.transform(t) for t in tensors])
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float().softmax(dim=1).cpu()
+
+    def classify(self, images: list[bytes | str | Path | torch.Tensor], top_k: int = 5) -> list[list[dict]]:
+        """Top-k ``{"label", "index", "probability"}`` per image, best first."""
+        probs = self.probabilities(self.preprocess(images))
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [{"label": self.pre.classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
+            for vs, ids in zip(values.tolist(), indices.tolist())
+        ]

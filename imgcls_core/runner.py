@@ -1,0 +1,192 @@
+"""Local runner: train and evaluate from a config in one process, no Ray.
+
+For quick iteration and for CPU-only machines. It uses the same engine,
+checkpoints and artifacts as the distributed job, so a run started here can
+be inspected, resumed and served the same way. Everything lands in
+``train.output_dir``::
+
+    checkpoints/epoch_NNNN/   resumable checkpoints (the newest train.keep_checkpoints)
+    history.jsonl             one line of metrics per epoch
+    model.pt                  the final weights + preprocessing (weights_only-loadable)
+    test_metrics.json, test_report.txt, confusion_matrix.png, predictions.csv
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from imgcls_core.config import Config
+from imgcls_core.data import DatasetSplits, SplitRecords, build_weighted_sampler, class_weights, load_dataset
+from imgcls_core.data.presets import build_batch_mix, build_eval_transform, build_train_transform
+from imgcls_core.data.stats import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
+from imgcls_core.engine.checkpoint import CheckpointDir, Preprocessing, load_checkpoint, save_inference_model
+from imgcls_core.engine.fit import fit
+from imgcls_core.engine.loop import Engine
+from imgcls_core.engine.runtime import setup_runtime
+from imgcls_core.evaluation import EvalReport, compute_metrics, plot_confusion_matrix, predict, write_predictions
+from imgcls_core.models import build_model
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    history: list[dict[str, float]]
+    test: EvalReport | None
+    val: EvalReport
+    used_ema: bool
+    seconds: float
+    resumed_from: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
+    """ImageNet statistics for pretrained backbones, else statistics of the training split."""
+    mode = cfg.data.normalization
+    if mode == "imagenet" or (mode == "auto" and cfg.model.pretrained):
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return compute_mean_std(train, cfg.data.image_size, seed=cfg.data.seed)
+
+
+def build_preprocessing(cfg: Config, splits: DatasetSplits) -> Preprocessing:
+    mean, std = resolve_normalization(cfg, splits.train)
+    return Preprocessing(cfg.data.image_size, mean, std, cfg.augment.eval_crop_ratio, list(splits.classes))
+
+
+def build_loaders(cfg: Config, splits: DatasetSplits, pre: Preprocessing) -> dict[str, DataLoader]:
+    """DataLoaders for each split. Shuffling draws from torch's global RNG, which the engine
+    reseeds every epoch, so the order is reproducible and resumable."""
+    d = cfg.data
+    train_tf = build_train_transform(d.image_size, pre.mean, pre.std, cfg.augment)
+    eval_tf = build_eval_transform(d.image_size, pre.mean, pre.std, pre.crop_ratio)
+    common = {"num_workers": d.num_workers, "pin_memory": torch.cuda.is_available(),
+              "persistent_workers": d.num_workers > 0}
+    sampler = build_weighted_sampler(splits.train.labels) if d.balance == "weighted_sampler" else None
+    loaders = {
+        "train": DataLoader(
+            splits.train.dataset(train_tf), batch_size=d.batch_size, shuffle=sampler is None,
+            sampler=sampler, drop_last=len(splits.train) > d.batch_size, **common,
+        ),
+        "val": DataLoader(splits.val.dataset(eval_tf), batch_size=d.eval_batch_size, **common),
+    }
+    if splits.test is not None:
+        loaders["test"] = DataLoader(splits.test.dataset(eval_tf), batch_size=d.eval_batch_size, **common)
+    return loaders
+
+
+def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None = None) -> RunResult:
+    """Train (resuming from ``output_dir`` when there is a checkpoint), then evaluate on test."""
+    start = time.perf_counter()
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime = setup_runtime(cfg.train)
+    splits = load_dataset(cfg.data)
+    log(splits.summary())
+    pre = build_preprocessing(cfg, splits)
+    loaders = build_loaders(cfg, splits, pre)
+    num_classes = len(splits.classes)
+    model = build_model(cfg.model, num_classes, cfg.data.image_size)
+    weights = class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None
+    engine = Engine(cfg, model, runtime, len(loaders["train"]), class_weights=weights,
+                    batch_mix=build_batch_mix(cfg.augment, num_classes))
+    log(f"model={cfg.model.name} params={sum(p.numel() for p in model.parameters()):,} {engine.describe()}")
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    resumed_from = _maybe_resume(cfg, engine, checkpoints, log)
+
+    def report(metrics: dict[str, float], ckpt: Path | None) -> None:
+        with (out / "history.jsonl").open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if ckpt is not None:
+            checkpoints.commit(ckpt, int(metrics["epoch"]))
+        log(_epoch_line(metrics, cfg.train.epochs))
+
+    with _progress(cfg) as on_step:
+        history = fit(engine, loaders["train"], loaders["val"], pre, report, stop_after=stop_after, on_step=on_step)
+
+    val = engine.evaluate(loaders["val"], pre.classes)
+    used_ema = False
+    if engine.ema is not None:
+        ema_val = engine.evaluate(loaders["val"], pre.classes, use_ema=True)
+        used_ema = ema_val.acc1 >= val.acc1  # keep whichever generalizes better on val
+        val = ema_val if used_ema else val
+    final = engine.inference_model(prefer_ema=used_ema)
+    files = {"model": save_inference_model(out / "model.pt", final.state_dict(), cfg.to_dict()["model"],
+                                           pre, val.metrics("val/"))}
+    test = _evaluate_test(final, loaders.get("test"), splits.test, runtime.device, pre, out, files)
+    seconds = time.perf_counter() - start
+    if test is not None:
+        log(test.summary())
+        log(f"test top-1 {test.acc1:.2%} (n={test.n}) in {seconds:.1f}s; artifacts in {out}")
+    return RunResult(out, history, test, val, used_ema, seconds, resumed_from, files)
+
+
+def _maybe_resume(cfg: Config, engine: Engine, checkpoints: CheckpointDir, log: Log) -> int:
+    latest = checkpoints.latest()
+    if latest is None or not cfg.train.resume:
+        if latest is not None:
+            log(f"train.resume is false: ignoring checkpoints in {checkpoints.root} and starting from scratch")
+        return 0
+    state = load_checkpoint(latest, map_location=engine.runtime.device)
+    if state["config"]["model"] != cfg.to_dict()["model"]:
+        raise ValueError(
+            f"checkpoint {latest} was trained with a different model config; use another "
+            f"train.output_dir or set train.resume=false"
+        )
+    engine.load_state_dict(state)
+    log(f"resuming from epoch {engine.epoch} (checkpoint {latest})")
+    return engine.epoch
+
+
+def _evaluate_test(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport | None:
+    if loader is None:
+        return None
+    preds = predict(model, loader, device)
+    report = compute_metrics(preds.logits, preds.labels, pre.classes)
+    files["test_metrics"] = out / "test_metrics.json"
+    files["test_metrics"].write_text(json.dumps(report.to_dict(), indent=1))
+    files["test_report"] = out / "test_report.txt"
+    files["test_report"].write_text(report.summary() + "\n")
+    files["confusion"] = plot_confusion_matrix(report.confusion, pre.classes, out / "confusion_matrix.png")
+    files["predictions"] = out / "predictions.csv"
+    write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes, paths=records.paths)
+    return report
+
+
+def _epoch_line(m: dict[str, float], epochs: int) -> str:
+    ema = f" val_ema/acc1 {m['val_ema/acc1']:.4f}" if "val_ema/acc1" in m else ""
+    return (
+        f"epoch {int(m['epoch'])}/{epochs}  train/loss {m['train/loss']:.4f}  train/acc1 {m['train/acc1']:.4f}  "
+        f"val/loss {m['val/loss']:.4f}  val/acc1 {m['val/acc1']:.4f}{ema}  lr {m['lr']:.4g}  "
+        f"{m['train/images_per_s']:.0f} img/s  {m['train/epoch_s']:.1f}s"
+    )
+
+
+class _progress:
+    """A tqdm bar over optimizer steps, shown only on a terminal."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.bar: tqdm | None = None
+
+    def __enter__(self):
+        self.bar = tqdm(desc="train", unit="step", disable=None, dynamic_ncols=True, leave=False)
+
+        def on_step(m: dict[str, float]) -> None:
+            self.bar.update(self.cfg.train.log_every)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
+
+        return on_step
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -1,0 +1,1 @@
+"""Ray Serve application serving the registry champion (see the inference-service work)."""

@@ -1,0 +1,107 @@
+import io
+import math
+
+import pytest
+import torch
+
+from imgcls_core.config import OptimConfig
+from imgcls_core.engine.optim import LRSchedule, build_optimizer, param_groups, scaled_lr
+from imgcls_core.models import create_model
+
+
+@pytest.fixture
+def model():
+    return create_model("resnet18", 10, small_input=True, width=0.25)
+
+
+def test_norm_and_bias_parameters_get_no_weight_decay(model):
+    groups = param_groups(model, OptimConfig(weight_decay=1e-4, norm_weight_decay=0.0), lr=0.1)
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = 0.0 if (p.ndim == 1) else 1e-4
+        assert by_id[id(p)] == expected, name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_backbone_lr_scale_leaves_the_head_at_full_lr(model):
+    groups = param_groups(model, OptimConfig(), lr=0.1, backbone_lr_scale=0.1)
+    fc_ids = {id(p) for p in model.fc.parameters()}
+    for g in groups:
+        head = all(id(p) in fc_ids for p in g["params"])
+        assert g["lr"] == pytest.approx(0.1 if head else 0.01)
+
+
+def test_linear_lr_scaling_with_global_batch():
+    assert scaled_lr(OptimConfig(lr=0.1, ref_batch_size=256), 512) == pytest.approx(0.2)
+    assert scaled_lr(OptimConfig(lr=0.1, ref_batch_size=0), 512) == pytest.approx(0.1)
+
+
+def _lrs(kind: str, epochs=4, spe=10, metrics=None, **kw):
+    net = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(lr=1.0, schedule=kind, **kw)
+    opt = build_optimizer(param_groups_for(net, cfg), cfg)
+    sched = LRSchedule(opt, cfg, epochs, spe)
+    seen = []
+    for epoch in range(epochs):
+        for _ in range(spe):
+            seen.append(sched.last_lr())
+            opt.step()
+            sched.step_batch()
+        sched.step_epoch(metrics[epoch] if metrics else 0.5)
+    return seen, sched, opt
+
+
+def param_groups_for(net, cfg):
+    return [{"params": list(net.parameters()), "lr": cfg.lr, "weight_decay": 0.0}]
+
+
+def test_cosine_with_linear_warmup():
+    lrs, *_ = _lrs("cosine", warmup_epochs=1, warmup_start_factor=0.1)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[1] > lrs[0] and lrs[9] < 1.0  # rising during warmup
+    assert lrs[10] == pytest.approx(1.0)  # peak right after warmup
+    assert lrs[-1] < 0.01  # annealed to ~0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_multistep_drops_at_fractions_of_training():
+    lrs, *_ = _lrs("multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert lrs[19] == pytest.approx(1.0)
+    assert lrs[20] == pytest.approx(0.1)
+    assert lrs[30] == pytest.approx(0.01)
+
+
+def test_onecycle_peaks_at_end_of_warmup_and_ends_low():
+    lrs, *_ = _lrs("onecycle", warmup_epochs=1, warmup_start_factor=0.04)
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert 8 <= peak <= 11
+    assert lrs[0] == pytest.approx(0.04)
+    assert lrs[-1] < 1e-3
+
+
+def test_plateau_decays_when_validation_stalls():
+    lrs, *_ = _lrs("plateau", epochs=6, metrics=[0.5, 0.6, 0.6, 0.6, 0.6, 0.6], plateau_patience=1, gamma=0.5)
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[-1] < 1.0
+
+
+def test_constant_schedule_with_warmup_stays_at_peak():
+    lrs, *_ = _lrs("constant", warmup_epochs=1)
+    assert lrs[0] < 1.0 and lrs[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "multistep", "plateau", "constant"])
+def test_schedule_state_survives_a_weights_only_round_trip(kind):
+    lrs, sched, opt = _lrs(kind, epochs=2, warmup_epochs=1)
+    buf = io.BytesIO()
+    torch.save({"s": sched.state_dict(), "o": opt.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    net = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(lr=1.0, schedule=kind, warmup_epochs=1)
+    opt2 = build_optimizer(param_groups_for(net, cfg), cfg)
+    sched2 = LRSchedule(opt2, cfg, 2, 10)
+    opt2.load_state_dict(state["o"])
+    sched2.load_state_dict(state["s"])
+    assert sched2.steps == sched.steps
+    assert math.isclose(sched2.last_lr(), sched.last_lr())

@@ -1,0 +1,1 @@
+"""Search spaces as data (YAML), loaded and validated by jobs.tune."""
