@@ -135,6 +135,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
+    # Besides every checkpoint_every_epochs epochs, also checkpoint at the end of any epoch
+    # that finishes more than this many minutes after the previous checkpoint (0 = off).
+    checkpoint_every_minutes: float = 0.0
 
 
 @dataclass
@@ -149,6 +152,28 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    """How jobs/ run on a Ray cluster (ignored by the local runner)."""
+
+    num_workers: int = 2  # Ray Train workers = DDP ranks
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used with use_gpu; a fraction shares one GPU between workers
+    accelerator_type: str | None = None  # e.g. "A10G", "H100": only schedule on that GPU type
+    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (for small per-GPU batches)
+    # "ray_data": Ray Data reads the Parquet shards and decodes/augments in CPU tasks;
+    # "dataloader": a torch DataLoader with a distributed sampler on each worker;
+    # "auto": ray_data for data.format=parquet, else dataloader.
+    ingest: Literal["auto", "ray_data", "dataloader"] = "auto"
+    # Where checkpoints and run state live: a local folder (made absolute) or a pyarrow
+    # filesystem URI (s3://bucket/prefix, gs://..., hdfs://...). Multi-node runs need a
+    # URI or a shared file system.
+    storage_path: str = "results"
+    name: str | None = None  # run name under storage_path; None = the name of train.output_dir
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the job fails
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -156,6 +181,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
@@ -330,6 +356,11 @@ _RANGES: list[tuple[str, float, float]] = [
     ("train.log_every", 1, 1_000_000),
     ("train.checkpoint_every_epochs", 1, 100_000),
     ("train.keep_checkpoints", 1, 1000),
+    ("train.checkpoint_every_minutes", 0.0, 1e6),
+    ("ray.num_workers", 1, 10_000),
+    ("ray.cpus_per_worker", 0.0, 1024),
+    ("ray.gpus_per_worker", 0.0, 64),
+    ("ray.max_failures", -1, 1000),
 ]
 
 

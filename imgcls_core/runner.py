@@ -27,11 +27,15 @@ from imgcls_core.config import Config
 from imgcls_core.data import DatasetSplits, SplitRecords, build_weighted_sampler, class_weights, load_dataset
 from imgcls_core.data.presets import build_batch_mix, build_eval_transform, build_train_transform
 from imgcls_core.data.stats import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
-from imgcls_core.engine.checkpoint import CheckpointDir, Preprocessing, load_checkpoint, save_inference_model
+from imgcls_core.engine.checkpoint import (
+    CheckpointDir, Preprocessing, check_same_model, load_checkpoint, save_inference_model,
+)
 from imgcls_core.engine.fit import fit
 from imgcls_core.engine.loop import Engine
 from imgcls_core.engine.runtime import setup_runtime
-from imgcls_core.evaluation import EvalReport, compute_metrics, plot_confusion_matrix, predict, write_predictions
+from imgcls_core.evaluation import (
+    EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
+)
 from imgcls_core.models import build_model
 
 Log = Callable[[str], None]
@@ -123,7 +127,9 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     final = engine.inference_model(prefer_ema=used_ema)
     files = {"model": save_inference_model(out / "model.pt", final.state_dict(), cfg.to_dict()["model"],
                                            pre, val.metrics("val/"))}
-    test = _evaluate_test(final, loaders.get("test"), splits.test, runtime.device, pre, out, files)
+    test = evaluate_to_files(final, loaders.get("test"), splits.test, runtime.device, pre, out, files)
+    if logged := read_history(out):
+        files["curves"] = plot_learning_curves(logged, out / "learning_curves.png")
     seconds = time.perf_counter() - start
     if test is not None:
         log(test.summary())
@@ -138,17 +144,20 @@ def _maybe_resume(cfg: Config, engine: Engine, checkpoints: CheckpointDir, log: 
             log(f"train.resume is false: ignoring checkpoints in {checkpoints.root} and starting from scratch")
         return 0
     state = load_checkpoint(latest, map_location=engine.runtime.device)
-    if state["config"]["model"] != cfg.to_dict()["model"]:
-        raise ValueError(
-            f"checkpoint {latest} was trained with a different model config; use another "
-            f"train.output_dir or set train.resume=false"
-        )
+    check_same_model(state, cfg.to_dict(), str(latest))
     engine.load_state_dict(state)
     log(f"resuming from epoch {engine.epoch} (checkpoint {latest})")
     return engine.epoch
 
 
-def _evaluate_test(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport | None:
+def read_history(out: Path) -> list[dict[str, float]]:
+    lines = (out / "history.jsonl").read_text().splitlines() if (out / "history.jsonl").exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport | None:
+    """Evaluate on a held-out split and write test_metrics.json, test_report.txt,
+    confusion_matrix.png and predictions.csv into ``out`` (paths recorded in ``files``)."""
     if loader is None:
         return None
     preds = predict(model, loader, device)

@@ -3,6 +3,7 @@
 from imgcls_core.engine.checkpoint import (
     CheckpointDir,
     Preprocessing,
+    check_same_model,
     load_checkpoint,
     save_checkpoint,
     save_inference_model,
@@ -17,6 +18,7 @@ __all__ = [
     "NonFiniteLossError",
     "Preprocessing",
     "Runtime",
+    "check_same_model",
     "fit",
     "load_checkpoint",
     "save_checkpoint",

@@ -74,8 +74,11 @@ def save_checkpoint(
     config: dict[str, Any],
     preprocessing: Preprocessing,
     metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<directory>/checkpoint.pt`` and its readable companions; returns the directory."""
+    """Write ``<directory>/checkpoint.pt`` and its readable companions; returns the directory.
+
+    ``extra`` holds the caller's own plain values (strings, numbers), e.g. a tracking run id."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -84,6 +87,7 @@ def save_checkpoint(
         "config": config,
         "preprocessing": preprocessing.to_dict(),
         "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
         "git_rev": git_revision(),
     }
     _atomic_save(payload, directory / CHECKPOINT_FILE)
@@ -107,6 +111,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {file} has format {payload.get('format_version') if isinstance(payload, dict) else '?'}; "
                          f"this version of imgcls reads format {FORMAT_VERSION}")
     return payload
+
+
+def check_same_model(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Refuse to resume weights into a differently configured network."""
+    if state["config"]["model"] != config["model"]:
+        changed = sorted(k for k in config["model"] if state["config"]["model"].get(k) != config["model"][k])
+        raise ValueError(
+            f"checkpoint {where} was trained with a different model config (changed: {changed}); "
+            f"start a new run (another output_dir / run name) or set train.resume=false"
+        )
 
 
 class CheckpointDir:

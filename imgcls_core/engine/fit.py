@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -30,17 +31,22 @@ def fit(
     *,
     stop_after: int | None = None,
     on_step: StepCallback | None = None,
+    extra: dict | None = None,
 ) -> list[dict[str, float]]:
     """Run the remaining epochs (from ``engine.epoch`` to ``train.epochs``).
 
     ``train_batches``/``val_batches`` are re-iterable (a DataLoader) or
     factories called per epoch (``train_batches(epoch)``), for ingest that is
     built per epoch such as Ray Data shards. ``stop_after`` ends this call after
-    that many epochs (a time-boxed run that resumes later).
+    that many epochs (a time-boxed run that resumes later). Only rank 0 writes
+    checkpoints; the other ranks report ``(metrics, None)``. ``extra`` is stored
+    in every checkpoint as is (e.g. the MLflow run id, so a resumed job
+    continues the same run).
     """
     cfg = engine.cfg
     history = []
     end = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, engine.epoch + stop_after)
+    last_save = time.monotonic()
     while engine.epoch < end:
         epoch = engine.epoch
         train = train_batches(epoch) if callable(train_batches) else train_batches
@@ -55,11 +61,17 @@ def fit(
         metrics["epoch"] = engine.epoch
         metrics["step"] = engine.step
         history.append(metrics)
-        due = engine.epoch % cfg.train.checkpoint_every_epochs == 0 or engine.epoch in (end, cfg.train.epochs)
-        if due:
+        minutes = cfg.train.checkpoint_every_minutes
+        due = (
+            engine.epoch % cfg.train.checkpoint_every_epochs == 0
+            or engine.epoch in (end, cfg.train.epochs)
+            or (minutes > 0 and time.monotonic() - last_save >= minutes * 60)
+        )
+        if due and engine.rank == 0:
+            last_save = time.monotonic()
             tmp = Path(tempfile.mkdtemp(prefix=f"imgcls-ckpt-{engine.epoch:04d}-"))
             try:
-                save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics)
+                save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
                 report(metrics, tmp)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

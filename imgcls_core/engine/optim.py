@@ -65,11 +65,13 @@ class LRSchedule:
     def _build(self, opt, cfg: OptimConfig, total: int) -> lr_scheduler.LRScheduler | None:
         warm = self.warmup_steps
         if cfg.schedule == "onecycle":
+            if total < 3:
+                return None  # a one-cycle needs a rising and a falling step; keep the LR constant
             peaks = [g["lr"] for g in opt.param_groups]
             div = 1.0 / cfg.warmup_start_factor
             final_div = 1.0 / (div * cfg.min_lr_ratio) if cfg.min_lr_ratio > 0 else 1e4
             return lr_scheduler.OneCycleLR(
-                opt, max_lr=peaks, total_steps=total, pct_start=max(warm, 1) / total,
+                opt, max_lr=peaks, total_steps=total, pct_start=min(max(warm, 2), total - 1) / total,  # torch divides by zero below 2
                 div_factor=div, final_div_factor=final_div,
                 cycle_momentum=isinstance(opt, torch.optim.SGD) and cfg.momentum > 0,
             )

@@ -1,0 +1,343 @@
+"""Parquet shards: an ImageFolder tree converted to ``<out>/<split>/part-NNNNN.parquet``.
+
+Each row holds the original encoded file bytes (never re-encoded), the class
+index and the source path relative to the converted folder::
+
+    image: binary, label: int64, path: string
+
+``<out>/classes.json`` holds ``{"classes": [...], "class_to_idx": {...}}`` and
+``<out>/report.json`` the :class:`ConversionReport`. Each split is written to a
+temporary folder and renamed into place, so a crash never leaves a half-written
+split behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torchvision.datasets.folder import find_classes, make_dataset
+
+from imgcls_core.data.records import decode_image
+
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
+SPLITS = ("train", "val", "test")
+CLASS_INDEX = "classes.json"
+REPORT = "report.json"
+_CHUNK = 64
+
+
+@dataclass
+class SplitShards:
+    """What was written for one split."""
+
+    split: str
+    images: int
+    shards: list[str]
+    class_counts: dict[str, int]
+
+
+@dataclass
+class ConversionReport:
+    """The result of :func:`convert_image_folder`; also saved as ``<out>/report.json``."""
+
+    source: str
+    out: str
+    layout: str  # "splits" (<src>/<split>/<class>/...) or "flat" (<src>/<class>/..., all train)
+    classes: list[str]
+    splits: dict[str, SplitShards]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return sum(s.images for s in self.splits.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Images and shards per split, then every skipped file with its reason."""
+        shards = sum(len(s.shards) for s in self.splits.values())
+        lines = [
+            f"converted {self.source} -> {self.out} ({self.layout} layout): "
+            f"{len(self.classes)} classes, "
+            f"{self.images:,} images in {shards} shard(s), {self.seconds:.1f}s"
+        ]
+        width = max(len(name) for name in self.splits)
+        for name, s in self.splits.items():
+            lines.append(f"  {name:<{width}}  {s.images:>9,} images  {len(s.shards):>4} shard(s)")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {item['path']}: {item['reason']}" for item in self.skipped)
+        else:
+            lines.append("skipped 0 files")
+        lines.append(f"report: {Path(self.out) / REPORT}")
+        return "\n".join(lines)
+
+
+def write_shards(
+    records: Iterable[tuple[bytes, int, str]],
+    out_dir: str | Path,
+    split: str,
+    classes: list[str],
+    shard_size: int = 2048,
+) -> SplitShards:
+    """Write ``(encoded bytes, label, path)`` records as ``<out_dir>/<split>/part-NNNNN.parquet``.
+
+    Replaces an existing split atomically. Writes ``classes.json`` when absent and
+    raises ValueError when it exists with other classes.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = out_dir / CLASS_INDEX
+    if index.is_file():
+        existing = load_class_index(out_dir)
+        if existing != list(classes):
+            raise ValueError(
+                f"{index} lists other classes ({len(existing)}) than these shards ({len(classes)})"
+            )
+    else:
+        _write_class_index(out_dir, classes)
+    tmp = out_dir / f".{split}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    counts = [0] * len(classes)
+    files: list[str] = []
+    try:
+        rows = iter(records)
+        while batch := list(itertools.islice(rows, shard_size)):
+            images, labels, paths = zip(*batch)
+            bad = sorted({int(y) for y in labels if not 0 <= int(y) < len(classes)})
+            if bad:
+                raise ValueError(f"labels {bad} out of range for {len(classes)} classes")
+            for y in labels:
+                counts[int(y)] += 1
+            table = pa.Table.from_arrays(
+                [
+                    pa.array(images, pa.binary()),
+                    pa.array(labels, pa.int64()),
+                    pa.array(paths, pa.string()),
+                ],
+                schema=SCHEMA,
+            )
+            name = f"part-{len(files):05d}.parquet"
+            pq.write_table(table, tmp / name)
+            files.append(name)
+        _replace_dir(tmp, out_dir / split)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SplitShards(split, sum(counts), files, dict(zip(classes, counts)))
+
+
+def read_shard_table(root: str | Path, split: str) -> pa.Table:
+    """All rows of ``<root>/<split>/*.parquet`` (in file order) as one table."""
+    directory = Path(root) / split
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no shard folder {str(directory)!r}")
+    files = sorted(directory.glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{directory} has no .parquet shards")
+    tables = []
+    for f in files:
+        table = pq.read_table(f)
+        missing = [n for n in SCHEMA.names if n not in table.column_names]
+        if missing:
+            raise ValueError(f"{f} lacks column(s) {missing}; expected schema {SCHEMA}")
+        tables.append(table.select(SCHEMA.names).cast(SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def load_class_index(root: str | Path) -> list[str]:
+    """Class names from ``<root>/classes.json``, in label order."""
+    path = Path(root) / CLASS_INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} not found; Parquet data sets are written by python -m jobs.prepare"
+        )
+    payload = json.loads(path.read_text())
+    classes = payload.get("classes") if isinstance(payload, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(
+            f"{path} must hold {{'classes': [name, ...]}}, a non-empty list of strings"
+        )
+    mapping = payload.get("class_to_idx")
+    if mapping is not None and mapping != {c: i for i, c in enumerate(classes)}:
+        raise ValueError(f"{path}: class_to_idx does not match the order of classes")
+    return classes
+
+
+def convert_image_folder(
+    src: str | Path,
+    out: str | Path,
+    *,
+    num_workers: int = 2,
+    shard_size: int = 2048,
+    max_pixels: int | None = None,
+) -> ConversionReport:
+    """Convert ``<src>/{train,val,test}/<class>/<image>`` (or flat ``<src>/<class>/<image>``, all
+    train) to Parquet shards in ``out``.
+
+    Every file is decoded once, in ``num_workers`` processes (0 or 1: in this process);
+    empty, truncated, unreadable and non-image files are skipped and listed with
+    their reason in the report. Classes are the sorted folder names of train, as in
+    torchvision's ImageFolder; val/test may not hold other classes.
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"source folder {str(src)!r} does not exist; "
+            f"expected <src>/{{train,val,test}}/<class>/<image> "
+            f"or <src>/<class>/<image>"
+        )
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"the output folder {out} must not be inside the source folder {src}")
+    split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    layout = "splits" if split_dirs else "flat"
+    if not split_dirs:
+        split_dirs = {"train": src}
+    elif "train" not in split_dirs:
+        raise ValueError(f"{src} has {sorted(split_dirs)} but no train folder")
+    try:
+        classes, class_to_idx = find_classes(str(split_dirs["train"]))
+    except FileNotFoundError:
+        raise ValueError(f"{split_dirs['train']} has no class folders (<class>/<image>)") from None
+    samples: dict[str, list[tuple[str, int]]] = {}
+    for split, directory in split_dirs.items():
+        found = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{directory} has class folder(s) that are not in the train split: {unknown}"
+            )
+        samples[split] = make_dataset(
+            str(directory), class_to_idx, is_valid_file=_not_hidden, allow_empty=True
+        )
+    if not samples["train"]:
+        raise ValueError(f"no files under the class folders of {split_dirs['train']}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_class_index(out, classes)
+    skipped: list[dict[str, str]] = []
+    written: dict[str, SplitShards] = {}
+    pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+    try:
+        for split, items in samples.items():
+            rows = _checked_rows(items, src, split, pool, max_pixels, skipped)
+            written[split] = write_shards(rows, out, split, classes, shard_size)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for stale in set(SPLITS) - set(written):
+        directory = out / stale
+        if directory.is_dir() and all(p.suffix == ".parquet" for p in directory.iterdir()):
+            shutil.rmtree(directory)
+    report = ConversionReport(
+        str(src),
+        str(out),
+        layout,
+        list(classes),
+        written,
+        skipped,
+        round(time.perf_counter() - start, 3),
+    )
+    _atomic_write_text(out / REPORT, json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+def _not_hidden(path: str) -> bool:
+    return not os.path.basename(path).startswith(".")
+
+
+def _checked_rows(
+    items: list[tuple[str, int]],
+    src: Path,
+    split: str,
+    pool: Executor | None,
+    max_pixels: int | None,
+    skipped: list[dict[str, str]],
+) -> Iterator[tuple[bytes, int, str]]:
+    """``(bytes, label, relative path)`` per file that decodes; the rest go to ``skipped``."""
+    chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    results: Iterator[list[tuple[bytes | None, str | None]]]
+    if pool is None:
+        results = (_check_files([p for p, _ in c], max_pixels) for c in chunks)
+    else:
+        results = _bounded_map(pool, [[p for p, _ in c] for c in chunks], max_pixels)
+    for chunk, checked in zip(chunks, results):
+        for (path, label), (data, reason) in zip(chunk, checked):
+            rel = Path(path).relative_to(src).as_posix()
+            if data is None:
+                skipped.append({"split": split, "path": rel, "reason": reason or "unknown"})
+            else:
+                yield data, label, rel
+
+
+def _bounded_map(pool: Executor, chunks: list[list[str]], max_pixels: int | None, window: int = 8):
+    """``pool.map`` in order with at most ``window`` chunks in flight, so memory stays bounded."""
+    todo = iter(chunks)
+    pending = deque(
+        pool.submit(_check_files, c, max_pixels) for c in itertools.islice(todo, window)
+    )
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(_check_files, nxt, max_pixels))
+        yield result
+
+
+def _check_files(paths: list[str], max_pixels: int | None) -> list[tuple[bytes | None, str | None]]:
+    """Each file's bytes if it decodes, else None and the reason."""
+    results: list[tuple[bytes | None, str | None]] = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            results.append((None, f"unreadable: {exc.strerror or exc}"))
+            continue
+        try:
+            decode_image(data, max_pixels=max_pixels)
+        except ValueError as exc:  # CorruptImageError and its subclasses
+            results.append((None, str(exc)))
+        except Exception as exc:  # a decoder bug must not stop a long conversion
+            results.append((None, f"could not decode: {type(exc).__name__}: {exc}"))
+        else:
+            results.append((data, None))
+    return results
+
+
+def _write_class_index(out: Path, classes: list[str]) -> None:
+    payload = {"classes": list(classes), "class_to_idx": {c: i for i, c in enumerate(classes)}}
+    _atomic_write_text(out / CLASS_INDEX, json.dumps(payload, indent=1))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing an existing ``target`` with two renames."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)

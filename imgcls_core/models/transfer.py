@@ -1,0 +1,199 @@
+"""Transfer learning: load a local backbone checkpoint, freeze leading stages, split the head.
+
+Models describe themselves with two class attributes (see ``ResNet``):
+
+* ``head_name``: the classifier submodule (``"fc"``): replaced when the
+  number of classes differs, and given its own LR by the optimizer;
+* ``stage_names``: groups of submodule names, earliest first, that
+  ``freeze_stages(model, n)`` freezes the first ``n`` of.
+
+Frozen BatchNorm layers must also stop updating their running statistics;
+``model.train()`` would switch them back on, so the engine calls
+:func:`keep_frozen_bn_eval` right after every ``model.train()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did; the dropped/missing head keys keep their fresh init."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    # In the file but shaped for another number of classes.
+    dropped_head: list[str] = field(default_factory=list)
+    # Not in the file at all (a headless backbone).
+    missing_head: list[str] = field(default_factory=list)
+    # Missing/unexpected backbone keys tolerated by strict_backbone=False.
+    ignored: list[str] = field(default_factory=list)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DDP/DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def head_name(model: nn.Module) -> str:
+    return getattr(unwrap_model(model), "head_name", "fc")
+
+
+def split_head_parameters(model: nn.Module) -> tuple[NamedParams, NamedParams]:
+    """``(backbone, head)`` named parameters that require grad, for per-group learning rates."""
+    bare = unwrap_model(model)
+    name = head_name(bare)
+    if not isinstance(getattr(bare, name, None), nn.Module):
+        raise ValueError(f"{type(bare).__name__} has no head module {name!r} (its head_name)")
+    backbone, head = [], []
+    for param_name, param in bare.named_parameters():
+        if param.requires_grad:
+            (head if param_name.startswith(name + ".") else backbone).append((param_name, param))
+    return backbone, head
+
+
+def load_pretrained(model: nn.Module, path: str | Path, strict_backbone: bool = True) -> LoadReport:
+    """Load a local state_dict into ``model``, keeping ``model``'s head where shapes differ.
+
+    ``path`` holds a raw state_dict or a dict with a ``"model"`` or ``"state_dict"``
+    entry; ``"module."``/``"_orig_mod."`` prefixes (DDP, torch.compile) are stripped.
+    Head entries shaped for another number of classes are dropped and reported;
+    every other key must match the model in name and shape, else ``ValueError``
+    names the keys and the file, and nothing is loaded. ``strict_backbone=False``
+    tolerates missing and unexpected backbone keys (shapes must still match).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist")
+    state = _read_state_dict(path)
+    bare = unwrap_model(model)
+    head_prefix = head_name(bare) + "."
+    own = bare.state_dict()
+    report = LoadReport(path=str(path))
+
+    for key in [k for k in state if k.startswith(head_prefix) and k in own]:
+        if state[key].shape != own[key].shape:
+            report.dropped_head.append(key)
+            del state[key]
+    report.missing_head = [k for k in own if k.startswith(head_prefix) and k not in state]
+    missing = [k for k in own if k not in state and not k.startswith(head_prefix)]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    problems = [("shape mismatch", wrong_shape)]
+    if strict_backbone:
+        problems += [("missing from the file", missing), ("not in the model", unexpected)]
+    else:
+        report.ignored = missing + unexpected
+    problems = [(what, keys) for what, keys in problems if keys]
+    if problems:
+        detail = "; ".join(f"{what}: {_preview(keys)}" for what, keys in problems)
+        where = f"pretrained weights {path} do not fit {type(bare).__name__}"
+        raise ValueError(f"{where}: {detail}{_hint(state, own)}")
+
+    for key in unexpected:  # only reachable with strict_backbone=False
+        del state[key]
+    bare.load_state_dict(state, strict=False)
+    report.loaded = sorted(state)
+    fresh = report.dropped_head + report.missing_head
+    log.info("loaded %d tensors from %s; fresh head: %s", len(report.loaded), path, fresh or "none")
+    return report
+
+
+def freeze_stages(model: nn.Module, n: int) -> nn.Module:
+    """Freeze the first ``n`` stages (ResNet: 1 = stem, 2 = +layer1, ..., 5 = all but fc).
+
+    Frozen parameters get ``requires_grad=False`` and their BatchNorm layers go to
+    eval mode; the engine keeps them there with :func:`keep_frozen_bn_eval`.
+    """
+    bare = unwrap_model(model)
+    stages = getattr(bare, "stage_names", None)
+    if stages is None:
+        raise ValueError(f"{type(bare).__name__} defines no stage_names, so no stages to freeze")
+    if not 0 <= n <= len(stages):
+        raise ValueError(
+            f"freeze_stages={n} is out of range for {type(bare).__name__}: it has {len(stages)} "
+            f"stages ({', '.join('+'.join(s) for s in stages)}), so use 0..{len(stages)}"
+        )
+    for stage in stages[:n]:
+        for name in stage:
+            module = bare.get_submodule(name)
+            module.requires_grad_(False)
+    keep_frozen_bn_eval(bare)
+    return model
+
+
+def unfreeze_all(model: nn.Module) -> nn.Module:
+    """Make every parameter trainable again; BN layers follow the next ``model.train()``."""
+    unwrap_model(model).requires_grad_(True)
+    return model
+
+
+def keep_frozen_bn_eval(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm whose parameters are all frozen into eval mode.
+
+    Call after ``model.train()``: a frozen BN that kept training mode would still
+    normalize with batch statistics and overwrite the pretrained running stats.
+    """
+    for module in unwrap_model(model).modules():
+        if isinstance(module, _BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
+        raise ValueError(f"pretrained weights {path} could not be read: {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not isinstance(payload, dict) or not all(torch.is_tensor(v) for v in payload.values()):
+        raise ValueError(f"pretrained weights {path} hold no state_dict (a dict of tensors)")
+    for prefix in ("module.", "_orig_mod."):  # saved from under DDP or torch.compile
+        if payload and all(k.startswith(prefix) for k in payload):
+            payload = {k.removeprefix(prefix): v for k, v in payload.items()}
+    return dict(payload)
+
+
+def _hint(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
+    """The two ways a torchvision backbone stops fitting: the stem kernel and the width."""
+    if "conv1.weight" not in state or "conv1.weight" not in own:
+        return ""
+    theirs, ours = state["conv1.weight"].shape, own["conv1.weight"].shape
+    if theirs[2:] != ours[2:]:
+        small_input = "true" if theirs[-1] == 3 else "false"
+        return f" (the file's {theirs[-1]}x{theirs[-1]} stem needs model.small_input={small_input})"
+    if theirs[0] != ours[0]:
+        return " (the file was saved at another model.width)"
+    return ""
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

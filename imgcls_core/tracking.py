@@ -1,0 +1,231 @@
+"""MLflow tracking that never stops training.
+
+Every call goes through :class:`Tracker`, which talks to the tracking server
+with an explicit run id (no global "active run", so a restarted worker can
+continue the same run). When the server cannot be reached, the call is
+remembered instead of raised: metrics are buffered and delivered on the next
+successful call, and whatever could not be delivered by :meth:`Tracker.close`
+is listed in :attr:`Tracker.lost` and printed, so a job says precisely what
+was not logged.
+
+A run is found again by its *run key* (a tag, e.g. the Ray run's storage
+path and name): re-running a job with the same key continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imgcls_core.config import TrackingConfig
+
+Log = Callable[[str], None]
+
+RUN_KEY_TAG = "imgcls.run_key"
+# Without these, an unreachable server stalls each call for minutes of retries.
+_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class Tracker:
+    """One MLflow run, or a no-op when tracking is off or the server is unreachable."""
+
+    def __init__(self, cfg: TrackingConfig, *, log: Log = print):
+        self.cfg, self.log = cfg, log
+        self.client = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.lost: list[str] = []
+        self._pending: list[tuple[dict[str, float], int]] = []
+        self._warned = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def start(
+        self, *, run_id: str | None = None, run_key: str | None = None, run_name: str | None = None,
+        tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+    ) -> Tracker:
+        """Continue ``run_id``, else the newest run tagged with ``run_key``, else create one."""
+        if not self.cfg.enabled:
+            return self
+        for key, value in _CLIENT_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow.tracking import MlflowClient
+
+        uri = self.cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment_id()
+            if run_id is None and run_key is not None:
+                found = self.client.search_runs(
+                    [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                    order_by=["attributes.start_time DESC"], max_results=1,
+                )
+                run_id = found[0].info.run_id if found else None
+            if run_id is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                self.log(f"MLflow: continuing run {run_id} in experiment {self.cfg.experiment!r}")
+            else:
+                all_tags = dict(tags or {})
+                if run_key is not None:
+                    all_tags[RUN_KEY_TAG] = run_key
+                if parent_run_id is not None:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = self.client.create_run(
+                    self.experiment_id, run_name=run_name or self.cfg.run_name, tags=all_tags
+                )
+                self.run_id = run.info.run_id
+                self.log(f"MLflow: started run {self.run_id} in experiment {self.cfg.experiment!r}")
+        except Exception as exc:  # noqa: BLE001 - any client/server failure disables tracking
+            self.client, self.run_id = None, None
+            self._lose(f"the whole run (tracking server {uri or 'default'} unreachable: {_short(exc)})")
+        return self
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(self.cfg.experiment)
+
+    def close(self, status: str = "FINISHED") -> list[str]:
+        """Flush buffered metrics, end the run, and print what was not logged."""
+        if self.active:
+            self._flush()
+            self._call("run status", lambda: self.client.set_terminated(self.run_id, status=status))
+        if self._pending:
+            steps = sorted({step for _, step in self._pending})
+            self.lost.append(f"metrics of steps {steps}")
+            self._pending.clear()
+        if self.lost:
+            self.log("MLflow: NOT logged: " + "; ".join(self.lost))
+        return self.lost
+
+    # ------------------------------------------------------------------ logging
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return None
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # the server takes at most 100 params a batch
+            chunk = items[start : start + 100]
+            self._call("params", lambda c=chunk: self.client.log_batch(self.run_id, params=c))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        for key, value in tags.items():
+            self._call(f"tag {key}", lambda k=key, v=value: self.client.set_tag(self.run_id, k, str(v)))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log numeric metrics at ``step``; on failure they wait for the next successful call."""
+        if not self.active:
+            return None
+        self._pending.append(({k: float(v) for k, v in metrics.items()}, int(step)))
+        self._flush()
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric
+
+        while self._pending:
+            values, step = self._pending[0]
+            now = _now_ms()
+            batch = [Metric(_metric_key(k), v, now, step) for k, v in values.items()]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001
+                self._warn(exc)
+                return
+            self._pending.pop(0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return None
+        self._call(f"artifact {Path(path).name}",
+                   lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / Path(artifact_file).name
+            file.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(file, None if parent == "." else parent)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.log_text(json.dumps(data, indent=1), artifact_file)
+
+    def log_model(self, model_file: str | Path, *, register_as: str | None = None,
+                  extra_metadata: dict | None = None):
+        """Log ``model_file`` as this run's MLflow model (see imgcls_core.packaging); None on failure."""
+        if not self.active:
+            return None
+
+        def log():
+            import mlflow
+
+            from imgcls_core.packaging import log_model
+
+            mlflow.set_tracking_uri(self.client.tracking_uri)
+            return log_model(self.run_id, model_file, register_as=register_as, extra_metadata=extra_metadata)
+
+        what = "model" + (f" (and its registration as {register_as!r})" if register_as else "")
+        return self._call(what, log)
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (anything that talks to MLflow); on failure record ``what`` as not logged."""
+        if not self.active:
+            return None
+        return self._call(what, fn)
+
+    # ------------------------------------------------------------------ failures
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            self._warn(exc)
+            self._lose(what)
+            return None
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._warned:
+            self.log(f"MLflow: tracking server error, training goes on without it: {_short(exc)}")
+            self._warned = True
+
+    def _lose(self, what: str) -> None:
+        if what not in self.lost:
+            self.lost.append(what)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+def _metric_key(key: str) -> str:
+    return key.replace("@", "_at_")  # MLflow keys allow / . - _ and alphanumerics
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _short(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < 300 else text[:300] + "..."

@@ -1,0 +1,62 @@
+"""What every Ray job shares: config flags, path resolution, connecting to Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from imgcls_core.config import Config, ConfigError, load_config
+
+# Relative paths in a config are resolved against this directory when it is set.
+# `ray job submit --working-dir .` runs the job in a copy of the repository that
+# leaves out data/ and results/ (see jobs/runtime_env.yaml), so submitters set it
+# to the repository on the cluster's shared file system.
+BASE_DIR_ENV = "IMGCLS_BASE_DIR"
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set optim.lr=0.2 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """The config, or None after printing ``error: bad config: ...`` to stderr."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        return None
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_path(path: str) -> str:
+    """An absolute local path (against $IMGCLS_BASE_DIR, else the cwd); URIs unchanged."""
+    if is_uri(path) or os.path.isabs(path):
+        return path
+    base = Path(os.environ.get(BASE_DIR_ENV) or os.getcwd())
+    return str((base / path).resolve())
+
+
+def resolve_config_paths(cfg: Config) -> Config:
+    """Make data.root, train.output_dir and ray.storage_path absolute, so workers on any
+    node and in any working directory see the same locations."""
+    cfg.data.root = resolve_path(cfg.data.root)
+    cfg.train.output_dir = resolve_path(cfg.train.output_dir)
+    cfg.ray.storage_path = resolve_path(cfg.ray.storage_path)
+    return cfg
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **kwargs)

@@ -1,0 +1,442 @@
+"""Distributed training on Ray Train: PyTorch DDP over the workers of a Ray cluster.
+
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml \\
+        -- python -m jobs.train --config configs/digits_ray.yaml [--set ray.num_workers=4] [--register digits]
+
+Each worker runs the core training engine (imgcls_core.engine) under DDP
+(NCCL on GPUs, gloo on CPUs). Data comes from Parquet shards through Ray Data
+(decoded and augmented in CPU tasks, reshuffled every epoch) or, with
+``ray.ingest=dataloader``, from an ImageFolder through a DataLoader with a
+distributed sampler. Every epoch's checkpoint goes to
+``<ray.storage_path>/<ray.name>``; re-running with the same name resumes from
+the latest one ("resuming from epoch N"); a finished run is not retrained.
+Rank 0 logs to MLflow (tracking.enabled): params, per-epoch metrics, config,
+class index, confusion matrix, learning curves and the final model, which
+``--register NAME`` adds to the model registry.
+
+Exit status: 0 on success, 1 when training failed, 2 on a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgcls_core.config import Config
+from jobs.common import add_config_args, config_from_args, init_ray, is_uri, resolve_config_paths
+
+SUMMARY_FILE = "train_summary.json"  # written by rank 0 into train.output_dir
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainPlan:
+    """Everything the driver decides before starting workers."""
+
+    cfg: Config
+    name: str
+    ingest: str
+    preprocessing: dict[str, Any]
+    num_train: int
+    run_key: str
+    mlflow_run_id: str | None
+
+
+def plan_training(cfg: Config, *, log=print) -> TrainPlan:
+    """Resolve paths, check the data, compute normalization and the ingest path (on the driver)."""
+    from imgcls_core.data import load_dataset, materialize_digits
+    from imgcls_core.runner import build_preprocessing
+
+    cfg = resolve_config_paths(cfg)
+    ingest = cfg.ray.ingest
+    if ingest == "auto":
+        ingest = "ray_data" if cfg.data.format == "parquet" else "dataloader"
+    if ingest == "ray_data" and cfg.data.format != "parquet":
+        raise ValueError(
+            f"ray.ingest=ray_data reads Parquet shards but data.format is {cfg.data.format!r}; convert "
+            f"with `python -m jobs.prepare --source {cfg.data.root} --out <dir>` and set data.format=parquet, "
+            f"or use ray.ingest=dataloader"
+        )
+    if cfg.data.format == "digits":
+        materialize_digits(cfg.data.root, seed=cfg.data.seed)
+    if not is_uri(cfg.data.root) and not Path(cfg.data.root).exists():
+        raise FileNotFoundError(f"data.root {cfg.data.root} does not exist on the driver's machine")
+    if ingest == "ray_data" and not (Path(cfg.data.root) / cfg.data.val_split).is_dir():
+        raise ValueError(
+            f"ray.ingest=ray_data needs a validation split in the shards ({cfg.data.root}/{cfg.data.val_split}); "
+            f"give the source a {cfg.data.val_split}/ folder before converting, or use ray.ingest=dataloader"
+        )
+    splits = load_dataset(cfg.data)
+    log(splits.summary())
+    pre = build_preprocessing(cfg, splits)
+    name = cfg.ray.name or Path(cfg.train.output_dir).name
+    if not cfg.ray.name:
+        cfg.ray.name = name
+    return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train), f"{cfg.ray.storage_path}/{name}", None)
+
+
+def start_tracking(plan: TrainPlan, *, log=print) -> None:
+    """Find the run of an earlier attempt (by storage path + name) or create it; log params."""
+    from imgcls_core.tracking import Tracker
+
+    cfg = plan.cfg
+    tracker = Tracker(cfg.tracking, log=log).start(run_key=plan.run_key, run_name=cfg.tracking.run_name or plan.name)
+    if not tracker.active:
+        tracker.close()
+        return
+    world = cfg.ray.num_workers
+    tracker.log_params({**cfg.flat(), "derived.world_size": world, "derived.ingest": plan.ingest,
+                        "derived.global_batch_size": cfg.data.batch_size * world,
+                        "derived.num_train_images": plan.num_train})
+    tracker.set_tags({"imgcls.job": "train", "imgcls.storage": plan.run_key})
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker.log_dict({"classes": plan.preprocessing["classes"]}, "class_index.json")
+    plan.mlflow_run_id = tracker.run_id
+    # The run stays RUNNING for the workers; rank 0 ends it.
+
+
+def build_datasets(plan: TrainPlan) -> dict[str, Any]:
+    """Ray Data pipelines for the ray_data ingest: read shards, shuffle, decode + augment in tasks."""
+    if plan.ingest != "ray_data":
+        return {}
+    import ray.data
+
+    from imgcls_core.data.presets import build_train_transform
+
+    cfg, pre = plan.cfg, plan.preprocessing
+    transform = build_train_transform(cfg.data.image_size, pre["mean"], pre["std"], cfg.augment)
+    train = (
+        ray.data.read_parquet(f"{cfg.data.root}/{cfg.data.train_split}")
+        .select_columns(["image", "label"])
+        .random_shuffle()  # a new order every epoch: the pipeline re-executes per epoch
+        .map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=64, batch_format="numpy")
+    )
+    return {"train": train}
+
+
+def decode_batch(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarray]:
+    """Ray Data task: encoded bytes -> augmented float32 N x 3 x S x S."""
+    from imgcls_core.data import decode_image
+
+    torch.set_num_threads(1)
+    torch.manual_seed(secrets.randbits(63))  # task processes would otherwise repeat one RNG stream
+    images = [transform(decode_image(bytes(b))).numpy() for b in batch["image"]]
+    return {"image": np.stack(images).astype(np.float32), "label": batch["label"].astype(np.int64)}
+
+
+def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as: str | None = None,
+                  inject_kill: dict | None = None, callbacks: list | None = None, storage_path: str | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = plan.cfg
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    loop_config = {
+        "config": cfg.to_dict(), "preprocessing": plan.preprocessing, "ingest": plan.ingest,
+        "num_train": plan.num_train, "mlflow_run_id": plan.mlflow_run_id, "run_key": plan.run_key,
+        "stop_after": stop_after, "register_as": register_as, "inject_kill": inject_kill,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources,
+            accelerator_type=cfg.ray.accelerator_type,
+        ),
+        datasets=build_datasets(plan),
+        run_config=RunConfig(
+            name=plan.name,
+            storage_path=storage_path or cfg.ray.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val/acc1",
+                checkpoint_score_order="max",
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int | None = None,
+                 inject_kill: dict | None = None, log=print) -> dict[str, Any]:
+    """Plan, start tracking, fit on the connected Ray cluster; returns the rank-0 summary."""
+    plan = plan_training(cfg, log=log)
+    world = plan.cfg.ray.num_workers
+    log(f"Ray Train: {world} worker(s) x {plan.cfg.data.batch_size} = global batch "
+        f"{plan.cfg.data.batch_size * world}; ingest={plan.ingest}; run {plan.run_key}")
+    start_tracking(plan, log=log)
+    started = time.perf_counter()
+    result = build_trainer(plan, stop_after=stop_after, register_as=register_as, inject_kill=inject_kill).fit()
+    summary_file = Path(plan.cfg.train.output_dir) / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary.update({"seconds": time.perf_counter() - started, "checkpoint": getattr(result.checkpoint, "path", None),
+                    "storage": plan.run_key})
+    return summary
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP rank: build the engine, restore the latest checkpoint, fit, then (rank 0) package."""
+    import ray.train
+    import ray.train.torch
+    from torch import nn
+
+    from imgcls_core.engine import Engine, Preprocessing, check_same_model, fit, load_checkpoint, setup_runtime
+    from imgcls_core.models import build_model
+    from imgcls_core.tracking import Tracker
+
+    cfg = Config.from_dict(loop_config["config"])
+    pre = Preprocessing.from_dict(loop_config["preprocessing"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+
+    out = Path(cfg.train.output_dir)
+
+    def log(msg: str) -> None:  # rank 0 to the job's output and <output_dir>/train.log
+        if rank == 0:
+            print(f"[imgcls] {msg}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "train.log").open("a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    if not is_uri(cfg.data.root) and not Path(cfg.data.root).exists():
+        raise FileNotFoundError(
+            f"worker {rank} on node {ray.util.get_node_ip_address()} cannot see data.root={cfg.data.root}; "
+            f"on a multi-node cluster put the data on a shared file system or object storage"
+        )
+    runtime = setup_runtime(cfg.train, device=ray.train.torch.get_device())
+    data = _WorkerData(cfg, pre, loop_config, rank, world)
+    model = build_model(cfg.model, len(pre.classes), cfg.data.image_size)
+    if cfg.ray.sync_batchnorm and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    engine = Engine(
+        cfg, model, runtime, data.steps_per_epoch, world_size=world, rank=rank,
+        class_weights=data.class_weights, batch_mix=data.batch_mix,
+        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False) if world > 1 else m,
+    )
+    log(f"model={cfg.model.name} params={sum(p.numel() for p in model.parameters()):,} {engine.describe()}")
+
+    run_id = loop_config["mlflow_run_id"]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, map_location=runtime.device)
+        check_same_model(state, cfg.to_dict(), checkpoint.path)
+        engine.load_state_dict(state)
+        run_id = state.get("extra", {}).get("mlflow_run_id") or run_id
+        log(f"resuming from epoch {engine.epoch} (checkpoint {checkpoint.path})")
+    resumed_from = engine.epoch
+    if engine.epoch >= cfg.train.epochs:
+        log(f"run already finished all {cfg.train.epochs} epochs; nothing to train")
+
+    tracker = Tracker(cfg.tracking if rank == 0 else _disabled(cfg), log=log)
+    if rank == 0:
+        tracker.start(run_id=run_id, run_key=loop_config["run_key"])
+
+    def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+        if rank == 0:
+            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+            with (out / "history.jsonl").open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            log(_epoch_line(metrics, cfg.train.epochs))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    history = fit(engine, data.train_batches, data.val_batches, pre, report,
+                  stop_after=loop_config["stop_after"], extra={"mlflow_run_id": tracker.run_id or run_id},
+                  on_step=_fault_injector(loop_config.get("inject_kill"), engine, rank))
+    if engine.epoch < cfg.train.epochs:
+        log(f"stopped after epoch {engine.epoch} of {cfg.train.epochs}; re-run with the same name to resume")
+        tracker.close(status="KILLED")
+        return
+    if not history and (out / SUMMARY_FILE).exists():
+        tracker.close()
+        return  # an earlier attempt already packaged this run
+    val = engine.evaluate(data.val_batches(), pre.classes)
+    used_ema = False
+    if engine.ema is not None:  # every rank takes part: evaluation all-reduces
+        ema_val = engine.evaluate(data.val_batches(), pre.classes, use_ema=True)
+        used_ema = ema_val.acc1 >= val.acc1
+        val = ema_val if used_ema else val
+    if rank == 0:
+        _package(cfg, engine, pre, val, used_ema, data, tracker, out, loop_config, resumed_from)
+
+
+def _disabled(cfg: Config):
+    from dataclasses import replace
+
+    return replace(cfg.tracking, enabled=False)
+
+
+class _WorkerData:
+    """The rank's training batches (Ray Data shard or distributed DataLoader) and its val share."""
+
+    def __init__(self, cfg: Config, pre, loop_config: dict[str, Any], rank: int, world: int):
+        import ray.train
+        import ray.train.torch
+        from torch.utils.data import DataLoader
+
+        from imgcls_core.data import class_weights, load_dataset
+        from imgcls_core.data.presets import build_batch_mix, build_eval_transform
+        from imgcls_core.runner import build_loaders
+
+        self.cfg, self.pre, self.rank, self.world = cfg, pre, rank, world
+        self.ingest = loop_config["ingest"]
+        splits = load_dataset(cfg.data)
+        self.splits = splits
+        num_classes = len(pre.classes)
+        self.class_weights = (
+            class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None
+        )
+        self.batch_mix = build_batch_mix(cfg.augment, num_classes)
+        eval_tf = build_eval_transform(cfg.data.image_size, pre.mean, pre.std, pre.crop_ratio)
+        # Every rank evaluates a disjoint 1/world of val (no padding), and Engine.evaluate sums the
+        # counts over ranks: the metrics are those of the whole split.
+        share = splits.val.subset(list(range(rank, len(splits.val), world)))
+        self.val_loader = DataLoader(share.dataset(eval_tf), batch_size=cfg.data.eval_batch_size,
+                                     num_workers=cfg.data.num_workers)
+        b = cfg.data.batch_size
+        if self.ingest == "ray_data":
+            self.shard = ray.train.get_dataset_shard("train")
+            rows = loop_config["num_train"] // world  # streaming_split(equal=True) gives every rank this many
+            self.steps_per_epoch = rows // b
+        else:
+            loaders = build_loaders(cfg, splits, pre)
+            self.loader = ray.train.torch.prepare_data_loader(loaders["train"], move_to_device=False)
+            self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.batch_size={b} is larger than a worker's share of the training split "
+                             f"({loop_config['num_train']} images over {world} workers)")
+
+    def train_batches(self, epoch: int):
+        if self.ingest == "ray_data":
+            batches = self.shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True,
+                                                    device="cpu", prefetch_batches=2)
+            return ((b["image"], b["label"]) for b in batches)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
+        return self.loader
+
+    def val_batches(self):
+        return self.val_loader
+
+
+def _fault_injector(spec: dict | None, engine, rank: int):
+    """For fault tests: SIGKILL this worker process at a given epoch/step, once (a marker file
+    records that it happened, so the restarted worker group trains on)."""
+    if not spec or spec.get("rank", 1) != rank:
+        return None
+
+    def on_step(_metrics: dict[str, float]) -> None:
+        marker = Path(spec["marker"])
+        if engine.epoch == spec.get("epoch", 1) and not marker.exists():
+            marker.write_text(f"killed rank {rank} at epoch {engine.epoch + 1} step {engine.step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def _epoch_line(m: dict[str, float], epochs: int) -> str:
+    return (f"epoch {int(m['epoch'])}/{epochs} train/loss {m['train/loss']:.4f} train/acc1 {m['train/acc1']:.4f} "
+            f"val/loss {m['val/loss']:.4f} val/acc1 {m['val/acc1']:.4f} lr {m['lr']:.4g} "
+            f"{m['train/images_per_s']:.0f} img/s {m['train/epoch_s']:.1f}s")
+
+
+def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_config, resumed_from: int) -> None:
+    """Rank 0 after training: model.pt, test evaluation, artifacts, MLflow model (+ registry)."""
+    from torch.utils.data import DataLoader
+
+    from imgcls_core.data.presets import build_eval_transform
+    from imgcls_core.engine import save_inference_model
+    from imgcls_core.evaluation import plot_learning_curves
+    from imgcls_core.runner import evaluate_to_files, read_history
+
+    final = engine.inference_model(prefer_ema=used_ema)
+    files = {"model": save_inference_model(out / "model.pt", final.state_dict(), cfg.to_dict()["model"], pre,
+                                           val.metrics("val/"))}
+    test = None
+    if data.splits.test is not None:
+        eval_tf = build_eval_transform(cfg.data.image_size, pre.mean, pre.std, pre.crop_ratio)
+        loader = DataLoader(data.splits.test.dataset(eval_tf), batch_size=cfg.data.eval_batch_size)
+        test = evaluate_to_files(final, loader, data.splits.test, engine.runtime.device, pre, out, files)
+        print(test.summary(), flush=True)
+    if history := read_history(out):
+        files["curves"] = plot_learning_curves(history, out / "learning_curves.png")
+    metrics = {**val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {})}
+    tracker.log_metrics(metrics, step=engine.epoch)
+    for key, path in files.items():
+        if key != "model":
+            tracker.log_artifact(path)
+    summary: dict[str, Any] = {
+        "mlflow_run_id": tracker.run_id, "epochs": engine.epoch, "resumed_from": resumed_from,
+        "used_ema": used_ema, "val_acc1": val.acc1, "test_acc1": test.acc1 if test is not None else None,
+        "model_file": str(files["model"]), "model_uri": None, "registered_version": None,
+    }
+    if tracker.active:
+        info = tracker.log_model(files["model"], register_as=loop_config["register_as"],
+                                 extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
+        if info is not None:
+            summary["model_uri"] = info.model_uri
+            summary["registered_version"] = getattr(info, "registered_model_version", None)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    tracker.close()
+    print(f"[imgcls] done: val top-1 {val.acc1:.4f}" + (f", test top-1 {test.acc1:.4f}" if test else "")
+          + f"; model {files['model']}" + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""), flush=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--register", metavar="NAME", help="register the final model under this name")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="stop after N epochs of this invocation (re-run with the same name to resume)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    if args.register:
+        cfg.tracking.enabled = True
+    init_ray(args.address)
+    try:
+        summary = run_training(cfg, register_as=args.register, stop_after=args.stop_after)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause, not a traceback wall
+        print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

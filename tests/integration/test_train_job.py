@@ -1,0 +1,112 @@
+"""jobs.train on a real local Ray instance with real MLflow (sqlite) and real digit images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imgcls_core.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def ray_config(tmp_path, mlflow_uri, data: list[str], *extra: str):
+    return load_config(None, [
+        *data,
+        "data.batch_size=8",  # x 2 workers: the step count of a 1-process batch of 16
+        "model.name=cnn3",
+        "augment.strength=0",
+        "optim.lr=0.05",
+        "train.epochs=5",
+        "train.log_every=5",
+        f"train.output_dir={tmp_path / 'out'}",
+        f"ray.storage_path={tmp_path / 'results'}",
+        "ray.name=digits-test",
+        "ray.num_workers=2",
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={mlflow_uri}",
+        "tracking.experiment=tests",
+        *extra,
+    ])
+
+
+def epoch_history(client, run_id: str, key: str = "val/acc1") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_two_workers_on_parquet_shards_reach_97_percent(ray_session, digits_shards, digits_root, tmp_path, mlflow_uri):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from imgcls_core.predict import Predictor
+    from jobs.train import run_training
+
+    cfg = ray_config(tmp_path, mlflow_uri, ["data.format=parquet", f"data.root={digits_shards}"])
+    summary = run_training(cfg, register_as="digits-it")
+
+    assert summary["val_acc1"] >= 0.97, summary
+    client = MlflowClient(mlflow_uri)
+    assert epoch_history(client, summary["mlflow_run_id"]) == [1, 2, 3, 4, 5]
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["derived.ingest"] == "ray_data"
+    assert run.data.params["derived.world_size"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert {"config.yaml", "class_index.json", "confusion_matrix.png", "learning_curves.png"} <= artifacts
+    assert summary["registered_version"] == 1
+
+    # The logged MLflow model: a batch of 8 real test images, of a size it was never traced with.
+    files = sorted((digits_root / "test").glob("*/*.png"))[::45][:8]
+    labels = [int(f.parent.name) for f in files]
+    predictor = Predictor.from_file(summary["model_file"])
+    batch = predictor.preprocess([f.read_bytes() for f in files]).numpy()
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model("models:/digits-it/1")
+    probs = model.predict(batch)
+    assert probs.shape == (8, 10)
+    np.testing.assert_allclose(probs, predictor.probabilities(torch.from_numpy(batch)).numpy(), atol=1e-6)
+    assert sum(int(p == y) for p, y in zip(probs.argmax(1), labels)) >= 7, (probs.argmax(1), labels)
+    assert model.metadata.metadata["imgcls"]["preprocessing"]["classes"] == [str(i) for i in range(10)]
+
+
+def test_stop_and_rerun_resumes_the_same_run(ray_session, digits_root, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.train import run_training
+
+    cfg = ray_config(tmp_path, mlflow_uri, ["data.format=imagefolder", f"data.root={digits_root}"])
+    first = run_training(cfg, stop_after=2)
+    assert "model_file" not in first  # stopped early: nothing packaged yet
+    second = run_training(ray_config(tmp_path, mlflow_uri, ["data.format=imagefolder", f"data.root={digits_root}"]))
+    assert "resuming from epoch 2" in (tmp_path / "out" / "train.log").read_text()
+    assert second["resumed_from"] == 2 and second["epochs"] == 5
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [second["mlflow_run_id"]]  # one run, continued
+    assert epoch_history(client, second["mlflow_run_id"]) == [1, 2, 3, 4, 5]
+    assert second["val_acc1"] >= 0.9
+
+
+def test_killed_worker_is_replaced_and_training_resumes(ray_session, digits_root, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.train import run_training
+
+    data = ["data.format=imagefolder", f"data.root={digits_root}"]
+    marker = tmp_path / "killed.txt"
+    faulty = run_training(
+        ray_config(tmp_path / "faulty", mlflow_uri, data, "ray.max_failures=1"),
+        inject_kill={"rank": 1, "epoch": 2, "marker": str(marker)},
+    )
+    assert marker.exists(), "the fault was not injected"
+    assert faulty["resumed_from"] == 2 and faulty["epochs"] == 5
+    clean = run_training(ray_config(tmp_path / "clean", mlflow_uri, data, "ray.name=digits-clean"))
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              filter_string="tags.`imgcls.storage` LIKE '%digits-test'")
+    assert len(runs) == 1  # the restarted worker group kept the run
+    assert abs(faulty["val_acc1"] - clean["val_acc1"]) <= 0.01, (faulty, clean)
+    history = [json.loads(line) for line in (tmp_path / "faulty" / "out" / "history.jsonl").read_text().splitlines()]
+    assert sorted({int(m["epoch"]) for m in history}) == [1, 2, 3, 4, 5]

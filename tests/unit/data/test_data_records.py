@@ -1,0 +1,249 @@
+"""decode_image on real encoded bytes, and the SplitRecords / DatasetSplits containers."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from imgdata import encode, random_rgb
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from imgcls_core.data import (
+    CorruptImageError,
+    DatasetSplits,
+    ImageTooLargeError,
+    SplitRecords,
+    decode_image,
+)
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    return random_rgb(np.random.default_rng(0), 24, 20)
+
+
+def as_hwc(t: torch.Tensor) -> np.ndarray:
+    assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3
+    return t.permute(1, 2, 0).numpy()
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_png_decodes_exactly(rgb):
+    assert np.array_equal(as_hwc(decode_image(encode(rgb, "PNG"))), rgb)
+
+
+def test_jpeg_decodes_close_to_source_and_to_pil(rgb):
+    data = encode(rgb, "JPEG", quality=95, subsampling=0)
+    out = as_hwc(decode_image(data)).astype(int)
+    assert out.shape == rgb.shape
+    assert np.abs(out - rgb).mean() < 6
+    assert np.abs(out - pil_rgb(data)).mean() < 1.5
+
+
+def test_grey_png_becomes_three_equal_channels(rgb):
+    data = encode(rgb, "PNG", mode="L")
+    out = decode_image(data)
+    grey = np.asarray(Image.open(io.BytesIO(data)))
+    for c in range(3):
+        assert np.array_equal(out[c].numpy(), grey)
+
+
+def test_rgba_png_drops_alpha(rgb):
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 77, np.uint8)])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    assert np.array_equal(as_hwc(decode_image(buffer.getvalue())), rgb)
+
+
+@pytest.mark.parametrize("fmt,mode", [("GIF", "P"), ("BMP", None), ("TIFF", None), ("PNG", "P")])
+def test_other_formats_and_palettes_match_pil(rgb, fmt, mode):
+    data = encode(rgb, fmt, mode=mode)
+    out = as_hwc(decode_image(data))
+    assert np.array_equal(out, pil_rgb(data))
+    if mode is None:
+        assert np.array_equal(out, rgb)
+
+
+def test_bytes_str_and_path_inputs_agree(rgb, tmp_path):
+    data = encode(rgb, "PNG")
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    for src in (data, bytearray(data), memoryview(data), str(path), path):
+        assert torch.equal(decode_image(src), decode_image(data))
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` (a decompression-bomb header)."""
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    assert data[12:16] == b"IHDR"
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _corrupt_cases(rgb: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    big = np.tile(rgb, (8, 8, 1))
+    png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
+    assert len(jpeg) > 8000  # cut in the scan data, well past the header
+    return {
+        "empty": (b"", "empty file"),
+        "text": (b"label,path\n3,foo.png\n" * 4, "not a recognised image format"),
+        "random": (
+            bytes(np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8)),
+            "not a recognised image format",
+        ),
+        "truncated_png": (png[: len(png) // 2], "truncated or corrupt image"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 2], "truncated or corrupt image"),
+        "png_header_only": (png[:40], "truncated or corrupt image"),
+        "jpeg_header_only": (jpeg[:100], "truncated or corrupt image"),
+        "gif_header_only": (encode(rgb, "GIF", mode="P")[:10], "truncated or corrupt image"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "text",
+        "random",
+        "truncated_png",
+        "truncated_jpeg",
+        "png_header_only",
+        "jpeg_header_only",
+        "gif_header_only",
+    ],
+)
+def test_corrupt_inputs_raise_with_their_reason(rgb, case, tmp_path):
+    data, reason = _corrupt_cases(rgb)[case]
+    with pytest.raises(CorruptImageError, match=reason) as info:
+        decode_image(data)
+    assert not isinstance(info.value, ImageTooLargeError)
+    path = tmp_path / f"{case}.png"
+    path.write_bytes(data)
+    with pytest.raises(CorruptImageError, match=reason):
+        decode_image(path)
+
+
+def test_corrupt_image_error_is_a_value_error():
+    assert issubclass(ImageTooLargeError, CorruptImageError) and issubclass(
+        CorruptImageError, ValueError
+    )
+
+
+def test_max_pixels(rgb):
+    data = encode(rgb, "PNG")  # 20 x 24 = 480 pixels
+    assert decode_image(data, max_pixels=480).shape == (3, 24, 20)
+    with pytest.raises(ImageTooLargeError, match=r"20x24 = 480 pixels.*limit of 479"):
+        decode_image(data, max_pixels=479)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(encode(rgb, "GIF", mode="P"), max_pixels=100)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    bomb = _png_with_size(100_000, 100_000)  # decoding would need 30 GB; the data is 1 pixel
+    with pytest.raises(ImageTooLargeError, match=r"10,000,000,000 pixels.*limit of 1,000,000"):
+        decode_image(bomb, max_pixels=1_000_000)
+    with pytest.raises(
+        ImageTooLargeError, match="limit of 178,956,970"
+    ):  # PIL's guard without a limit
+        decode_image(bomb)
+    with pytest.raises(
+        ImageTooLargeError, match=r"5000x5000 = 25,000,000 pixels.*limit of 1,000,000"
+    ):
+        decode_image(_png_with_size(5000, 5000), max_pixels=1_000_000)
+
+
+def _records(n_per_class=(3, 2, 4)) -> SplitRecords:
+    rng = np.random.default_rng(0)
+    labels = [c for c, n in enumerate(n_per_class) for _ in range(n)]
+    images = [encode(random_rgb(rng, 8, 6), "PNG") for _ in labels]
+    return SplitRecords(
+        ["a", "b", "c"], labels, [f"img/{i}.png" for i in range(len(labels))], images=images
+    )
+
+
+def test_split_records_dataset_subset_and_pickle():
+    records = _records()
+    assert len(records) == 9 and records.class_counts() == [3, 2, 4]
+    ds = records.dataset(lambda t: t.float() / 255)
+    image, label = ds[4]
+    assert image.dtype == torch.float32 and image.shape == (3, 8, 6) and label == 1
+    assert torch.equal(image, decode_image(records.images[4]).float() / 255)
+
+    sub = records.subset([8, 0, 4])
+    assert sub.labels == [2, 0, 1] and sub.paths == ["img/8.png", "img/0.png", "img/4.png"]
+    assert torch.equal(sub.load(2), records.load(4))
+
+    clone = pickle.loads(pickle.dumps(records.dataset()))
+    assert torch.equal(clone[3][0], records.load(3)) and clone[3][1] == records.labels[3]
+
+
+def test_dataset_works_in_dataloader_workers():
+    records = _records()
+    loader = DataLoader(records.dataset(lambda t: t.float()), batch_size=9, num_workers=1)
+    images, labels = next(iter(loader))
+    assert images.shape == (9, 3, 8, 6) and labels.tolist() == records.labels
+    assert torch.equal(images[5], records.load(5).float())
+
+
+def test_split_records_from_arrays_and_paths(tmp_path, rgb):
+    arrays = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    records = SplitRecords(
+        ["x", "y"], [1, 0], ["cifar10/train/0", "cifar10/train/1"], arrays=arrays
+    )
+    assert torch.equal(records.load(1), torch.from_numpy(arrays[1]))
+    assert records.subset([1]).arrays.shape == (1, 3, 4, 5)
+
+    (tmp_path / "f.png").write_bytes(encode(rgb))
+    on_disk = SplitRecords(["x"], [0], [tmp_path / "f.png"])
+    assert on_disk.paths == [str(tmp_path / "f.png")]
+    assert np.array_equal(as_hwc(on_disk.load(0)), rgb)
+
+
+def test_split_records_validate():
+    with pytest.raises(ValueError, match="out of range"):
+        SplitRecords(["a"], [0, 1], ["p", "q"])
+    with pytest.raises(ValueError, match="paths"):
+        SplitRecords(["a"], [0, 0], ["p"])
+    with pytest.raises(ValueError, match="images"):
+        SplitRecords(["a"], [0], ["p"], images=[])
+
+
+def _plain(classes, counts) -> SplitRecords:
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    return SplitRecords(classes, labels, [str(i) for i in range(len(labels))])
+
+
+def test_summary_counts_per_class_and_split():
+    classes = ["cat", "dog", "zebra"]
+    splits = DatasetSplits(_plain(classes, [10, 12, 8]), _plain(classes, [2, 3, 1]), None, classes)
+    text = splits.summary()
+    lines = text.splitlines()
+    assert lines[1].split() == ["class", "train", "val"]
+    assert lines[2].split() == ["cat", "10", "2"] and lines[4].split() == ["zebra", "8", "1"]
+    assert lines[5].split() == ["total", "30", "6"]
+    assert "warning" not in text
+
+
+def test_summary_warns_about_imbalance_and_missing_classes():
+    classes = ["common", "rare"]
+    splits = DatasetSplits(
+        _plain(classes, [31, 10]), _plain(classes, [3, 1]), _plain(classes, [5, 0]), classes
+    )
+    text = splits.summary()
+    assert "test" in text.splitlines()[1]
+    assert "warning: train is imbalanced: 'common' has 31 images, 'rare' 10 (3.1x)" in text
+    assert "warning: test has no images of 1 class(es): rare" in text
+    assert "val is imbalanced" not in text  # 3 / 1 is not more than 3x
+    balanced = DatasetSplits(_plain(classes, [30, 10]), _plain(classes, [1, 1]), None, classes)
+    assert "warning" not in balanced.summary()

@@ -1,0 +1,183 @@
+"""Parquet shards: the converter round trip, skipped files, atomic writes and the parquet source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from imgdata import encode, random_rgb
+
+from imgcls_core.config import DataConfig
+from imgcls_core.data import (
+    convert_image_folder,
+    load_class_index,
+    load_dataset,
+    read_shard_table,
+    write_shards,
+)
+
+LAYOUT = {
+    "train": {"cat": 7, "dog": 6, "eel": 5},
+    "val": {"cat": 2, "dog": 2, "eel": 1},
+    "test": {"cat": 2, "eel": 2},
+}
+
+
+def test_round_trip_equals_imagefolder(image_folder, tmp_path):
+    src = image_folder(LAYOUT)
+    report = convert_image_folder(src, tmp_path / "shards", num_workers=2, shard_size=4)
+    assert report.skipped == [] and report.layout == "splits"
+    assert {k: v.images for k, v in report.splits.items()} == {"train": 18, "val": 5, "test": 4}
+    assert len(report.splits["train"].shards) == 5  # 18 images, 4 per shard
+    assert sorted(p.name for p in (tmp_path / "shards" / "train").iterdir()) == [
+        f"part-0000{i}.parquet" for i in range(5)
+    ]
+
+    folder = load_dataset(DataConfig(format="imagefolder", root=str(src)))
+    shards = load_dataset(DataConfig(format="parquet", root=str(tmp_path / "shards")))
+    assert shards.classes == folder.classes == ["cat", "dog", "eel"]
+    for split in ("train", "val", "test"):
+        a, b = getattr(folder, split), getattr(shards, split)
+        assert [(src / p).resolve() for p in b.paths] == [Path(p).resolve() for p in a.paths]
+        assert b.labels == a.labels
+        for i in range(len(a)):
+            assert torch.equal(a.dataset()[i][0], b.dataset()[i][0])
+
+    table = read_shard_table(tmp_path / "shards", "train")
+    assert table.schema.equals(
+        pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
+    )
+    assert table.column("path")[0].as_py() == "train/cat/train_000.png"
+    original = (src / "train" / "cat" / "train_001.jpg").read_bytes()
+    assert table.column("image")[1].as_py() == original  # stored as is, not re-encoded
+    assert load_class_index(tmp_path / "shards") == ["cat", "dog", "eel"]
+    index = json.loads((tmp_path / "shards" / "classes.json").read_text())
+    assert index["class_to_idx"] == {"cat": 0, "dog": 1, "eel": 2}
+
+
+def test_converter_skips_and_reports_bad_files(image_folder, tmp_path):
+    src = image_folder({"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}})
+    good = encode(random_rgb(np.random.default_rng(5), 64, 64), "JPEG")
+    (src / "train" / "a" / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (src / "train" / "b" / "empty.png").write_bytes(b"")
+    (src / "val" / "a" / "notes.txt").write_text("these are cats")
+    (src / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden files are not looked at
+
+    out = tmp_path / "out"
+    report = convert_image_folder(src, out, num_workers=0)
+    reasons = {item["path"]: item["reason"] for item in report.skipped}
+    assert set(reasons) == {"train/a/broken.jpg", "train/b/empty.png", "val/a/notes.txt"}
+    assert reasons["train/a/broken.jpg"].startswith("truncated or corrupt image")
+    assert reasons["train/b/empty.png"] == "empty file"
+    assert reasons["val/a/notes.txt"] == "not a recognised image format"
+    assert report.splits["train"].images == 6 and report.splits["val"].images == 2
+    assert report.splits["train"].class_counts == {"a": 3, "b": 3}
+
+    text = report.summary()
+    assert "train/b/empty.png: empty file" in text and "skipped 3 file(s)" in text
+    assert any(line.split()[:3] == ["train", "6", "images"] for line in text.splitlines())
+    saved = json.loads((out / "report.json").read_text())
+    assert {s["path"] for s in saved["skipped"]} == set(reasons)
+    assert saved["splits"]["val"]["images"] == 2
+
+    splits = load_dataset(DataConfig(format="parquet", root=str(out)))
+    assert len(splits.train) == 6 and "train/a/broken.jpg" not in splits.train.paths
+
+
+def test_flat_layout_becomes_train_and_val_is_split_off(image_folder, tmp_path):
+    src = image_folder({"flat": {"x": 10, "y": 10}}) / "flat"
+    report = convert_image_folder(src, tmp_path / "out", num_workers=0)
+    assert report.layout == "flat" and list(report.splits) == ["train"]
+    assert report.splits["train"].images == 20
+    assert read_shard_table(tmp_path / "out", "train").column("path")[0].as_py() == "x/flat_000.png"
+    splits = load_dataset(
+        DataConfig(format="parquet", root=str(tmp_path / "out"), val_fraction=0.2)
+    )
+    assert (len(splits.train), len(splits.val), splits.test) == (16, 4, None)
+    assert sorted(splits.val.labels) == [0, 0, 1, 1]
+
+
+def test_reconversion_replaces_stale_splits(image_folder, tmp_path):
+    out = tmp_path / "out"
+    convert_image_folder(image_folder(LAYOUT, name="first"), out, num_workers=0)
+    convert_image_folder(
+        image_folder({"train": {"cat": 4, "dog": 4}}, name="second"), out, num_workers=0
+    )
+    assert not (out / "val").exists() and not (out / "test").exists()
+    assert load_class_index(out) == ["cat", "dog"]
+    assert read_shard_table(out, "train").num_rows == 8
+
+
+def test_converter_refuses_unknown_val_class_and_bad_sources(image_folder, tmp_path):
+    src = image_folder({"train": {"a": 2}, "val": {"a": 1, "zzz": 1}})
+    with pytest.raises(ValueError, match=r"\['zzz'\]"):
+        convert_image_folder(src, tmp_path / "out", num_workers=0)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        convert_image_folder(tmp_path / "missing", tmp_path / "out", num_workers=0)
+    with pytest.raises(ValueError, match="inside the source"):
+        convert_image_folder(src, src / "shards", num_workers=0)
+
+
+def test_write_shards_is_atomic(tmp_path):
+    png = encode(random_rgb(np.random.default_rng(0)), "PNG")
+    out = tmp_path / "out"
+    first = write_shards(
+        ((png, i % 2, f"{i}.png") for i in range(5)), out, "train", ["a", "b"], shard_size=2
+    )
+    assert first.images == 5 and first.shards == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+
+    def crashing():
+        for i in range(5):
+            if i == 3:
+                raise RuntimeError("disk on fire")
+            yield png, 0, f"new{i}.png"
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_shards(crashing(), out, "train", ["a", "b"], shard_size=2)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.json",
+        "train",
+    ]  # no temporary folder left
+    assert read_shard_table(out, "train").column("path").to_pylist() == [
+        f"{i}.png" for i in range(5)
+    ]
+
+    with pytest.raises(RuntimeError):
+        write_shards(crashing(), out, "val", ["a", "b"], shard_size=2)
+    assert not (out / "val").exists()
+    with pytest.raises(ValueError, match="other classes"):
+        write_shards([(png, 0, "x.png")], out, "val", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="out of range"):
+        write_shards([(png, 2, "x.png")], out, "val", ["a", "b"])
+    assert not (out / "val").exists()
+
+
+def test_parquet_source_errors(tmp_path):
+    root = tmp_path / "p"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset(DataConfig(format="parquet", root=str(root)))
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match="classes.json"):
+        load_dataset(DataConfig(format="parquet", root=str(root)))
+    png = encode(random_rgb(np.random.default_rng(0)), "PNG")
+    write_shards([(png, i % 2, f"{i}.png") for i in range(6)], root, "train", ["a", "b"])
+    (root / "val").mkdir()
+    bad = pa.table({"image": [png], "label": [7], "path": ["v.png"]})
+    pq.write_table(bad, root / "val" / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"label\(s\) \[7\]"):
+        load_dataset(DataConfig(format="parquet", root=str(root)))
+    pq.write_table(pa.table({"image": [png], "label": [0]}), root / "val" / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['path'\]"):
+        read_shard_table(root, "val")
+    (root / "classes.json").write_text(json.dumps({"classes": "ab"}))
+    with pytest.raises(ValueError, match="list of strings"):
+        load_class_index(root)
