@@ -251,7 +251,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!r}; allowed keys"
+            f"unknown config key '{where}{unknown[0]}'; allowed keys"
             f"{' in ' + prefix if prefix else ''}: {', '.join(names)}"
         )
     kwargs = {name: _coerce(hints[name], data[name], _join(prefix, name)) for name in names if name in data}

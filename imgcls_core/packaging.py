@@ -41,6 +41,8 @@ class ImgclsModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
+        if isinstance(model_input, dict):  # a named tensor signature hands over {"images": array}
+            model_input = model_input["images"] if "images" in model_input else next(iter(model_input.values()))
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         size = self.predictor.pre.image_size
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):

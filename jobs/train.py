@@ -340,14 +340,16 @@ class _WorkerData:
 
 
 def _fault_injector(spec: dict | None, engine, rank: int):
-    """For fault tests: SIGKILL this worker process at a given epoch/step, once (a marker file
-    records that it happened, so the restarted worker group trains on)."""
+    """For fault tests: SIGKILL this worker process once it is ``step`` steps into epoch
+    ``epoch`` (0-based: that many epochs done), once; a marker file records that it happened,
+    so the restarted worker group trains on."""
     if not spec or spec.get("rank", 1) != rank:
         return None
 
     def on_step(_metrics: dict[str, float]) -> None:
         marker = Path(spec["marker"])
-        if engine.epoch == spec.get("epoch", 1) and not marker.exists():
+        into_epoch = engine.step - engine.epoch * engine.steps_per_epoch
+        if engine.epoch == spec.get("epoch", 1) and into_epoch >= spec.get("step", 1) and not marker.exists():
             marker.write_text(f"killed rank {rank} at epoch {engine.epoch + 1} step {engine.step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -36,3 +36,15 @@ def digits_shards(digits_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits"
     convert_image_folder(digits_root, out, num_workers=1, shard_size=512)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_ray_data():
+    """Ray Data's per-operator progress bars flood captured test logs."""
+    try:
+        from ray.data import DataContext
+    except ImportError:
+        yield
+        return
+    DataContext.get_current().enable_progress_bars = False
+    yield

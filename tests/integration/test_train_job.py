@@ -44,7 +44,8 @@ def test_two_workers_on_parquet_shards_reach_97_percent(ray_session, digits_shar
     from imgcls_core.predict import Predictor
     from jobs.train import run_training
 
-    cfg = ray_config(tmp_path, mlflow_uri, ["data.format=parquet", f"data.root={digits_shards}"])
+    cfg = ray_config(tmp_path, mlflow_uri, ["data.format=parquet", f"data.root={digits_shards}"],
+                     "model.name=resnet18", "model.width=0.25")
     summary = run_training(cfg, register_as="digits-it")
 
     assert summary["val_acc1"] >= 0.97, summary
@@ -98,7 +99,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, digits_root
     marker = tmp_path / "killed.txt"
     faulty = run_training(
         ray_config(tmp_path / "faulty", mlflow_uri, data, "ray.max_failures=1"),
-        inject_kill={"rank": 1, "epoch": 2, "marker": str(marker)},
+        inject_kill={"rank": 1, "epoch": 2, "step": 40, "marker": str(marker)},  # mid-epoch 3 of 5
     )
     assert marker.exists(), "the fault was not injected"
     assert faulty["resumed_from"] == 2 and faulty["epochs"] == 5
