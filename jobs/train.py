@@ -441,4 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not __main__: Ray pickles functions of __main__ by value, and the
+    # worker loop must travel by reference (the workers import jobs.train from the working_dir).
+    from jobs.train import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,66 @@
+"""Tracker against a real sqlite tracking store and against a server that is not there."""
+
+from __future__ import annotations
+
+from imgcls_core.config import TrackingConfig
+from imgcls_core.tracking import RUN_KEY_TAG, Tracker
+
+
+def sqlite_cfg(tmp_path) -> TrackingConfig:
+    return TrackingConfig(enabled=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="unit")
+
+
+def test_run_key_continues_the_same_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    first = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="results/a")
+    first.log_params({"optim.lr": 0.1, "optim.milestones": [0.5, 0.75]})
+    first.log_metrics({"val/acc1": 0.5}, step=1)
+    first.close(status="KILLED")
+    again = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="results/a")
+    again.log_metrics({"val/acc1": 0.75}, step=2)
+    assert again.close() == []
+    other = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="results/b")
+    assert other.run_id != first.run_id == again.run_id
+
+    client = MlflowClient(sqlite_cfg(tmp_path).tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_KEY_TAG] == "results/a"
+    assert run.data.params["optim.milestones"] == "[0.5, 0.75]"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val/acc1")] == [(1, 0.5), (2, 0.75)]
+
+
+def test_unreachable_server_disables_tracking_and_says_what_was_lost(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    lines: list[str] = []
+    cfg = TrackingConfig(enabled=True, tracking_uri="http://127.0.0.1:9", experiment="unit")  # discard port
+    tracker = Tracker(cfg, log=lines.append).start(run_key="x")
+    assert not tracker.active
+    tracker.log_metrics({"loss": 1.0}, step=1)  # a no-op, never an exception
+    lost = tracker.close()
+    assert len(lost) == 1 and "unreachable" in lost[0] and "127.0.0.1:9" in lost[0]
+    assert any(line.startswith("MLflow: NOT logged") for line in lines)
+
+
+def test_metrics_that_fail_are_retried_then_reported_lost(tmp_path):
+    tracker = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="r")
+    real = tracker.client
+
+    class Down:  # the store goes away for a while (a fake above the real client)
+        def log_batch(self, *args, **kwargs):
+            raise ConnectionError("server down")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    tracker.client = Down()
+    tracker.log_metrics({"loss": 2.0}, step=1)
+    tracker.client = real
+    tracker.log_metrics({"loss": 1.0}, step=2)  # delivers step 1 too
+    assert [m.step for m in real.get_metric_history(tracker.run_id, "loss")] == [1, 2]
+    tracker.client = Down()
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    lost = tracker.close()
+    assert "metrics of steps [3]" in lost
