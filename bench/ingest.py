@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from imgcls_core.config import load_config
     from imgcls_core.data import convert_image_folder, load_dataset, materialize_digits
     from imgcls_core.data.presets import build_train_transform
-    from jobs.train import build_datasets, plan_training
+    from jobs.train import build_datasets, iter_train_batches, plan_training
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
     root = materialize_digits(tmp / "digits")
@@ -52,20 +52,17 @@ def main(argv: list[str] | None = None) -> dict:
     folder_cfg = load_config(None, ["data.format=imagefolder", f"data.root={root}", *common])
     splits = load_dataset(folder_cfg.data)
     transform = build_train_transform(32, [0.5] * 3, [0.25] * 3, folder_cfg.augment)
-    loader = DataLoader(splits.train.dataset(transform), batch_size=args.batch_size, shuffle=True,
+    loader = DataLoader(splits.train.dataset(transform), batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.workers, persistent_workers=args.workers > 0)
     loader_rates = timed_epochs(lambda: iter(loader), args.epochs)
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan = plan_training(load_config(None, ["data.format=parquet", f"data.root={tmp / 'shards'}", *common]),
                          log=lambda m: None)
     dataset = build_datasets(plan)["train"]
 
-    def ray_batches():
-        return ((b["image"], b["label"]) for b in dataset.iter_torch_batches(batch_size=args.batch_size))
-
-    ray_rates = timed_epochs(ray_batches, args.epochs)
+    ray_rates = timed_epochs(lambda: iter_train_batches(dataset, args.batch_size), args.epochs)
     ray.shutdown()
 
     result = {

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     local_epochs = [m["train/epoch_s"] for m in local.history][1:]
 
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     cfg = load_config(None, [*common, f"train.output_dir={tmp / 'ray'}", f"ray.storage_path={tmp / 'results'}",
                              "ray.num_workers=1", "ray.cpus_per_worker=2", "ray.ingest=dataloader"])
     run_training(cfg, log=lambda m: None)

@@ -121,10 +121,23 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
     train = (
         ray.data.read_parquet(f"{cfg.data.root}/{cfg.data.train_split}")
         .select_columns(["image", "label"])
-        .random_shuffle()  # a new order every epoch: the pipeline re-executes per epoch
-        .map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=64, batch_format="numpy")
+        # A new order every epoch (the pipeline re-executes per epoch): shuffled shard order
+        # here, and a row-level shuffle buffer on each worker (iter_train_batches), instead of
+        # a full all-to-all random_shuffle.
+        .randomize_block_order()
+        .map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=128, batch_format="numpy")
     )
     return {"train": train}
+
+
+SHUFFLE_BUFFER_ROWS = 2048
+
+
+def iter_train_batches(data, batch_size: int):
+    """(images, labels) batches from a Ray Data shard or dataset, shuffled through a row buffer."""
+    batches = data.iter_torch_batches(batch_size=batch_size, drop_last=True, device="cpu", prefetch_batches=2,
+                                      local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS)
+    return ((b["image"], b["label"]) for b in batches)
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarray]:
@@ -181,12 +194,26 @@ def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int
         f"{plan.cfg.data.batch_size * world}; ingest={plan.ingest}; run {plan.run_key}")
     start_tracking(plan, log=log)
     started = time.perf_counter()
-    result = build_trainer(plan, stop_after=stop_after, register_as=register_as, inject_kill=inject_kill).fit()
+    trainer = build_trainer(plan, stop_after=stop_after, register_as=register_as, inject_kill=inject_kill)
+    try:
+        result = trainer.fit()
+    except Exception:
+        _mark_run(plan, "FAILED", log)
+        raise
     summary_file = Path(plan.cfg.train.output_dir) / SUMMARY_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     summary.update({"seconds": time.perf_counter() - started, "checkpoint": getattr(result.checkpoint, "path", None),
                     "storage": plan.run_key})
     return summary
+
+
+def _mark_run(plan: TrainPlan, status: str, log) -> None:
+    if plan.mlflow_run_id is None:
+        return
+    from imgcls_core.tracking import Tracker
+
+    tracker = Tracker(plan.cfg.tracking, log=log).start(run_id=plan.mlflow_run_id)
+    tracker.close(status=status)
 
 
 # --------------------------------------------------------------------------- workers
@@ -327,9 +354,7 @@ class _WorkerData:
 
     def train_batches(self, epoch: int):
         if self.ingest == "ray_data":
-            batches = self.shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True,
-                                                    device="cpu", prefetch_batches=2)
-            return ((b["image"], b["label"]) for b in batches)
+            return iter_train_batches(self.shard, self.cfg.data.batch_size)
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
