@@ -79,6 +79,7 @@ def plan_training(cfg: Config, *, log=print) -> TrainPlan:
             f"ray.ingest=ray_data needs a validation split in the shards ({cfg.data.root}/{cfg.data.val_split}); "
             f"give the source a {cfg.data.val_split}/ folder before converting, or use ray.ingest=dataloader"
         )
+    _check_storage(cfg.ray.storage_path)
     splits = load_dataset(cfg.data)
     log(splits.summary())
     pre = build_preprocessing(cfg, splits)
@@ -86,6 +87,22 @@ def plan_training(cfg: Config, *, log=print) -> TrainPlan:
     if not cfg.ray.name:
         cfg.ray.name = name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train), f"{cfg.ray.storage_path}/{name}", None)
+
+
+def _check_storage(storage_path: str) -> None:
+    """A local storage_path must be writable here (and, on a multi-node cluster, shared)."""
+    if is_uri(storage_path):
+        return
+    try:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+        probe = Path(storage_path) / ".imgcls-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"ray.storage_path {storage_path} is not writable ({exc.strerror}); use a writable folder that every "
+            f"node sees (NFS) or a URI such as s3://bucket/prefix"
+        ) from exc
 
 
 def start_tracking(plan: TrainPlan, *, log=print) -> None:

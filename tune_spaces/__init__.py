@@ -1,1 +1,168 @@
-"""Search spaces as data (YAML), loaded and validated by jobs.tune."""
+"""Search spaces as data: YAML files mapping config keys to distributions.
+
+    # tune_spaces/lr_schedules.yaml
+    optim.schedule: {choice: [cosine, onecycle, multistep]}
+    optim.lr: {loguniform: [0.01, 0.5]}
+    optim.warmup_epochs: {quniform: [0, 2, 0.5]}     # low, high, q
+
+    # tune_spaces/default.yaml
+    include: [lr_schedules.yaml, augmentation.yaml]
+
+Distributions: ``choice`` / ``grid`` (a list of values), ``uniform`` /
+``loguniform`` ([low, high]), ``randint`` ([low, high), high exclusive as in
+Ray Tune), ``quniform`` / ``qloguniform`` ([low, high, q]) and ``qrandint``
+([low, high, q]). :func:`load_space` checks every key against the config
+schema and every value (each choice, both bounds) by building a config with
+it, so a bad space fails before any trial starts, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls_core.config import Config, ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent
+LISTS = ("choice", "grid")
+RANGES = ("uniform", "loguniform", "randint")
+QUANTIZED = ("quniform", "qloguniform", "qrandint")
+KINDS = LISTS + RANGES + QUANTIZED
+
+
+class SpaceError(ValueError):
+    """A search space names an unknown key or an impossible distribution."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    key: str
+    kind: str
+    args: tuple
+
+    def to_ray(self):
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.args))
+        return getattr(tune, self.kind)(*self.args) if self.kind != "choice" else tune.choice(list(self.args))
+
+    def describe(self) -> str:
+        return f"{self.kind}{list(self.args)}"
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    dists: dict[str, Dist]
+
+    def to_ray(self) -> dict[str, Any]:
+        """Ray Tune's param_space, keyed by dotted config keys."""
+        return {key: dist.to_ray() for key, dist in self.dists.items()}
+
+    def params(self) -> dict[str, str]:
+        return {f"space.{key}": dist.describe() for key, dist in self.dists.items()}
+
+
+def apply_sample(base: Config, sample: dict[str, Any]) -> Config:
+    """The base config with a trial's sampled values (dotted keys) applied and validated."""
+    data = base.to_dict()
+    for key, value in sample.items():
+        section, _, name = key.partition(".")
+        if section not in data or name not in data[section]:
+            raise ConfigError(f"unknown config key {key!r}")
+        data[section][name] = _plain(value)
+    return Config.from_dict(data)
+
+
+def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
+    """Read, merge (``include``) and validate a space file against ``base`` (default config)."""
+    path = _find(path)
+    base = base or Config()
+    dists = _read(path, seen=set())
+    if not dists:
+        raise SpaceError(f"{path}: the search space is empty")
+    for dist in dists.values():
+        _validate(dist, base, path)
+    return SearchSpace(path.stem, dists)
+
+
+def _find(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, SPACES_DIR / path, SPACES_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise SpaceError(f"search space {path} not found (looked in . and {SPACES_DIR})")
+
+
+def _read(path: Path, seen: set[Path]) -> dict[str, Dist]:
+    if path.resolve() in seen:
+        raise SpaceError(f"{path}: include cycle")
+    seen.add(path.resolve())
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: must be a mapping of config keys to distributions")
+    dists: dict[str, Dist] = {}
+    for include in data.pop("include", []) or []:
+        dists.update(_read(_find(path.parent / include), seen))
+    for key, spec in data.items():
+        dists[key] = _parse(key, spec, path)
+    return dists
+
+
+def _parse(key: str, spec: Any, path: Path) -> Dist:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SpaceError(f"{path}: {key}: expected one distribution like {{loguniform: [0.01, 0.5]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind not in KINDS:
+        raise SpaceError(f"{path}: {key}: unknown distribution {kind!r}; choose one of {list(KINDS)}")
+    if not isinstance(args, list) or not args:
+        raise SpaceError(f"{path}: {key}: {kind} needs a non-empty list, got {args!r}")
+    if kind in RANGES and len(args) != 2 or kind in QUANTIZED and len(args) != 3:
+        raise SpaceError(f"{path}: {key}: {kind} takes {'[low, high]' if kind in RANGES else '[low, high, q]'}, "
+                         f"got {args!r}")
+    if kind not in LISTS:
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise SpaceError(f"{path}: {key}: {kind} bounds must be numbers, got {args!r}")
+        low, high = args[0], args[1]
+        if not low < high:
+            raise SpaceError(f"{path}: {key}: low ({low}) must be less than high ({high})")
+        if "log" in kind and low <= 0:
+            raise SpaceError(f"{path}: {key}: {kind} needs low > 0, got {low}")
+        if kind in QUANTIZED and args[2] <= 0:
+            raise SpaceError(f"{path}: {key}: q must be > 0, got {args[2]}")
+        if kind in ("randint", "qrandint") and not all(isinstance(a, int) for a in args):
+            raise SpaceError(f"{path}: {key}: {kind} bounds must be integers, got {args!r}")
+    return Dist(key, kind, tuple(args))
+
+
+def _validate(dist: Dist, base: Config, path: Path) -> None:
+    """Every value the distribution can produce must make a valid config (bounds checked at both ends)."""
+    known = base.flat()
+    if dist.key not in known:
+        section = dist.key.split(".")[0]
+        near = sorted(k for k in known if k.startswith(section + "."))
+        raise SpaceError(f"{path}: unknown config key {dist.key!r}"
+                         + (f"; keys in {section}: {', '.join(near)}" if near else ""))
+    if dist.kind in LISTS:
+        values = list(dist.args)
+    elif dist.kind == "randint":
+        values = [dist.args[0], dist.args[1] - 1]
+    else:
+        values = [dist.args[0], dist.args[1]]
+    for value in values:
+        try:
+            apply_sample(base, {dist.key: value})
+        except ConfigError as exc:
+            raise SpaceError(f"{path}: {dist.key}: value {value!r} makes an invalid config: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Ray Tune samples them) as Python numbers."""
+    return value.item() if hasattr(value, "item") and callable(value.item) else value

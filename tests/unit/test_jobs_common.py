@@ -36,3 +36,28 @@ def test_runtime_env_uploads_code_only_and_points_at_this_checkout(monkeypatch, 
 def test_submit_needs_an_entrypoint_after_the_separator(capsys):
     assert main(["--address", "http://127.0.0.1:1"]) == 2
     assert "after --" in capsys.readouterr().err
+
+
+def test_train_job_refuses_missing_data_and_unwritable_storage(tmp_path):
+    import pytest
+
+    from jobs.train import plan_training
+
+    missing = load_config(None, ["data.format=imagefolder", f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="data.root .*nope does not exist"):
+        plan_training(missing, log=lambda m: None)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    unwritable = load_config(None, [f"ray.storage_path={blocker / 'sub'}", f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="ray.storage_path .* is not writable"):
+        plan_training(unwritable, log=lambda m: None)
+
+
+def test_ray_data_ingest_needs_parquet(tmp_path):
+    import pytest
+
+    from jobs.train import plan_training
+
+    cfg = load_config(None, ["data.format=imagefolder", f"data.root={tmp_path}", "ray.ingest=ray_data"])
+    with pytest.raises(ValueError, match="ray.ingest=ray_data reads Parquet shards.*jobs.prepare"):
+        plan_training(cfg, log=lambda m: None)

@@ -1,0 +1,58 @@
+"""Search spaces as data: shipped files load, bad spaces fail naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgcls_core.config import Config, load_config
+from tune_spaces import SpaceError, apply_sample, load_space
+
+
+@pytest.mark.parametrize("name", ["lr_schedules", "augmentation", "default"])
+def test_shipped_spaces_load_and_validate(name):
+    space = load_space(f"{name}.yaml", load_config(None, ["train.epochs=3"]))
+    assert space.dists
+    assert all("." in key for key in space.dists)
+
+
+def test_default_includes_both_files():
+    keys = set(load_space("default").dists)
+    assert {"optim.lr", "optim.schedule", "augment.strength", "augment.mixup_alpha"} <= keys
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optim.lrr: {loguniform: [0.01, 0.1]}", "unknown config key 'optim.lrr'.*optim.lr"),
+        ("optim.lr: {loguniform: [0.5, 0.1]}", r"low \(0.5\) must be less than high \(0.1\)"),
+        ("optim.lr: {loguniform: [0, 0.1]}", "needs low > 0"),
+        ("optim.lr: {normal: [0, 1]}", "unknown distribution 'normal'"),
+        ("optim.schedule: {choice: [cosine, linear]}", "optim.schedule: value 'linear'"),
+        ("augment.strength: {uniform: [0.0, 1.5]}", "augment.strength: value 1.5"),
+        ("optim.warmup_epochs: {uniform: [0, 5]}", "optim.warmup_epochs: value 5"),
+        ("data.batch_size: {randint: [8.5, 64]}", "must be integers"),
+        ("optim.lr: 0.1", "expected one distribution"),
+    ],
+)
+def test_bad_spaces_fail_before_any_trial_naming_the_problem(tmp_path, text, message):
+    with pytest.raises(SpaceError, match=message):
+        load_space(write(tmp_path, text), load_config(None, ["train.epochs=3"]))
+
+
+def test_ray_param_space_and_sample_application(tmp_path):
+    from ray import tune
+
+    space = load_space(write(tmp_path, "optim.lr: {loguniform: [0.01, 0.1]}\noptim.name: {grid: [sgd, adamw]}"))
+    ray_space = space.to_ray()
+    assert isinstance(ray_space["optim.lr"], tune.search.sample.Float)
+    assert ray_space["optim.name"] == {"grid_search": ["sgd", "adamw"]}
+    import numpy as np
+
+    cfg = apply_sample(Config(), {"optim.lr": np.float64(0.05), "optim.name": "adamw"})
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float) and cfg.optim.name == "adamw"
