@@ -109,6 +109,10 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     resumed_from = _maybe_resume(cfg, engine, checkpoints, log)
 
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
+        if metrics.get("mid_epoch"):
+            checkpoints.commit(ckpt, int(metrics["epoch"]))
+            log(f"mid-epoch checkpoint: epoch {int(metrics['epoch']) + 1}, step {int(metrics['epoch_step'])}")
+            return
         with (out / "history.jsonl").open("a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if ckpt is not None:
@@ -146,7 +150,9 @@ def _maybe_resume(cfg: Config, engine: Engine, checkpoints: CheckpointDir, log: 
     state = load_checkpoint(latest, map_location=engine.runtime.device)
     check_same_model(state, cfg.to_dict(), str(latest))
     engine.load_state_dict(state)
-    log(f"resuming from epoch {engine.epoch} (checkpoint {latest})")
+    log(f"resuming from epoch {engine.epoch}"
+        + (f", step {engine.epoch_step} of epoch {engine.epoch + 1}" if engine.epoch_step else "")
+        + f" (checkpoint {latest})")
     return engine.epoch
 
 

@@ -286,7 +286,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         check_same_model(state, cfg.to_dict(), checkpoint.path)
         engine.load_state_dict(state)
         run_id = state.get("extra", {}).get("mlflow_run_id") or run_id
-        log(f"resuming from epoch {engine.epoch} (checkpoint {checkpoint.path})")
+        log(f"resuming from epoch {engine.epoch}"
+        + (f", step {engine.epoch_step} of epoch {engine.epoch + 1}" if engine.epoch_step else "")
+        + f" (checkpoint {checkpoint.path})")
     resumed_from = engine.epoch
     if engine.epoch >= cfg.train.epochs:
         log(f"run already finished all {cfg.train.epochs} epochs; nothing to train")
@@ -296,7 +298,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.start(run_id=run_id, run_key=loop_config["run_key"])
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
-        if rank == 0:
+        if metrics.get("mid_epoch"):
+            log(f"mid-epoch checkpoint: epoch {int(metrics['epoch']) + 1}, step {int(metrics['epoch_step'])}")
+        elif rank == 0:
             tracker.log_metrics(metrics, step=int(metrics["epoch"]))
             with (out / "history.jsonl").open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")

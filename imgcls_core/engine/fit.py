@@ -39,18 +39,44 @@ def fit(
     factories called per epoch (``train_batches(epoch)``), for ingest that is
     built per epoch such as Ray Data shards. ``stop_after`` ends this call after
     that many epochs (a time-boxed run that resumes later). Only rank 0 writes
-    checkpoints; the other ranks report ``(metrics, None)``. ``extra`` is stored
+    checkpoints; the other ranks report ``(metrics, None)``. With
+    ``train.checkpoint_every_minutes`` a checkpoint is also written mid-epoch
+    (checked every ``train.log_every`` steps); its metrics carry ``mid_epoch: 1``
+    and the last validation figures, and ``report`` is called with them too. ``extra`` is stored
     in every checkpoint as is (e.g. the MLflow run id, so a resumed job
     continues the same run).
     """
     cfg = engine.cfg
-    history = []
+    history: list[dict[str, float]] = []
     end = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, engine.epoch + stop_after)
-    last_save = time.monotonic()
+    minutes = cfg.train.checkpoint_every_minutes
+    last = {"save": time.monotonic(), "val": {}}
+
+    def checkpoint(metrics: dict[str, float]) -> None:
+        last["save"] = time.monotonic()
+        if engine.rank != 0:
+            report(metrics, None)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"imgcls-ckpt-{engine.epoch:04d}-"))
+        try:
+            save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
+            report(metrics, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def step_hook(step_metrics: dict[str, float]) -> None:
+        if on_step is not None:
+            on_step(step_metrics)
+        # Every rank must agree: a checkpoint is reported by all ranks together.
+        if minutes > 0 and engine.any_rank(time.monotonic() - last["save"] >= minutes * 60):
+            # A mid-epoch checkpoint: resuming from it skips the epoch's first epoch_step batches.
+            checkpoint({"val/acc1": 0.0, **last["val"], "epoch": engine.epoch, "step": engine.step,
+                        "epoch_step": engine.epoch_step, "mid_epoch": 1.0})
+
     while engine.epoch < end:
         epoch = engine.epoch
         train = train_batches(epoch) if callable(train_batches) else train_batches
-        metrics = engine.train_epoch(train, on_step)
+        metrics = engine.train_epoch(train, step_hook)
         val = engine.evaluate(val_batches() if callable(val_batches) else val_batches, preprocessing.classes)
         metrics.update(val.metrics("val/"))
         if engine.ema is not None:
@@ -60,21 +86,15 @@ def fit(
         engine.end_epoch(metrics["val/acc1"])
         metrics["epoch"] = engine.epoch
         metrics["step"] = engine.step
+        last["val"] = {k: v for k, v in metrics.items() if k.startswith("val")}
         history.append(metrics)
-        minutes = cfg.train.checkpoint_every_minutes
         due = (
             engine.epoch % cfg.train.checkpoint_every_epochs == 0
             or engine.epoch in (end, cfg.train.epochs)
-            or (minutes > 0 and time.monotonic() - last_save >= minutes * 60)
+            or (minutes > 0 and engine.any_rank(time.monotonic() - last["save"] >= minutes * 60))
         )
-        if due and engine.rank == 0:
-            last_save = time.monotonic()
-            tmp = Path(tempfile.mkdtemp(prefix=f"imgcls-ckpt-{engine.epoch:04d}-"))
-            try:
-                save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
-                report(metrics, tmp)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if due:
+            checkpoint(metrics)
         else:
             report(metrics, None)
     return history

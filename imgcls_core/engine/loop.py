@@ -65,6 +65,7 @@ class Engine:
         self.train_model = wrap(compiled) if wrap else compiled
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
+        self.epoch_step = 0  # steps taken in the current, unfinished epoch (mid-epoch checkpoints)
         self.best_acc1 = -1.0
 
     def _build_ema(self) -> AveragedModel | None:
@@ -87,19 +88,26 @@ class Engine:
     def train_epoch(
         self, batches: Iterable[Batch], on_step: Callable[[dict[str, float]], None] | None = None
     ) -> dict[str, float]:
-        """Train for one pass over ``batches``; returns ``train/*`` metrics averaged over ranks."""
+        """Train for one pass over ``batches``; returns ``train/*`` metrics averaged over ranks.
+
+        After a mid-epoch checkpoint (``epoch_step`` > 0) the first ``epoch_step`` batches are
+        skipped: the epoch continues where the checkpoint left it."""
         self._reseed()
         self.train_model.train()
         keep_frozen_bn_eval(self.model)
         sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-        start, n_batches = time.perf_counter(), 0
-        for images, labels in batches:
+        start, n_batches, skip = time.perf_counter(), 0, self.epoch_step
+        for index, (images, labels) in enumerate(batches):
+            if index < skip:
+                continue
             loss, correct, n = self._train_step(images, labels)
+            self.epoch_step += 1
             sums += torch.tensor([loss * n, correct, n], dtype=torch.float64)
             n_batches += 1
             if on_step is not None and n_batches % self.cfg.train.log_every == 0:
                 on_step({"loss": sums[0].item() / sums[2].item(), "lr": self.schedule.last_lr()})
         seconds = time.perf_counter() - start
+        self.epoch_step = 0  # the pass is complete; the next one starts at its first batch
         sums = self._all_reduce(sums)
         if sums[2] == 0:
             raise RuntimeError("the training data yielded no batches; is the training split empty?")
@@ -155,6 +163,7 @@ class Engine:
         """Advance the epoch counter and give the plateau schedule its metric."""
         self.schedule.step_epoch(val_acc1)
         self.epoch += 1
+        self.epoch_step = 0
         self.best_acc1 = max(self.best_acc1, val_acc1)
 
     # ------------------------------------------------------------------ evaluation
@@ -175,6 +184,10 @@ class Engine:
             acc = MetricAccumulator.from_state({k: self._all_reduce(v) for k, v in acc.state().items()})
         return acc.report(class_names)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (a collective: all ranks call it)."""
+        return bool(self._all_reduce(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized()):
             return tensor
@@ -194,6 +207,7 @@ class Engine:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "epoch_step": self.epoch_step,
             "best_acc1": self.best_acc1,
             "rng": rng_state(),
         }
@@ -206,6 +220,7 @@ class Engine:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
+        self.epoch_step = state.get("epoch_step", 0)
         set_rng_state(state["rng"])
 
     def inference_model(self, prefer_ema: bool) -> nn.Module:

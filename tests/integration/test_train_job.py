@@ -98,7 +98,8 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, digits_root
     data = ["data.format=imagefolder", f"data.root={digits_root}"]
     marker = tmp_path / "killed.txt"
     faulty = run_training(
-        ray_config(tmp_path / "faulty", mlflow_uri, data, "ray.max_failures=1"),
+        # Time-based checkpoints too (every ~2 s, also mid-epoch): the restart resumes from the newest.
+        ray_config(tmp_path / "faulty", mlflow_uri, data, "ray.max_failures=1", "train.checkpoint_every_minutes=0.03"),
         inject_kill={"rank": 1, "epoch": 2, "step": 40, "marker": str(marker)},  # mid-epoch 3 of 5
     )
     assert marker.exists(), "the fault was not injected"

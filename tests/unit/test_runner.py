@@ -57,6 +57,28 @@ def test_finished_run_is_not_retrained(tiny_config):
     assert again.test is not None
 
 
+def test_mid_epoch_checkpoint_resumes_inside_the_epoch(tiny_config):
+    # batch 64 over 1,259 images: 19 steps an epoch; a checkpoint every 5 steps (any minutes > 0).
+    cfg = tiny_config("train.checkpoint_every_minutes=0.000001")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_two(line: str) -> None:
+        if line.startswith("mid-epoch checkpoint: epoch 2, step 10"):
+            raise Crash(line)
+
+    with pytest.raises(Crash):
+        train_and_evaluate(cfg, log=crash_in_epoch_two)
+    lines: list[str] = []
+    resumed = train_and_evaluate(cfg, log=lines.append)
+    assert any(line.startswith("resuming from epoch 1, step 10 of epoch 2") for line in lines), lines
+    assert [int(m["epoch"]) for m in resumed.history] == [2]
+    # Only the epoch's remaining 9 steps ran: no step of epoch 2 was trained twice.
+    assert resumed.history[-1]["step"] == 2 * 19
+    assert load_checkpoint(CheckpointDir(cfg.train.output_dir + "/checkpoints").latest())["epoch_step"] == 0
+
+
 def test_resume_with_a_different_model_is_refused(tiny_config):
     train_and_evaluate(tiny_config("train.epochs=1"), log=lambda _: None)
     with pytest.raises(ValueError, match="different model config"):
