@@ -135,8 +135,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint if there is one
-    # Besides every checkpoint_every_epochs epochs, also checkpoint at the end of any epoch
-    # that finishes more than this many minutes after the previous checkpoint (0 = off).
+    # Besides every checkpoint_every_epochs epochs, also checkpoint whenever this many minutes
+    # have passed since the last one, checked every log_every steps, mid-epoch included
+    # (0 = off). Resuming from a mid-epoch checkpoint skips the batches already trained.
     checkpoint_every_minutes: float = 0.0
 
 
