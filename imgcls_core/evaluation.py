@@ -337,12 +337,7 @@ def plot_confusion_matrix(
                     text = f"{values[i, j]:.2f}" if normalize else str(int(confusion[i, j]))
                     color = "white" if values[i, j] > 0.5 * image.norm.vmax else "black"
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_learning_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
@@ -369,6 +364,12 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: str | Path) 
     axes[2].set_xlabel("epoch")
     axes[2].set_title("learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

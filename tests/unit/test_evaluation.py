@@ -221,3 +221,16 @@ def test_predictions_csv_has_one_row_per_sample(tmp_path, toy):
     assert float(top[0][1]) == pytest.approx(probs[0].item(), abs=1e-4)
     assert float(first["confidence"]) == pytest.approx(probs[0].item(), abs=1e-6)
     assert math.isclose(sum(float(p) for _, p in top), 1.0, abs_tol=1e-3)
+
+
+def test_learning_curves_png_and_empty_history(tmp_path):
+    import pytest
+
+    from imgcls_core.evaluation import plot_learning_curves
+
+    history = [{"epoch": e, "train/loss": 1 / e, "val/loss": 1.1 / e, "train/acc1": 1 - 0.5 / e,
+                "val/acc1": 1 - 0.6 / e, "lr": 0.1 / e} for e in (1, 2, 3)]
+    path = plot_learning_curves(history, tmp_path / "curves" / "lc.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="history is empty"):
+        plot_learning_curves([], tmp_path / "x.png")
