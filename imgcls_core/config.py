@@ -383,6 +383,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.milestones: {cfg.optim.milestones} must be increasing fractions of training in (0, 1)"
         )
+    if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
+        raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
     from imgcls_core.models import list_models  # the registry is the source of truth
 
     if cfg.model.name not in list_models():

@@ -112,3 +112,16 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, digits_root
     assert abs(faulty["val_acc1"] - clean["val_acc1"]) <= 0.01, (faulty, clean)
     history = [json.loads(line) for line in (tmp_path / "faulty" / "out" / "history.jsonl").read_text().splitlines()]
     assert sorted({int(m["epoch"]) for m in history}) == [1, 2, 3, 4, 5]
+
+
+def test_unreachable_tracking_server_does_not_stop_training(ray_session, digits_root, tmp_path):
+    from jobs.train import run_training
+
+    lines: list[str] = []
+    cfg = ray_config(tmp_path, "http://127.0.0.1:9", ["data.format=imagefolder", f"data.root={digits_root}"],
+                     "train.epochs=1", "ray.num_workers=1")
+    summary = run_training(cfg, log=lines.append)
+    assert summary["epochs"] == 1 and summary["mlflow_run_id"] is None
+    assert (tmp_path / "out" / "model.pt").is_file()
+    assert any(line.startswith("MLflow: NOT logged: the whole run") for line in lines), lines
+    assert "MLflow: NOT logged: the whole run" in (tmp_path / "out" / "train.log").read_text()

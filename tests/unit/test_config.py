@@ -71,3 +71,9 @@ def test_shipped_configs_load():
 
     for path in sorted(Path("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_sync_batchnorm_needs_gpus():
+    with pytest.raises(ConfigError, match="ray.sync_batchnorm: SyncBatchNorm runs on GPUs only"):
+        load_config(None, ["ray.sync_batchnorm=true"])
+    assert load_config(None, ["ray.sync_batchnorm=true", "ray.use_gpu=true"]).ray.sync_batchnorm
