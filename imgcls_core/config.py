@@ -175,6 +175,21 @@ class RayConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Hyperparameter sweeps (jobs.tune): each trial is one jobs.train run."""
+
+    space: str = "default"  # a file in tune_spaces/ (or a path)
+    num_samples: int = 8  # trials (with grid entries: samples of every grid point)
+    search: Literal["random", "grid"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs all epochs
+    metric: str = "val/acc1"  # maximized
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
+    name: str | None = None  # sweep name under ray.storage_path; None = "<ray.name>-sweep"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -183,6 +198,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
@@ -362,6 +378,10 @@ _RANGES: list[tuple[str, float, float]] = [
     ("ray.cpus_per_worker", 0.0, 1024),
     ("ray.gpus_per_worker", 0.0, 64),
     ("ray.max_failures", -1, 1000),
+    ("tune.num_samples", 1, 100_000),
+    ("tune.grace_period", 1, 100_000),
+    ("tune.reduction_factor", 1.01, 100.0),
+    ("tune.max_concurrent_trials", 0, 100_000),
 ]
 
 

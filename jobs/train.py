@@ -105,12 +105,14 @@ def _check_storage(storage_path: str) -> None:
         ) from exc
 
 
-def start_tracking(plan: TrainPlan, *, log=print) -> None:
-    """Find the run of an earlier attempt (by storage path + name) or create it; log params."""
+def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = None) -> None:
+    """Find the run of an earlier attempt (by storage path + name) or create it (nested under
+    ``parent_run_id`` for a sweep's trial); log params."""
     from imgcls_core.tracking import Tracker
 
     cfg = plan.cfg
-    tracker = Tracker(cfg.tracking, log=log).start(run_key=plan.run_key, run_name=cfg.tracking.run_name or plan.name)
+    tracker = Tracker(cfg.tracking, log=log).start(run_key=plan.run_key, run_name=cfg.tracking.run_name or plan.name,
+                                                   parent_run_id=parent_run_id)
     if not tracker.active:
         tracker.close()
         return

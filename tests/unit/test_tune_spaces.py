@@ -56,3 +56,26 @@ def test_ray_param_space_and_sample_application(tmp_path):
 
     cfg = apply_sample(Config(), {"optim.lr": np.float64(0.05), "optim.name": "adamw"})
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float) and cfg.optim.name == "adamw"
+
+
+def test_tune_job_refuses_a_bad_space_before_starting_ray(tmp_path, capsys):
+    import sys
+
+    from jobs.tune import main
+
+    space = tmp_path / "bad.yaml"
+    space.write_text("optim.lr: {loguniform: [0.5, 0.1]}\n")
+    assert main(["--set", f"tune.space={space}"]) == 2
+    assert "low (0.5) must be less than high (0.1)" in capsys.readouterr().err
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_concurrent_trials_from_cluster_resources():
+    from jobs.tune import concurrent_trials
+
+    cpu = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=2"])
+    assert concurrent_trials(cpu, {"CPU": 16}) == 3  # 16 / (2 x 2 + 0.1 for the trial's driver)
+    gpu = load_config(None, ["ray.num_workers=2", "ray.use_gpu=true", "ray.gpus_per_worker=0.5"])
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 4  # GPUs bind: 4 / (2 x 0.5)
+    fixed = load_config(None, ["tune.max_concurrent_trials=2"])
+    assert concurrent_trials(fixed, {"CPU": 64}) == 2
