@@ -16,8 +16,10 @@ from imgcls_core.config import Config, ConfigError, load_config
 BASE_DIR_ENV = "IMGCLS_BASE_DIR"
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, *, ray_address: bool = False) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    if ray_address:
+        parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local instance)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set optim.lr=0.2 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -30,6 +32,19 @@ def config_from_args(args: argparse.Namespace) -> Config | None:
     except ConfigError as exc:
         print(f"error: bad config: {exc}", file=sys.stderr)
         return None
+
+
+def job_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config | None, int | None]:
+    """Parse a job's command line: ``(args, cfg, None)`` to go on, or an exit code when the job is
+    done already (2 after a bad config, 0 after ``--print-config``)."""
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg is None:
+        return args, None, 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return args, cfg, 0
+    return args, cfg, None
 
 
 def is_uri(path: str) -> bool:

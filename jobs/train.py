@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, config_from_args, init_ray, is_uri, resolve_config_paths
+from jobs.common import add_config_args, init_ray, is_uri, job_config, resolve_config_paths
 
 SUMMARY_FILE = "train_summary.json"  # written by rank 0 into train.output_dir
 
@@ -83,9 +83,7 @@ def plan_training(cfg: Config, *, log=print) -> TrainPlan:
     splits = load_dataset(cfg.data)
     log(splits.summary())
     pre = build_preprocessing(cfg, splits)
-    name = cfg.ray.name or Path(cfg.train.output_dir).name
-    if not cfg.ray.name:
-        cfg.ray.name = name
+    cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train), f"{cfg.ray.storage_path}/{name}", None)
 
 
@@ -457,22 +455,17 @@ def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_con
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
-    add_config_args(parser)
+    add_config_args(parser, ray_address=True)
     parser.add_argument("--register", metavar="NAME", help="register the final model under this name")
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="stop after N epochs of this invocation (re-run with the same name to resume)")
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local instance)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
+    args, cfg, done = job_config(build_parser(), argv)
+    if done is not None:
+        return done
     if args.register:
         cfg.tracking.enabled = True
     init_ray(args.address)

@@ -13,30 +13,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgcls_core.config import ConfigError, load_config
+from jobs.common import add_config_args, job_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train_local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set optim.lr=0.2 (repeatable)")
+    add_config_args(parser)
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop after N epochs of this invocation (resume later by re-running)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: bad config: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
+    args, cfg, done = job_config(build_parser(), argv)
+    if done is not None:
+        return done
     from imgcls_core.runner import train_and_evaluate  # heavy imports after the config is known good
 
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, config_from_args, init_ray, resolve_config_paths
+from jobs.common import add_config_args, init_ray, job_config, resolve_config_paths
 
 BASE_KEY = "__imgcls_base__"
 TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial  # carries the base config and sweep ids inside Tune's param space
@@ -170,21 +170,16 @@ def _plot_sweep(histories: dict, table, metric: str, keys: list[str], path: Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local instance)")
+    add_config_args(parser, ray_address=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from tune_spaces import SpaceError
 
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
+    args, cfg, done = job_config(build_parser(), argv)
+    if done is not None:
+        return done
     try:
         from tune_spaces import load_space
 
