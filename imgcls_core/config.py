@@ -150,6 +150,7 @@ class TrackingConfig:
     experiment: str = "imgcls"
     run_name: str | None = None
     register_as: str | None = None  # registered model name for the final model
+    promote_margin: float = 0.0  # jobs.promote: test top-1 the challenger must gain over the champion
 
 
 @dataclass
@@ -181,10 +182,14 @@ class TuneConfig:
     space: str = "default"  # a file in tune_spaces/ (or a path)
     num_samples: int = 8  # trials (with grid entries: samples of every grid point)
     search: Literal["random", "grid"] = "random"
-    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs all epochs
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"  # fifo: every trial runs all epochs
     metric: str = "val/acc1"  # maximized
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 1  # PBT: epochs between exploit/explore decisions
+    pbt_mutate: list[str] = field(default_factory=lambda: ["optim.lr", "augment.strength"])  # PBT: keys it perturbs
+    quantile_fraction: float = 0.25  # PBT: the bottom fraction copies the top fraction's checkpoints
+    pbt_synch: bool = False  # PBT: wait for every trial at each perturbation point (deterministic, slower)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
     name: str | None = None  # sweep name under ray.storage_path; None = "<ray.name>-sweep"
 
@@ -321,6 +326,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            number = _float_or_none(value)  # YAML 1.1 reads 1e-4 (no dot) as text
+            value = value if number is None else number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -381,6 +389,8 @@ _RANGES: list[tuple[str, float, float]] = [
     ("tune.num_samples", 1, 100_000),
     ("tune.grace_period", 1, 100_000),
     ("tune.reduction_factor", 1.01, 100.0),
+    ("tune.perturbation_interval", 1, 100_000),
+    ("tune.quantile_fraction", 0.01, 0.5),
     ("tune.max_concurrent_trials", 0, 100_000),
 ]
 
@@ -409,3 +419,10 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: {cfg.model.name!r} is not registered; choose one of {list_models()}")
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

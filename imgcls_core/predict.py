@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from imgcls_core.config import ModelConfig
-from imgcls_core.data import decode_image
+from imgcls_core.data import SplitRecords, decode_image
 from imgcls_core.data.presets import build_eval_transform
 from imgcls_core.engine.checkpoint import Preprocessing, load_checkpoint
+from imgcls_core.evaluation import EvalReport, compute_metrics, predict
 from imgcls_core.models import build_model
 
 
@@ -53,6 +55,15 @@ class Predictor:
         """Decode (bytes/paths) and transform into one float batch; uint8 CHW tensors pass through decode."""
         tensors = [img if isinstance(img, torch.Tensor) else decode_image(img) for img in images]
         return torch.stack([self.transform(t) for t in tensors])
+
+    def evaluate(self, records: SplitRecords, batch_size: int = 256, num_workers: int = 0) -> EvalReport:
+        """Metrics of this model on a labelled split, preprocessed the way the model was trained."""
+        if list(records.classes) != list(self.pre.classes):
+            raise ValueError(f"the split's classes {records.classes[:10]} differ from the model's "
+                             f"{self.pre.classes[:10]}; evaluate on data with the classes the model was trained on")
+        loader = DataLoader(records.dataset(self.transform), batch_size=batch_size, num_workers=num_workers)
+        preds = predict(self.model, loader, self.device)
+        return compute_metrics(preds.logits, preds.labels, self.pre.classes)
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,10 @@ def _check_storage(storage_path: str) -> None:
         ) from exc
 
 
-def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = None) -> None:
+def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = None, params: bool = True) -> None:
     """Find the run of an earlier attempt (by storage path + name) or create it (nested under
-    ``parent_run_id`` for a sweep's trial); log params."""
+    ``parent_run_id`` for a sweep's trial); log params (``params=False``: not again, e.g. for a PBT
+    trial whose values were perturbed since: MLflow params cannot change)."""
     from imgcls_core.tracking import Tracker
 
     cfg = plan.cfg
@@ -114,6 +115,9 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     if not tracker.active:
         tracker.close()
         return
+    plan.mlflow_run_id = tracker.run_id
+    if not params:
+        return  # the run stays RUNNING for the workers; rank 0 ends it
     world = cfg.ray.num_workers
     tracker.log_params({**cfg.flat(), "derived.world_size": world, "derived.ingest": plan.ingest,
                         "derived.global_batch_size": cfg.data.batch_size * world,
@@ -168,7 +172,11 @@ def decode_batch(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarra
 
 
 def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as: str | None = None,
-                  inject_kill: dict | None = None, callbacks: list | None = None, storage_path: str | None = None):
+                  inject_kill: dict | None = None, callbacks: list | None = None, storage_path: str | None = None,
+                  init_checkpoint=None):
+    """The TorchTrainer of a plan. ``init_checkpoint`` (a ray.train.Checkpoint, e.g. the one Tune's
+    PBT hands a trial) is where the workers start when the run has no checkpoint of its own: they
+    take its weights under this plan's hyperparameters."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -180,6 +188,7 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
         "config": cfg.to_dict(), "preprocessing": plan.preprocessing, "ingest": plan.ingest,
         "num_train": plan.num_train, "mlflow_run_id": plan.mlflow_run_id, "run_key": plan.run_key,
         "stop_after": stop_after, "register_as": register_as, "inject_kill": inject_kill,
+        "init_checkpoint": init_checkpoint,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -289,6 +298,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log(f"resuming from epoch {engine.epoch}"
         + (f", step {engine.epoch_step} of epoch {engine.epoch + 1}" if engine.epoch_step else "")
         + f" (checkpoint {checkpoint.path})")
+    elif loop_config.get("init_checkpoint") is not None:
+        start = loop_config["init_checkpoint"]
+        with start.as_directory() as directory:
+            state = load_checkpoint(directory, map_location=runtime.device)
+        check_same_model(state, cfg.to_dict(), start.path)
+        engine.adopt_state(state)  # its weights, this run's hyperparameters (and its own MLflow run)
+        log(f"starting from epoch {engine.epoch} of {start.path} with lr={cfg.optim.lr:.4g} "
+            f"augment.strength={cfg.augment.strength:.3g}")
     resumed_from = engine.epoch
     if engine.epoch >= cfg.train.epochs:
         log(f"run already finished all {cfg.train.epochs} epochs; nothing to train")

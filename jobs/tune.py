@@ -17,16 +17,19 @@ name resumes it (Tuner.restore): finished trials are not run again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
 from jobs.common import add_config_args, init_ray, job_config, resolve_config_paths
+from jobs.train import SUMMARY_FILE
+from tune_spaces import plain
 
-BASE_KEY = "__imgcls_base__"
-TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial  # carries the base config and sweep ids inside Tune's param space
+TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial
 
 
 def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
@@ -39,94 +42,222 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     return max(1, int(min(fits)))
 
 
-def run_trial(params: dict[str, Any]) -> None:
-    """One Tune trial: the base config + this trial's sample, trained by jobs.train."""
+def trial_config(sweep: dict[str, Any], sample: dict[str, Any], trial: str) -> Config:
+    """The base config with a trial's sample applied, its own output folder, run name and checkpoint budget."""
+    from tune_spaces import apply_sample
+
+    cfg = apply_sample(Config.from_dict(sweep["config"]), sample)
+    cfg.ray.name = f"{sweep['name']}-{trial}"
+    cfg.train.output_dir = str(Path(sweep["output_dir"]) / trial)
+    cfg.train.keep_checkpoints = 1
+    cfg.tracking.run_name = trial
+    return cfg
+
+
+def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One Tune trial: the base config + this trial's sample, trained by jobs.train's TorchTrainer.
+
+    ASHA/FIFO: one TorchTrainer for all epochs, its per-epoch metrics passed to Tune by
+    TuneReportCallback (Tune stops the trial to stop it early). PBT: the trainer runs
+    ``tune.perturbation_interval`` epochs at a time and each stretch's checkpoint is
+    reported to Tune, which hands a weaker trial a stronger one's checkpoint (exploit)
+    together with perturbed values (explore); the workers adopt that checkpoint's
+    weights under the new hyperparameters (Engine.adopt_state)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jobs.train import build_trainer, plan_training, start_tracking
-    from tune_spaces import apply_sample
 
-    meta = params[BASE_KEY]
-    sample = {k: v for k, v in params.items() if k != BASE_KEY}
-    cfg = apply_sample(Config.from_dict(meta["config"]), sample)
+    from tune_spaces import clip
+
     trial = ray.tune.get_context().get_trial_name()
-    cfg.ray.name = f"{meta['sweep']}-{trial}"
-    cfg.train.output_dir = str(Path(meta["output_dir"]) / trial)
-    cfg.tracking.run_name = trial
+    cfg = trial_config(sweep, clip(config, sweep["bounds"]), trial)
+    run_key = f"{sweep['storage']}/{sweep['name']}/{trial}"  # one MLflow child run per trial, across restarts
+    if sweep["scheduler"] != "pbt":
+        plan = plan_training(cfg, log=lambda m: None)
+        plan.run_key = run_key
+        start_tracking(plan, parent_run_id=sweep["parent_run_id"])
+        build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+        return
+
+    start = ray.tune.get_checkpoint()  # None, this trial's own last one, or (exploit) a stronger trial's
+    source = Path(start.path).parent.name if start is not None else ""
+    # A fresh Train run for each starting point: a Train run resumes its own checkpoints, and
+    # after an exploit those are the wrong ones.
+    segment = hashlib.sha1((start.path if start is not None else "scratch").encode()).hexdigest()[:8]
+    cfg.ray.name = f"{cfg.ray.name}-{segment}"
     plan = plan_training(cfg, log=lambda m: None)
-    start_tracking(plan, parent_run_id=meta["parent_run_id"])
-    build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+    plan.run_key = run_key
+    own = Path(ray.tune.get_context().get_trial_dir()).name
+    exploited = int(bool(source) and source != own)
+    start_tracking(plan, parent_run_id=sweep["parent_run_id"], params=start is None)
+    while True:
+        result = build_trainer(plan, stop_after=sweep["perturbation_interval"], init_checkpoint=start).fit()
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        metrics["pbt/exploited"] = exploited  # this stretch started from another trial's checkpoint
+        metrics.update({f"pbt/{k}": v for k, v in cfg.flat().items()  # the values this stretch trained with
+                        if k in sweep["pbt_mutate"] and isinstance(v, (int, float))})
+        ray.tune.report(metrics, checkpoint=result.checkpoint)
+        if metrics["epoch"] >= cfg.train.epochs:
+            return
+        start, exploited = None, 0  # the Train run resumes from its own checkpoint from here on
 
 
 def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
     """Run (or resume) the sweep on the connected Ray cluster; returns the best trial's summary."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from imgcls_core.tracking import Tracker
     from tune_spaces import apply_sample, load_space
 
     cfg = resolve_config_paths(cfg)
     space = load_space(cfg.tune.space, cfg)  # fails here, before any trial, on a bad space
+    mutations = space.mutations(cfg.tune.pbt_mutate) if cfg.tune.scheduler == "pbt" else {}
     sweep = cfg.tune.name or f"{cfg.ray.name or Path(cfg.train.output_dir).name}-sweep"
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _warn_without_state_api(log)
 
     parent = Tracker(cfg.tracking, log=log).start(run_key=f"sweep:{cfg.ray.storage_path}/{sweep}", run_name=sweep,
                                                   tags={"imgcls.job": "tune"})
     parent.log_params({"sweep.name": sweep, "sweep.space": cfg.tune.space, "sweep.scheduler": cfg.tune.scheduler,
                        "sweep.search": cfg.tune.search, "sweep.num_samples": cfg.tune.num_samples,
-                       "sweep.metric": cfg.tune.metric, "sweep.grace_period": cfg.tune.grace_period,
-                       "sweep.reduction_factor": cfg.tune.reduction_factor, **space.params()})
+                       "sweep.metric": cfg.tune.metric, "sweep.epochs": cfg.train.epochs,
+                       **_scheduler_params(cfg), **space.params()})
+    for file in space.files:
+        parent.log_artifact(file, "space")
 
     param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
-    param_space[BASE_KEY] = {"config": cfg.to_dict(), "sweep": sweep, "output_dir": str(out / "trials"),
-                             "parent_run_id": parent.run_id}
-    epochs = cfg.train.epochs
-    scheduler = (
-        ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.tune.grace_period, epochs),
-                      reduction_factor=cfg.tune.reduction_factor)
-        if cfg.tune.scheduler == "asha" else FIFOScheduler()
-    )
+    settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
+                "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
+                "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
+                "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
     concurrency = concurrent_trials(cfg, ray.cluster_resources())
-    log(f"sweep {sweep}: {cfg.tune.num_samples} samples of {space.name} "
+    log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
         f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time")
     # The trial function only drives its TorchTrainer, which reserves the workers' resources itself.
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), {"CPU": TRIAL_DRIVER_CPU})
     path = f"{cfg.ray.storage_path}/{sweep}"
+    started = time.perf_counter()
     if tune.Tuner.can_restore(path):
-        log(f"resuming sweep {sweep} from {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_errored=True)
+        log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
+                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     results = tuner.fit()
+    seconds = time.perf_counter() - started
+
     table = results.get_dataframe()
     table.to_csv(out / "sweep_results.csv", index=False)
-    best = results.get_best_result(metric=cfg.tune.metric, mode="max", scope="all")
-    best_sample = {k: v for k, v in best.config.items() if k != BASE_KEY}
+    best = _best_result(results, cfg, out / "trials")
+    best_sample = {k: plain(v) for k, v in best.config.items()}
+    best_trial = _trial_dir(out / "trials", best).name
     best_cfg = apply_sample(Config.from_dict(cfg.to_dict()), best_sample)
     (out / "best_config.yaml").write_text(best_cfg.to_yaml())
-    histories = {r.path.rsplit("/", 1)[-1]: r.metrics_dataframe for r in results if r.metrics_dataframe is not None}
+    histories = {Path(r.path).name: r.metrics_dataframe for r in results if r.metrics_dataframe is not None}
     plot = _plot_sweep(histories, table, cfg.tune.metric, list(space.dists), out / "sweep_curves.png")
     for file in (out / "sweep_results.csv", out / "best_config.yaml", plot):
         parent.log_artifact(file)
-    best_value = best.metrics.get(cfg.tune.metric) if best.metrics else None
-    parent.log_metrics({f"best/{cfg.tune.metric}": best_value or 0.0,
-                        "trials": len(results), "errored_trials": results.num_errors}, step=0)
-    summary = {"sweep": sweep, "trials": len(results), "errors": results.num_errors,
-               "best_metric": best_value, "best_sample": best_sample,
-               "best_checkpoint": getattr(best.checkpoint, "path", None) or best.metrics.get("checkpoint_path"),
-               "best_config": str(out / "best_config.yaml"), "parent_run_id": parent.run_id}
+    epochs_run = int(sum(_epochs(r) for r in results))
+    exploits = int(sum(r.metrics_dataframe.get("pbt/exploited", 0).sum() for r in results
+                       if r.metrics_dataframe is not None and "pbt/exploited" in r.metrics_dataframe))
+    best_value = best.metrics.get(cfg.tune.metric)
+    parent.log_metrics({f"best/{cfg.tune.metric}": best_value or 0.0, "trials": len(results),
+                        "errored_trials": results.num_errors, "epochs_run": epochs_run, "pbt_exploits": exploits,
+                        "sweep_seconds": seconds}, step=0)
+    summary = {"sweep": sweep, "trials": len(results), "errors": results.num_errors, "epochs_run": epochs_run,
+               "epochs_exhaustive": cfg.tune.num_samples * cfg.train.epochs, "pbt_exploits": exploits,
+               "seconds": round(seconds, 1), "best_metric": best_value, "best_sample": best_sample,
+               "best_trial": best_trial, "best_output_dir": str(out / "trials" / best_trial),
+               "best_config": str(out / "best_config.yaml"), "parent_run_id": parent.run_id,
+               "results": str(out / "sweep_results.csv")}
     (out / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    parent.log_artifact(out / "sweep_summary.json")
     parent.close(status="FINISHED" if results.num_errors == 0 else "FAILED")
+    log(f"sweep {sweep}: {len(results)} trial(s), {results.num_errors} failed, {epochs_run} epochs in "
+        f"{seconds:.0f} s; best {cfg.tune.metric} {best_value} ({summary['best_trial']})")
     return summary
+
+
+def _scheduler(cfg: Config, mutations: dict[str, Any]):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    epochs, t = cfg.train.epochs, cfg.tune
+    if t.scheduler == "asha":
+        # max_t one past the last epoch: at max_t ASHA stops the trial as soon as it reports, which
+        # would kill it before its workers package the model (test evaluation, MLflow model).
+        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(t.grace_period, epochs),
+                             reduction_factor=t.reduction_factor)
+    if t.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.perturbation_interval,
+                                       hyperparam_mutations=mutations, quantile_fraction=t.quantile_fraction,
+                                       synch=t.pbt_synch)
+    return FIFOScheduler()
+
+
+def _scheduler_params(cfg: Config) -> dict[str, Any]:
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return {"sweep.grace_period": t.grace_period, "sweep.reduction_factor": t.reduction_factor}
+    if t.scheduler == "pbt":
+        return {"sweep.perturbation_interval": t.perturbation_interval, "sweep.pbt_mutate": ",".join(t.pbt_mutate),
+                "sweep.quantile_fraction": t.quantile_fraction, "sweep.pbt_synch": t.pbt_synch}
+    return {}
+
+
+def _epochs(result) -> int:
+    """Epochs a trial trained (PBT trials that adopted another's checkpoint count only their own)."""
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame:
+        return 0
+    rows = frame[frame["mid_epoch"] != 1] if "mid_epoch" in frame else frame
+    return len(rows)
+
+
+def _trial_dir(trials: Path, result) -> Path:
+    """The trial's output folder (named by jobs.tune.trial_config after Tune's trial name)."""
+    return next((d for d in trials.glob(f"*_{result.metrics.get('trial_id')}")), trials / "missing")
+
+
+def _best_result(results, cfg: Config, trials: Path):
+    """The best trial by its last metric, among those that trained every epoch and packaged their model."""
+    finished = [r for r in results if r.metrics and r.metrics.get("epoch", 0) >= cfg.train.epochs
+                and r.metrics.get(cfg.tune.metric) is not None]
+    packaged = [r for r in finished if (_trial_dir(trials, r) / SUMMARY_FILE).exists()]
+    if not (packaged or finished):
+        raise RuntimeError(f"no trial finished all {cfg.train.epochs} epochs; see the errors above")
+    return max(packaged or finished, key=lambda r: r.metrics[cfg.tune.metric])
+
+
+def _state_api_probe() -> str | None:
+    try:
+        from ray.util.state import list_actors
+
+        list_actors(limit=1, timeout=10)
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever fails here fails Ray Train's cleaner too
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _warn_without_state_api(log) -> None:
+    """Tune stops a trial by killing its process; Ray Train's placement-group cleaner then frees
+    the trial's workers, once the state API (served by the dashboard) says the trial's controller
+    is dead. Probe that API from a Ray worker, where the cleaner runs."""
+    import ray
+
+    error = ray.get(ray.remote(num_cpus=0)(_state_api_probe).remote())
+    if error:
+        log(f"warning: Ray workers cannot reach Ray's state API ({error}). Trials stopped early will keep "
+            f"their workers' resources and later trials may wait for them. Start Ray with its dashboard "
+            f"(`ray start --head` does) or set RAY_API_SERVER_ADDRESS in the job's runtime_env.")
 
 
 def _as_grid(space) -> dict[str, Any]:

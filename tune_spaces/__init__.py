@@ -18,7 +18,7 @@ it, so a bad space fails before any trial starts, naming the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,26 @@ class Dist:
 class SearchSpace:
     name: str
     dists: dict[str, Dist]
+    files: list[Path] = field(default_factory=list)  # the file and every file it includes
 
     def to_ray(self) -> dict[str, Any]:
         """Ray Tune's param_space, keyed by dotted config keys."""
         return {key: dist.to_ray() for key, dist in self.dists.items()}
+
+    def mutations(self, keys: list[str]) -> dict[str, Any]:
+        """PBT's hyperparam_mutations for ``keys``, each of which must be in the space."""
+        missing = [k for k in keys if k not in self.dists]
+        if missing:
+            raise SpaceError(f"tune.pbt_mutate names {missing}, which the space {self.name} does not search; "
+                             f"it searches {list(self.dists)}")
+        # Lists: PBT moves to a neighbouring value (or resamples); ranges: x0.8 / x1.2 (or resamples).
+        return {key: list(self.dists[key].args) if self.dists[key].kind in LISTS else self.dists[key].to_ray()
+                for key in keys}
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """``(low, high)`` of every ranged key, inclusive (see :func:`clip`)."""
+        return {key: (d.args[0], d.args[1] - 1 if d.kind == "randint" else d.args[1])
+                for key, d in self.dists.items() if d.kind not in LISTS}
 
     def params(self) -> dict[str, str]:
         return {f"space.{key}": dist.describe() for key, dist in self.dists.items()}
@@ -74,20 +90,32 @@ def apply_sample(base: Config, sample: dict[str, Any]) -> Config:
         section, _, name = key.partition(".")
         if section not in data or name not in data[section]:
             raise ConfigError(f"unknown config key {key!r}")
-        data[section][name] = _plain(value)
+        data[section][name] = plain(value)
     return Config.from_dict(data)
+
+
+def clip(sample: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """A sample with every ranged value held inside its bounds: PBT multiplies values by 0.8 or
+    1.2 and would otherwise walk out of the space (augment.strength > 1 is not a config)."""
+    out = dict(sample)
+    for key, (low, high) in bounds.items():
+        value = sample.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = type(value)(min(max(value, low), high))
+    return out
 
 
 def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     """Read, merge (``include``) and validate a space file against ``base`` (default config)."""
     path = _find(path)
     base = base or Config()
-    dists = _read(path, seen=set())
+    seen: set[Path] = set()
+    dists = _read(path, seen=seen)
     if not dists:
         raise SpaceError(f"{path}: the search space is empty")
     for dist in dists.values():
         _validate(dist, base, path)
-    return SearchSpace(path.stem, dists)
+    return SearchSpace(path.stem, dists, sorted(seen))
 
 
 def _find(path: str | Path) -> Path:
@@ -163,6 +191,6 @@ def _validate(dist: Dist, base: Config, path: Path) -> None:
             raise SpaceError(f"{path}: {dist.key}: value {value!r} makes an invalid config: {exc}") from exc
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """numpy scalars (Ray Tune samples them) as Python numbers."""
     return value.item() if hasattr(value, "item") and callable(value.item) else value

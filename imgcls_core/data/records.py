@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -201,6 +203,18 @@ class SplitRecords:
             images=None if self.images is None else [self.images[i] for i in idx],
             arrays=None if self.arrays is None else self.arrays[np.asarray(idx, dtype=np.int64)],
         )
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the class names, labels and every image's bytes: the same split, the same hash."""
+        digest = hashlib.sha256(json.dumps([self.classes, self.labels]).encode())
+        for index in range(len(self)):
+            if self.arrays is not None:
+                digest.update(np.ascontiguousarray(self.arrays[index]).tobytes())
+            elif self.images is not None:
+                digest.update(self.images[index])
+            else:
+                digest.update(Path(self.paths[index]).read_bytes())
+        return digest.hexdigest()
 
     def class_counts(self) -> list[int]:
         """Number of records per class index."""

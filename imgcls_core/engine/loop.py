@@ -223,6 +223,26 @@ class Engine:
         self.epoch_step = state.get("epoch_step", 0)
         set_rng_state(state["rng"])
 
+    def adopt_state(self, state: dict[str, Any]) -> None:
+        """Continue from another run's state under this engine's own hyperparameters.
+
+        Population-based training copies a stronger trial's checkpoint into a
+        trial whose LR, weight decay or augmentation were just perturbed: the
+        weights, EMA, optimizer moments and counters come from ``state``; the
+        per-group LR and weight decay and the LR schedule come from this config,
+        with the schedule advanced to the adopted step."""
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moments; its group settings are replaced below
+        for group, own in zip(self.optimizer.param_groups, hyper):
+            group.update(own)
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
+        self.epoch_step = state.get("epoch_step", 0)
+        self.schedule.fast_forward(self.step)
+
     def inference_model(self, prefer_ema: bool) -> nn.Module:
         """A standalone copy of the weights to export: the EMA's when asked for and present."""
         source = self.ema.module if prefer_ema and self.ema is not None else self.model

@@ -8,6 +8,8 @@ the validation metric once warmup is over).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
@@ -98,6 +100,13 @@ class LRSchedule:
         if self.plateau is not None and self.steps > self.warmup_steps:
             return  # warmup over: plateau owns the LR from here
         self.per_step.step()
+
+    def fast_forward(self, steps: int) -> None:
+        """Advance a fresh schedule by ``steps`` optimizer steps without training (see Engine.adopt_state)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)", category=UserWarning)
+            for _ in range(steps - self.steps):
+                self.step_batch()
 
     def step_epoch(self, val_metric: float) -> None:
         if self.plateau is not None and self.steps >= self.warmup_steps:

@@ -11,13 +11,23 @@ import pytest
 def ray_session():
     """A local Ray instance shared by every test that needs one (starting Ray costs ~10 s).
 
-    4 logical CPUs on a 2-core machine: 2 training workers plus Ray Data's decode tasks."""
+    4 logical CPUs on a 2-core machine: 2 training workers plus Ray Data's decode tasks.
+    The dashboard runs because Ray Train's placement-group cleaner (which frees the workers
+    of trials Ray Tune stops) asks the state API it serves; RAY_API_SERVER_ADDRESS points
+    the workers at this instance rather than at whatever /tmp/ray/ray_current_cluster names."""
+    import socket
+
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, configure_logging=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield ray
     ray.shutdown()
 

@@ -77,3 +77,10 @@ def test_sync_batchnorm_needs_gpus():
     with pytest.raises(ConfigError, match="ray.sync_batchnorm: SyncBatchNorm runs on GPUs only"):
         load_config(None, ["ray.sync_batchnorm=true"])
     assert load_config(None, ["ray.sync_batchnorm=true", "ray.use_gpu=true"]).ray.sync_batchnorm
+
+
+def test_exponent_notation_without_a_dot_is_a_number():
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; numbers in overrides and files must still work."""
+    cfg = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=5E-2"])
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.05
+    assert Config.from_dict({"optim": {"weight_decay": "3e-5"}}).optim.weight_decay == 3e-5

@@ -76,3 +76,17 @@ def test_concurrent_trials_from_cluster_resources():
     assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 4  # GPUs bind: 4 / (2 x 0.5)
     fixed = load_config(None, ["tune.max_concurrent_trials=2"])
     assert concurrent_trials(fixed, {"CPU": 64}) == 2
+
+
+def test_pbt_mutations_must_be_searched_and_perturbed_values_stay_in_bounds():
+    from tune_spaces import clip
+
+    space = load_space("default")
+    assert set(space.mutations(["optim.lr", "augment.strength"])) == {"optim.lr", "augment.strength"}
+    with pytest.raises(SpaceError, match=r"tune.pbt_mutate names \['optim.momentum'\]"):
+        space.mutations(["optim.momentum"])
+    bounds = space.bounds()
+    assert bounds["augment.strength"] == (0.0, 1.0)
+    # PBT multiplied strength 0.9 by 1.2 and lr 0.012 by 0.8: both are put back inside the space.
+    clipped = clip({"augment.strength": 1.08, "optim.lr": 0.0096, "optim.schedule": "cosine"}, bounds)
+    assert clipped == {"augment.strength": 1.0, "optim.lr": 0.01, "optim.schedule": "cosine"}

@@ -81,3 +81,29 @@ def test_cuda_amp_and_channels_last(amp):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     weight = next(p for p in engine.model.parameters() if p.ndim == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_adopt_state_takes_weights_and_moments_but_keeps_its_own_lr_schedule():
+    """A PBT exploit: the donor's weights and step count, the receiver's (perturbed) LR and decay."""
+    donor = _engine("optim.lr=0.1", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-4")
+    for _ in range(2):
+        donor.train_epoch(_batches())
+        donor.end_epoch(0.5)
+    receiver = _engine("optim.lr=0.02", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-3")
+    reference = _engine("optim.lr=0.02", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-3")
+    for _ in range(2):  # the LR a run with the receiver's settings has after 8 steps
+        reference.train_epoch(_batches())
+        reference.end_epoch(0.5)
+
+    receiver.adopt_state(donor.state_dict())
+
+    assert (receiver.epoch, receiver.step) == (2, 8)
+    for a, b in zip(receiver.model.state_dict().values(), donor.model.state_dict().values()):
+        assert torch.equal(a, b)
+    momentum = next(iter(receiver.optimizer.state.values()))["momentum_buffer"]
+    assert torch.equal(momentum, next(iter(donor.optimizer.state.values()))["momentum_buffer"])
+    assert receiver.schedule.last_lr() == pytest.approx(reference.schedule.last_lr())
+    assert receiver.schedule.last_lr() < 0.5 * donor.schedule.last_lr()
+    assert {g["weight_decay"] for g in receiver.optimizer.param_groups} == {1e-3, 0.0}
+    receiver.train_epoch(_batches())  # and training goes on from there
+    assert receiver.step == 12

@@ -1,0 +1,147 @@
+"""Promote a trained model into the MLflow registry, gated on held-out test accuracy.
+
+    python -m jobs.promote --config configs/digits_ray.yaml --model digits          # the sweep's best trial
+    python -m jobs.promote --config configs/digits_ray.yaml --model digits --run-id <MLflow run id>
+    python -m jobs.promote ... --force --reason "rollback after incident 42"
+
+The candidate is the best trial of the sweep that ``jobs.tune`` ran with the
+same config (``<train.output_dir>/sweep_summary.json``) or the run given by
+``--run-id``. It is registered (once: re-running finds the same version),
+tagged with its test metrics, the sweep and a SHA-256 of the test split, and
+gets the ``challenger`` alias. ``champion`` moves to it only if its test top-1
+beats the champion's by ``tracking.promote_margin`` (``--margin``), both models
+evaluated on the same test split; ``--force --reason`` moves it anyway and
+records the reason. The comparison is printed and written to
+``<train.output_dir>/promotion.json``.
+
+Exit status: 0 when the decision was made (promoted or not), 1 on failure, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from imgcls_core.config import Config
+from jobs.common import add_config_args, job_config, resolve_config_paths
+from jobs.train import SUMMARY_FILE
+
+ACC_TAG = "test/acc1"
+DATA_TAG = "imgcls.test_data_sha256"
+
+
+def candidate_run(cfg: Config, run_id: str | None) -> tuple[str, dict[str, Any]]:
+    """``(run id, tags)`` of the model to promote: ``run_id``, else the sweep's best trial."""
+    if run_id:
+        return run_id, {}
+    sweep_file = Path(cfg.train.output_dir) / "sweep_summary.json"
+    if not sweep_file.exists():
+        raise FileNotFoundError(f"no sweep summary at {sweep_file}; run `python -m jobs.tune` with this config "
+                                f"first, or pass --run-id")
+    sweep = json.loads(sweep_file.read_text())
+    trial_file = Path(sweep["best_output_dir"]) / SUMMARY_FILE
+    if not trial_file.exists():
+        raise FileNotFoundError(f"the sweep's best trial left no {trial_file}; did it finish?")
+    trial = json.loads(trial_file.read_text())
+    if not trial.get("mlflow_run_id"):
+        raise LookupError(f"the best trial {sweep['best_trial']} has no MLflow run; was tracking enabled?")
+    return trial["mlflow_run_id"], {"imgcls.sweep": sweep["sweep"], "imgcls.sweep_run_id": sweep["parent_run_id"],
+                                    "imgcls.trial": sweep["best_trial"]}
+
+
+def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: float | None = None,
+            force_reason: str | None = None, log=print):
+    """Register the candidate, evaluate it and the champion on the test split, and move the aliases."""
+    from imgcls_core.data import load_dataset, materialize_digits
+    from imgcls_core.predict import Predictor
+    from imgcls_core.registry import CHALLENGER, CHAMPION, Decision, Registry, should_promote
+
+    cfg = resolve_config_paths(cfg)
+    margin = cfg.tracking.promote_margin if margin is None else margin
+    if cfg.data.format == "digits":
+        materialize_digits(cfg.data.root, seed=cfg.data.seed)
+    test = load_dataset(cfg.data).test
+    if test is None:
+        raise ValueError(f"{cfg.data.root} has no held-out test split ({cfg.data.test_split}/); promotion "
+                         f"compares models on data neither was trained or selected on")
+    data_hash = test.fingerprint()
+    run_id, tags = candidate_run(cfg, run_id)
+    registry = Registry(cfg.tracking.tracking_uri, model_name)
+    version, created = registry.register(run_id, tags)
+    number = str(version.version)
+    log(f"{'registered' if created else 'found'} {model_name} v{number} for run {run_id}")
+
+    def test_acc1(v) -> float:
+        if v.tags.get(DATA_TAG) == data_hash and ACC_TAG in v.tags:
+            return float(v.tags[ACC_TAG])  # measured on this very split before
+        report = Predictor.from_file(registry.model_file(v.version)).evaluate(test, cfg.data.eval_batch_size)
+        registry.tag(v.version, {**report.metrics("test/"), DATA_TAG: data_hash})
+        log(f"{model_name} v{v.version}: test top-1 {report.acc1:.4f} on {len(test)} images")
+        return report.acc1
+
+    challenger_acc = test_acc1(version)
+    registry.set_alias(CHALLENGER, number)
+    champion = registry.alias(CHAMPION)
+    same = champion is not None and str(champion.version) == number
+    champion_acc = test_acc1(champion) if champion is not None and not same else None
+    if same:
+        promoted, reason = False, "it is the champion already"
+    elif force_reason:
+        promoted, reason = True, f"forced: {force_reason}"
+    else:
+        promoted, reason = should_promote(challenger_acc, champion_acc, margin)
+    if promoted:
+        registry.set_alias(CHAMPION, number)
+    after = registry.alias(CHAMPION)
+    decision = Decision(model_name, number, run_id, challenger_acc,
+                        str(champion.version) if champion is not None else None, champion_acc,
+                        margin, promoted, reason, created, str(after.version) if after else None,
+                        extra={"test_images": len(test), "test_data_sha256": data_hash, **tags})
+    registry.tag(number, {"imgcls.promotion": "promoted" if promoted else "not promoted",
+                                   "imgcls.promotion_reason": reason,
+                                   "imgcls.compared_with": f"v{decision.champion_version}: {champion_acc}"
+                                   if champion_acc is not None else "none"})
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "promotion.json").write_text(json.dumps(decision.to_dict(), indent=1))
+    log(decision.summary())
+    return decision
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--model", help="registered model name (default: tracking.register_as, else 'imgcls')")
+    parser.add_argument("--run-id", help="promote this MLflow run's model instead of the sweep's best trial")
+    parser.add_argument("--margin", type=float, help="test top-1 to gain over the champion "
+                                                     "(default: tracking.promote_margin)")
+    parser.add_argument("--force", action="store_true", help="move champion whatever the comparison says")
+    parser.add_argument("--reason", help="why --force was needed (required with --force; recorded on the version)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, cfg, done = job_config(parser, argv)
+    if done is not None:
+        return done
+    if args.force and not (args.reason or "").strip():
+        print("error: --force needs --reason TEXT (it is recorded on the model version)", file=sys.stderr)
+        return 2
+    if args.reason and not args.force:
+        print("error: --reason goes with --force", file=sys.stderr)
+        return 2
+    try:
+        promote(cfg, model_name=args.model or cfg.tracking.register_as or "imgcls", run_id=args.run_id,
+                margin=args.margin, force_reason=args.reason if args.force else None)
+    except (FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
