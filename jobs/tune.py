@@ -81,6 +81,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         return
 
     start = ray.tune.get_checkpoint()  # None, this trial's own last one, or (exploit) a stronger trial's
+    if start is not None and _checkpoint_epoch(start) >= cfg.train.epochs:
+        return  # PBT paused the trial at its last epoch (it perturbs there too): nothing is left to train
     source = Path(start.path).parent.name if start is not None else ""
     # A fresh Train run for each starting point: a Train run resumes its own checkpoints, and
     # after an exploit those are the wrong ones.
@@ -101,6 +103,11 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if metrics["epoch"] >= cfg.train.epochs:
             return
         start, exploited = None, 0  # the Train run resumes from its own checkpoint from here on
+
+
+def _checkpoint_epoch(checkpoint) -> int:
+    with checkpoint.as_directory() as directory:
+        return int(json.loads((Path(directory) / "metrics.json").read_text()).get("epoch", 0))
 
 
 def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:

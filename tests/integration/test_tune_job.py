@@ -70,7 +70,7 @@ def test_asha_sweep_then_promotion_gate(ray_session, digits_root, tmp_path, mlfl
     first = promote(cfg, model_name="digits-tune")
     assert (first.version, first.promoted, first.new_version) == ("1", True, True)
     registry = Registry(mlflow_uri, "digits-tune")
-    assert registry.alias(CHAMPION).version == "1"
+    assert str(registry.alias(CHAMPION).version) == "1"
     tags = registry.client.get_model_version("digits-tune", "1").tags
     assert float(tags["test/acc1"]) == pytest.approx(first.challenger_acc1)
     assert tags["imgcls.sweep"] == summary["sweep"] and len(tags["imgcls.test_data_sha256"]) == 64
@@ -82,7 +82,7 @@ def test_asha_sweep_then_promotion_gate(ray_session, digits_root, tmp_path, mlfl
     second = promote(cfg, model_name="digits-tune", run_id=weak["mlflow_run_id"])
     assert second.version == "2" and not second.promoted
     assert second.challenger_acc1 < second.champion_acc1
-    assert registry.alias(CHAMPION).version == "1" and registry.alias(CHALLENGER).version == "2"
+    assert str(registry.alias(CHAMPION).version) == "1" and str(registry.alias(CHALLENGER).version) == "2"
 
     # Re-running the first promotion creates no new version.
     again = promote(cfg, model_name="digits-tune")
@@ -91,7 +91,7 @@ def test_asha_sweep_then_promotion_gate(ray_session, digits_root, tmp_path, mlfl
 
     # --force --reason moves champion and records why.
     forced = promote(cfg, model_name="digits-tune", run_id=weak["mlflow_run_id"], force_reason="rollback drill")
-    assert forced.promoted and registry.alias(CHAMPION).version == "2"
+    assert forced.promoted and str(registry.alias(CHAMPION).version) == "2"
     tags = registry.client.get_model_version("digits-tune", "2").tags
     assert tags["imgcls.promotion_reason"] == "forced: rollback drill"
 
@@ -100,11 +100,12 @@ def test_pbt_exploits_a_stronger_trial(ray_session, digits_root, tmp_path, mlflo
     from jobs.tune import run_sweep
 
     space = tmp_path / "pbt_space.yaml"
-    # Two very different LRs: after epoch 1 the weak trial copies the strong one's checkpoint.
+    # Two very different LRs: after epoch 1 the weak trial copies the strong one's checkpoint
+    # (synchronous PBT: both trials report epoch 1 before it decides).
     space.write_text("optim.lr: {grid: [0.0005, 0.1]}\naugment.strength: {uniform: [0.0, 0.5]}\n")
     cfg = sweep_config(tmp_path, mlflow_uri, digits_root, f"tune.space={space}", "tune.scheduler=pbt",
                        "tune.num_samples=1", "tune.perturbation_interval=1", "tune.quantile_fraction=0.5",
-                       "tune.pbt_synch=true", "train.epochs=3", "optim.schedule=constant",
+                       "tune.pbt_synch=true", "train.epochs=2", "optim.schedule=constant",
                        "tune.max_concurrent_trials=2")
     summary = run_sweep(cfg)
 
@@ -113,7 +114,7 @@ def test_pbt_exploits_a_stronger_trial(ray_session, digits_root, tmp_path, mlflo
     import pandas as pd
 
     table = pd.read_csv(summary["results"])
-    assert (table["epoch"] == 3).all()
+    assert (table["epoch"] == 2).all()
     histories = [pd.read_csv(path) for path in (tmp_path / "results").glob(f"{summary['sweep']}/*/progress.csv")]
     exploited = [h for h in histories if h["pbt/exploited"].max() == 1]
     assert exploited, "no trial reports an exploit"
@@ -130,8 +131,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     """The sweep's driver is killed (SIGKILL) after its first trial finished; the same command resumes."""
     from jobs.tune import run_sweep
 
-    extra = ["tune.num_samples=2", "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1",
-             "tune.name=resume-me"]
+    space = tmp_path / "two_lrs.yaml"
+    space.write_text("optim.lr: {grid: [0.03, 0.1]}\n")
+    extra = [f"tune.space={space}", "tune.num_samples=1", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+             "train.epochs=1", "tune.name=resume-me"]
     args = sweep_args(tmp_path, mlflow_uri, digits_root, *extra)
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "jobs.tune", "--address", address, *[a for kv in args for a in ("--set", kv)]]
