@@ -14,6 +14,7 @@ from imgcls_core.config import Config, ConfigError, load_config
 # leaves out data/ and results/ (see jobs/runtime_env.yaml), so submitters set it
 # to the repository on the cluster's shared file system.
 BASE_DIR_ENV = "IMGCLS_BASE_DIR"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, ray_address: bool = False) -> None:
@@ -69,9 +70,14 @@ def resolve_config_paths(cfg: Config) -> Config:
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
-    """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one."""
+    """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one.
+
+    A RAY_API_SERVER_ADDRESS in this process's environment is passed on to the job's workers
+    (Ray Train's placement-group cleaner asks that state API whether a trial is still alive)."""
     import ray
 
     if ray.is_initialized():
         return
+    if os.environ.get(API_SERVER_ENV) and "runtime_env" not in kwargs:
+        kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}}
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **kwargs)

@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,8 @@ def _check_storage(storage_path: str) -> None:
         return
     try:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-        probe = Path(storage_path) / ".imgcls-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=storage_path, prefix=".imgcls-write-test-"):
+            pass  # a name of its own: concurrent trials probe the same folder
     except OSError as exc:
         raise FileNotFoundError(
             f"ray.storage_path {storage_path} is not writable ({exc.strerror}); use a writable folder that every "
@@ -125,7 +125,6 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     tracker.set_tags({"imgcls.job": "train", "imgcls.storage": plan.run_key})
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_dict({"classes": plan.preprocessing["classes"]}, "class_index.json")
-    plan.mlflow_run_id = tracker.run_id
     # The run stays RUNNING for the workers; rank 0 ends it.
 
 

@@ -114,6 +114,7 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
     """Run (or resume) the sweep on the connected Ray cluster; returns the best trial's summary."""
     import ray
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     from imgcls_core.tracking import Tracker
     from tune_spaces import apply_sample, load_space
@@ -154,6 +155,10 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
+                                        # (an explicit search_alg ignores max_concurrent_trials: give it its own)
+                                        search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                                         max_concurrent=concurrency)
+                                        if cfg.tune.seed is not None else None,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
                                         reuse_actors=False),
             run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path,
@@ -181,7 +186,7 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
                         "errored_trials": results.num_errors, "epochs_run": epochs_run, "pbt_exploits": exploits,
                         "sweep_seconds": seconds}, step=0)
     summary = {"sweep": sweep, "trials": len(results), "errors": results.num_errors, "epochs_run": epochs_run,
-               "epochs_exhaustive": cfg.tune.num_samples * cfg.train.epochs, "pbt_exploits": exploits,
+               "epochs_without_stopping": len(results) * cfg.train.epochs, "pbt_exploits": exploits,
                "seconds": round(seconds, 1), "best_metric": best_value, "best_sample": best_sample,
                "best_trial": best_trial, "best_output_dir": str(out / "trials" / best_trial),
                "best_config": str(out / "best_config.yaml"), "parent_run_id": parent.run_id,
@@ -260,7 +265,9 @@ def _warn_without_state_api(log) -> None:
     is dead. Probe that API from a Ray worker, where the cleaner runs."""
     import ray
 
-    error = ray.get(ray.remote(num_cpus=0)(_state_api_probe).remote())
+    probe = ray.remote(num_cpus=0)(_state_api_probe).remote()
+    ready, _ = ray.wait([probe], timeout=20)
+    error = ray.get(ready[0]) if ready else "no answer in 20 s"
     if error:
         log(f"warning: Ray workers cannot reach Ray's state API ({error}). Trials stopped early will keep "
             f"their workers' resources and later trials may wait for them. Start Ray with its dashboard "

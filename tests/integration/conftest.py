@@ -7,6 +7,15 @@ import os
 import pytest
 
 
+DASHBOARD: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard_url(ray_session) -> str:
+    """The state API / dashboard of the shared instance (for drivers started in a subprocess)."""
+    return DASHBOARD["url"]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that needs one (starting Ray costs ~10 s).
@@ -28,6 +37,7 @@ def ray_session():
                  dashboard_port=port, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
                                            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        DASHBOARD["url"] = f"http://127.0.0.1:{port}"
     yield ray
     ray.shutdown()
 

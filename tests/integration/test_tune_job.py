@@ -127,7 +127,8 @@ def test_pbt_exploits_a_stronger_trial(ray_session, digits_root, tmp_path, mlflo
     assert history["val/acc1"][row] > history["val/acc1"][0]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, digits_root, tmp_path, mlflow_uri):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, ray_dashboard_url, digits_root,
+                                                                     tmp_path, mlflow_uri):
     """The sweep's driver is killed (SIGKILL) after its first trial finished; the same command resumes."""
     from jobs.tune import run_sweep
 
@@ -140,7 +141,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     cmd = [sys.executable, "-m", "jobs.tune", "--address", address, *[a for kv in args for a in ("--set", kv)]]
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "RAY_TRAIN_V2_ENABLED": "1"})
+                              env={**os.environ, "RAY_TRAIN_V2_ENABLED": "1",
+                                   "RAY_API_SERVER_ADDRESS": ray_dashboard_url})
     trials = tmp_path / "out" / "trials"
     deadline = time.monotonic() + 300
     while not list(trials.glob("*/train_summary.json")):
