@@ -6,7 +6,9 @@
 The search space is a file in tune_spaces/ (validated before any trial starts).
 Each trial samples it, applies the sample to the config and runs its own
 TorchTrainer, whose metrics reach Tune through TuneReportCallback; ASHA stops
-weak trials early by ``epoch``. MLflow holds one parent run per sweep (space,
+weak trials early by ``epoch``; PBT (``tune.scheduler=pbt``) trains
+``tune.perturbation_interval`` epochs at a time and lets weak trials continue
+from a strong trial's checkpoint with perturbed ``tune.pbt_mutate`` values. MLflow holds one parent run per sweep (space,
 scheduler, search settings as params; results table, plots and the best
 trial's config as artifacts) with one nested child run per trial. The best
 config is written to ``<train.output_dir>/best_config.yaml`` and is accepted
