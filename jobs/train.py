@@ -56,8 +56,11 @@ class TrainPlan:
     mlflow_run_id: str | None
 
 
-def plan_training(cfg: Config, *, log=print) -> TrainPlan:
-    """Resolve paths, check the data, compute normalization and the ingest path (on the driver)."""
+def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> TrainPlan:
+    """Resolve paths, check the data, compute normalization and the ingest path (on the driver).
+
+    ``run_key`` names the MLflow run across attempts (default ``<storage_path>/<name>``); a
+    sweep's trial keeps one key while its Train runs change name (PBT)."""
     from imgcls_core.data import load_dataset, materialize_digits
     from imgcls_core.runner import build_preprocessing
 
@@ -85,7 +88,8 @@ def plan_training(cfg: Config, *, log=print) -> TrainPlan:
     log(splits.summary())
     pre = build_preprocessing(cfg, splits)
     cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
-    return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train), f"{cfg.ray.storage_path}/{name}", None)
+    return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train),
+                     run_key or f"{cfg.ray.storage_path}/{name}", None)
 
 
 def _check_storage(storage_path: str) -> None:

@@ -69,15 +69,13 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jobs.train import build_trainer, plan_training, start_tracking
-
     from tune_spaces import clip
 
     trial = ray.tune.get_context().get_trial_name()
     cfg = trial_config(sweep, clip(config, sweep["bounds"]), trial)
     run_key = f"{sweep['storage']}/{sweep['name']}/{trial}"  # one MLflow child run per trial, across restarts
     if sweep["scheduler"] != "pbt":
-        plan = plan_training(cfg, log=lambda m: None)
-        plan.run_key = run_key
+        plan = plan_training(cfg, log=lambda m: None, run_key=run_key)
         start_tracking(plan, parent_run_id=sweep["parent_run_id"])
         build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
         return
@@ -90,8 +88,7 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     # after an exploit those are the wrong ones.
     segment = hashlib.sha1((start.path if start is not None else "scratch").encode()).hexdigest()[:8]
     cfg.ray.name = f"{cfg.ray.name}-{segment}"
-    plan = plan_training(cfg, log=lambda m: None)
-    plan.run_key = run_key
+    plan = plan_training(cfg, log=lambda m: None, run_key=run_key)
     own = Path(ray.tune.get_context().get_trial_dir()).name
     exploited = int(bool(source) and source != own)
     start_tracking(plan, parent_run_id=sweep["parent_run_id"], params=start is None)
