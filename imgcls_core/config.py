@@ -196,6 +196,41 @@ class TuneConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The inference service (serve/): which registry model it serves and how it batches and scales."""
+
+    model_name: str | None = None  # registered model; None = tracking.register_as
+    alias: str = "champion"  # the registry alias it follows
+    version: str | None = None  # pin one version instead of following the alias
+    poll_interval_s: float = 15.0  # how often replicas check where the alias points (0 = never)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    top_k: int = 5  # default number of classes per image in a response
+    max_batch_size: int = 32  # images per forward pass (@serve.batch)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    max_concurrent_batches: int = 1  # forward passes a replica runs at once
+    # Requests a replica accepts at once; raised to at least max_batch_size x
+    # max_concurrent_batches so that batches can fill.
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 64  # per caller (proxy); beyond it: 503 + Retry-After (-1 = unbounded)
+    retry_after_s: float = 1.0  # the Retry-After of a 503
+    request_timeout_s: float = 30.0  # a request still unanswered after this gets a 504
+    max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
+    max_files: int = 32  # images per request
+    max_pixels: int = 25_000_000  # per image, checked from the header before decoding (413 above)
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0  # autoscaling target per replica
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica; a fraction shares a GPU
+    torch_threads: int = 0  # intra-op threads per replica (0 = torch's default)
+    # Bearer token: when this environment variable is set (on the replicas), /v1/* answers
+    # 401 to requests without "Authorization: Bearer <token>". Health probes stay open.
+    token_env: str = "IMGCLS_SERVE_TOKEN"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -205,6 +240,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
@@ -393,6 +429,26 @@ _RANGES: list[tuple[str, float, float]] = [
     ("tune.perturbation_interval", 1, 100_000),
     ("tune.quantile_fraction", 0.01, 0.5),
     ("tune.max_concurrent_trials", 0, 100_000),
+    ("serve.poll_interval_s", 0.0, 86_400.0),
+    ("serve.top_k", 1, 1000),
+    ("serve.max_batch_size", 1, 4096),
+    ("serve.batch_wait_timeout_s", 0.0, 60.0),
+    ("serve.max_concurrent_batches", 1, 64),
+    ("serve.max_ongoing_requests", 1, 100_000),
+    ("serve.max_queued_requests", -1, 1_000_000),
+    ("serve.retry_after_s", 0.0, 3600.0),
+    ("serve.request_timeout_s", 0.1, 3600.0),
+    ("serve.max_body_bytes", 1024, 2**31),
+    ("serve.max_files", 1, 4096),
+    ("serve.max_pixels", 1, 2**31),
+    ("serve.min_replicas", 0, 10_000),
+    ("serve.max_replicas", 1, 10_000),
+    ("serve.target_ongoing_requests", 0.1, 100_000.0),
+    ("serve.upscale_delay_s", 0.0, 86_400.0),
+    ("serve.downscale_delay_s", 0.0, 86_400.0),
+    ("serve.num_cpus", 0.0, 1024.0),
+    ("serve.num_gpus", 0.0, 64.0),
+    ("serve.torch_threads", 0, 1024),
 ]
 
 
@@ -416,6 +472,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
+                          f"({cfg.serve.max_replicas})")
     from imgcls_core.models import list_models  # the registry is the source of truth
 
     if cfg.model.name not in list_models():

@@ -145,3 +145,23 @@ class Registry:
 
 def _strings(tags: dict[str, Any]) -> dict[str, str]:
     return {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in tags.items()}
+
+
+def register_model_file(tracking_uri: str | None, name: str, model_file: str | Path, *, experiment: str = "imgcls",
+                        run_name: str | None = None, tags: dict[str, Any] | None = None):
+    """Log a model file (``model.pt`` from jobs.train_local, say) as a new run's model and register it.
+
+    Returns the new model version; it gets no alias (``jobs.promote`` or
+    :meth:`Registry.set_alias` decide that).
+    """
+    from imgcls_core.config import TrackingConfig
+    from imgcls_core.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(enabled=True, tracking_uri=tracking_uri, experiment=experiment),
+                      log=lambda _line: None)
+    tracker.start(run_name=run_name)
+    if tracker.log_model(model_file) is None:
+        raise RuntimeError(f"could not log {model_file} to {tracking_uri}: {'; '.join(tracker.lost)}")
+    tracker.close()
+    version, _ = Registry(tracking_uri, name).register(tracker.run_id, tags or {})
+    return version

@@ -123,7 +123,8 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     if not params:
         return  # the run stays RUNNING for the workers; rank 0 ends it
     world = cfg.ray.num_workers
-    tracker.log_params({**cfg.flat(), "derived.world_size": world, "derived.ingest": plan.ingest,
+    trained_with = {k: v for k, v in cfg.flat().items() if not k.startswith("serve.")}
+    tracker.log_params({**trained_with, "derived.world_size": world, "derived.ingest": plan.ingest,
                         "derived.global_batch_size": cfg.data.batch_size * world,
                         "derived.num_train_images": plan.num_train})
     tracker.set_tags({"imgcls.job": "train", "imgcls.storage": plan.run_key})

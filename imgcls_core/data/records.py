@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,8 +48,9 @@ def decode_image(
     """Decode encoded image bytes or an image file to a uint8 ``3 x H x W`` RGB tensor.
 
     JPEG, PNG and WebP use torchvision's decoders; other formats (GIF, BMP, TIFF, ...)
-    fall back to PIL. Grey, grey+alpha, RGBA and palette images become RGB (alpha is
-    dropped). Raises :class:`CorruptImageError` for empty, truncated or non-image
+    fall back to PIL. Grey, grey+alpha, RGBA, palette and CMYK images become RGB (alpha
+    is dropped), 16-bit PNGs are scaled to 8 bits, the EXIF orientation of a photo is
+    applied, and an animated image gives its first frame. Raises :class:`CorruptImageError` for empty, truncated or non-image
     data and :class:`ImageTooLargeError` when the header declares more than
     ``max_pixels`` pixels, before the pixels are decoded.
     """
@@ -115,13 +117,15 @@ def _sniff(data: bytes) -> str | None:
 def _decode_torchvision(data: bytes, *, known_format: bool) -> torch.Tensor:
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        image = _tv_decode_image(buffer, mode=ImageReadMode.RGB)
+        image = _tv_decode_image(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as exc:
         if not known_format:
             raise CorruptImageError("not a recognised image format") from None
         raise CorruptImageError(f"truncated or corrupt image: {_native_reason(exc)}") from None
     if image.ndim == 4:  # animated image: keep the first frame
         image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG: scale to 8 bits like every other input
+        image = to_dtype(image, torch.uint8, scale=True)
     return image
 
 

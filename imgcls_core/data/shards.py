@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import shutil
 import time
 import uuid
@@ -187,9 +188,15 @@ def convert_image_folder(
     num_workers: int = 2,
     shard_size: int = 2048,
     max_pixels: int | None = None,
+    seed: int = 0,
 ) -> ConversionReport:
     """Convert ``<src>/{train,val,test}/<class>/<image>`` (or flat ``<src>/<class>/<image>``, all
     train) to Parquet shards in ``out``.
+
+    Rows are written in a seeded random order, so that every shard (and every
+    worker's share of a split) holds a mix of all classes: folder order would give
+    class-sorted shards, and per-worker batches of a few classes skew BatchNorm
+    statistics under data-parallel training.
 
     Every file is decoded once, in ``num_workers`` processes (0 or 1: in this process);
     empty, truncated, unreadable and non-image files are skipped and listed with
@@ -227,6 +234,7 @@ def convert_image_folder(
         samples[split] = make_dataset(
             str(directory), class_to_idx, is_valid_file=_not_hidden, allow_empty=True
         )
+        random.Random(f"{seed}/{split}").shuffle(samples[split])
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
 

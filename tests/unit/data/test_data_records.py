@@ -64,6 +64,32 @@ def test_rgba_png_drops_alpha(rgb):
     assert np.array_equal(as_hwc(decode_image(buffer.getvalue())), rgb)
 
 
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    grey16 = (np.arange(12 * 10, dtype=np.uint32).reshape(12, 10) * 547).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey16).save(buffer, format="PNG")
+    out = decode_image(buffer.getvalue())
+    assert out.dtype == torch.uint8 and out.shape == (3, 12, 10)
+    expected = torch.from_numpy((grey16.astype(np.float64) / 65535 * 255).round()).to(torch.uint8)
+    assert (out[0].int() - expected.int()).abs().max() <= 1
+
+
+def test_exif_orientation_is_applied(rgb):
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    data = encode(rgb, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
+    out = as_hwc(decode_image(data)).astype(int)
+    assert out.shape == (rgb.shape[1], rgb.shape[0], 3)
+    assert np.abs(out - np.rot90(rgb, k=-1)).mean() < 6
+
+
+def test_cmyk_jpeg_becomes_rgb(rgb):
+    data = encode(rgb, "JPEG", mode="CMYK", quality=95)
+    out = as_hwc(decode_image(data)).astype(int)
+    assert out.shape == rgb.shape
+    assert np.abs(out - pil_rgb(data)).mean() < 3
+
+
 @pytest.mark.parametrize("fmt,mode", [("GIF", "P"), ("BMP", None), ("TIFF", None), ("PNG", "P")])
 def test_other_formats_and_palettes_match_pil(rgb, fmt, mode):
     data = encode(rgb, fmt, mode=mode)

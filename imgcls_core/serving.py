@@ -1,0 +1,156 @@
+"""What the inference service does, without Ray or HTTP: load a registry model, decode uploads, classify.
+
+``serve/`` wraps this in a Ray Serve deployment with a FastAPI ingress; everything
+here is plain PyTorch + MLflow, so it is tested without either::
+
+    model = load_served_model("http://127.0.0.1:5000", "digits", alias="champion")
+    batch = torch.stack([model.predictor.transform(decode_upload(data, max_pixels=25_000_000))])
+    model.classify(batch, top_k=3)  # [[{"label": "3", "index": 3, "probability": 0.98}, ...]]
+
+A request's bad input becomes a :class:`RequestError` carrying the HTTP status
+and a short machine-readable error code, so every client mistake is answered
+4xx with ``{"error", "detail"}`` and never surfaces as a server error.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
+from imgcls_core.predict import Predictor
+from imgcls_core.registry import SOURCE_RUN_TAG, Registry
+
+TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
+
+
+class RequestError(Exception):
+    """A client mistake: answered with ``status`` and ``{"error": error, "detail": detail}``."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(f"{status} {error}: {detail}")
+        self.status, self.error, self.detail = status, error, detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "detail": self.detail}
+
+
+def decode_upload(data: bytes, *, max_pixels: int, name: str = "image") -> torch.Tensor:
+    """Decode one uploaded image to uint8 ``3 x H x W``, or raise :class:`RequestError` (400/413)."""
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise RequestError(413, "image_too_large", f"{name}: {exc}") from None
+    except CorruptImageError as exc:
+        kind = "empty_image" if not data else "invalid_image"
+        raise RequestError(400, kind, f"{name}: {exc}") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("serve.device is 'cuda' but this replica sees no CUDA device; "
+                           "give replicas serve.num_gpus > 0 or set serve.device=auto")
+    return torch.device(device)
+
+
+@dataclass
+class ServedModel:
+    """One registry model version, loaded and ready to classify preprocessed batches."""
+
+    predictor: Predictor
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.predictor.pre.classes)
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` answers: identity, classes, input and the version's test metrics."""
+        pre = self.predictor.pre
+        metrics = {k[len(TEST_METRIC_PREFIX):]: _number(v) for k, v in self.tags.items()
+                   if k.startswith(TEST_METRIC_PREFIX)}
+        return {
+            "name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
+            "classes": self.classes, "num_classes": len(pre.classes),
+            "input_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
+            "test_metrics": metrics, "device": str(self.predictor.device),
+        }
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """A decoded uint8 image -> the float ``3 x S x S`` input this version was trained for."""
+        return self.predictor.transform(image)
+
+    @torch.inference_mode()
+    def classify(self, batch: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
+        """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first."""
+        probs = self.predictor.probabilities(batch)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        classes = self.predictor.pre.classes
+        return [[{"label": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
+                for vs, ids in zip(values.tolist(), indices.tolist())]
+
+    def warm_up(self) -> None:
+        """One forward pass on a blank image: the first real request then pays no lazy init."""
+        size = self.predictor.pre.image_size
+        self.classify(self.preprocess(torch.zeros(3, size, size, dtype=torch.uint8))[None], top_k=1)
+
+
+def resolve_version(registry: Registry, alias: str | None, version: str | None):
+    """The model version to serve: ``version`` if pinned, else the one ``alias`` points at."""
+    if version is not None:
+        return registry.client.get_model_version(registry.name, str(version))
+    found = registry.alias(alias or "champion")
+    if found is None:
+        raise LookupError(f"registered model {registry.name!r} has no version with alias {alias!r}; "
+                          f"promote one first (python -m jobs.promote) or pin serve.version")
+    return found
+
+
+def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",
+                      version: str | None = None, device: str = "cpu") -> ServedModel:
+    """Download and load ``models:/name@alias`` (or version ``version``) from the registry."""
+    registry = Registry(tracking_uri, name)
+    mv = resolve_version(registry, alias, version)
+    with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
+        predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
+    return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
+                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags))
+
+
+class BatchStats:
+    """Sizes of the batches a replica actually ran (thread-safe), for metrics and ``/v1/stats``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sizes: Counter[int] = Counter()
+
+    def record(self, size: int) -> None:
+        with self._lock:
+            self._sizes[size] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            sizes = dict(sorted(self._sizes.items()))
+        batches = sum(sizes.values())
+        images = sum(size * count for size, count in sizes.items())
+        return {"batches": batches, "images": images, "mean_batch_size": images / batches if batches else 0.0,
+                "max_batch_size": max(sizes, default=0), "histogram": {str(k): v for k, v in sizes.items()}}
+
+
+def _number(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value

@@ -1,0 +1,94 @@
+"""Deploy the Serve app (the registry's champion) on the cluster, wait until it answers, optionally classify.
+
+    python -m jobs.submit -- python -m jobs.deploy --config configs/digits_ray.yaml
+    python -m jobs.deploy --config configs/digits_ray.yaml --predict data/digits/test/3/*.png
+
+The same application as ``serve run serve/config.yaml``: serve settings come from
+the config's ``serve`` section (``--set serve.max_replicas=4``), the model from
+``serve.model_name`` (else ``tracking.register_as``), the tracking server from
+``tracking.tracking_uri`` (else MLFLOW_TRACKING_URI). The application keeps
+running after this job exits; ``serve shutdown`` (or ``--delete``) removes it.
+
+Exit status: 0 when the endpoint answered (and every --predict image was classified),
+1 on failure, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jobs.common import add_config_args, init_ray, job_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.deploy", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, ray_address=True)
+    parser.add_argument("--model", help="registered model name (default: serve.model_name)")
+    parser.add_argument("--name", default="imgcls", help="Serve application name")
+    parser.add_argument("--route-prefix", default="/")
+    parser.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (if it is not running)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--predict", nargs="*", default=[], metavar="IMAGE", help="classify these files once up")
+    parser.add_argument("--wait-s", type=float, default=300.0, help="how long to wait for the endpoint")
+    parser.add_argument("--delete", action="store_true", help="delete the application instead of deploying it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg, done = job_config(build_parser(), argv)
+    if done is not None:
+        return done
+    import os
+
+    from ray import serve
+
+    from imgcls_core.config import ConfigError
+    from serve.app import application, resolve_settings
+    from serve.client import Client, EndpointError, format_predictions
+
+    init_ray(args.address)
+    if args.delete:
+        serve.delete(args.name)
+        print(f"deleted Serve application {args.name!r}")
+        return 0
+    builder_args = {"config": args.config, "overrides": args.overrides}
+    if args.model:
+        builder_args["model_name"] = args.model
+    try:
+        settings = resolve_settings(builder_args)
+    except ConfigError as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"deploying {args.name!r}: {settings['model_name']}@{cfg.serve.alias} from "
+          f"{settings['tracking_uri'] or 'the default tracking URI'} ...", flush=True)
+    try:
+        serve.run(application(settings), name=args.name, route_prefix=args.route_prefix)
+    except RuntimeError as exc:
+        print(f"error: the application did not start: {exc}", file=sys.stderr)
+        return 1
+    url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
+    client = Client(url, token=os.environ.get(cfg.serve.token_env))
+    deadline = time.monotonic() + args.wait_s
+    while not client.ready():
+        if time.monotonic() > deadline:
+            print(f"error: {url}/readyz did not answer within {args.wait_s:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+    info = client.model()
+    print(f"serving {info['name']} v{info['version']} at {url}/v1/predict "
+          f"(docs {url}/docs) after {time.perf_counter() - started:.1f} s")
+    if args.predict:
+        try:
+            print(format_predictions(client.predict(args.predict)))
+        except EndpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The Serve app on the shared local Ray instance: a real MLflow registry, real HTTP, real PNG digits.
+
+One module-scoped deployment (bearer token on, alias polled every second) serves
+a cnn3 trained on the digits in this module; a second, deliberately tiny one
+takes the overload burst.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from imgcls_core.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = "digits-serve"
+TOKEN = "test-token-not-a-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def train_and_register(digits_root, tmp, uri: str, seed: int, epochs: int) -> tuple[str, str]:
+    """Train a cnn3 locally, log it to MLflow and register it: (version, model file)."""
+    from imgcls_core.registry import register_model_file
+    from imgcls_core.runner import train_and_evaluate
+
+    cfg = load_config(None, ["data.format=digits", f"data.root={digits_root}", "data.batch_size=64",
+                             "model.name=cnn3", "optim.lr=0.1", "augment.strength=0", f"train.epochs={epochs}",
+                             f"train.seed={seed}", f"train.output_dir={tmp / f'run{seed}'}"])
+    result = train_and_evaluate(cfg, log=lambda _line: None)
+    version = register_model_file(uri, MODEL, result.files["model"], experiment="serve", run_name=f"seed{seed}",
+                                  tags=result.test.metrics("test/"))
+    return str(version.version), str(result.files["model"])
+
+
+@pytest.fixture(scope="module")
+def registry(digits_root, tmp_path_factory):
+    from imgcls_core.registry import CHAMPION, Registry
+
+    tmp = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    version, model_file = train_and_register(digits_root, tmp, uri, seed=0, epochs=6)
+    Registry(uri, MODEL).set_alias(CHAMPION, version)
+    return {"uri": uri, "tmp": tmp, "model_file": model_file}
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_session, registry):
+    import socket
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "poll_interval_s": 1.0}
+    import os
+
+    os.environ["IMGCLS_SERVE_TOKEN"] = TOKEN  # read by the builder, handed to the replicas
+    try:
+        serve.run(build_app({**common, "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "max_files": 40,
+                             "max_body_bytes": 2_000_000, "max_pixels": 4_000_000, "max_replicas": 1}),
+                  name="imgcls", route_prefix="/")
+    finally:
+        del os.environ["IMGCLS_SERVE_TOKEN"]
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def png(array: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def post(url: str, files=None, data=None, headers=None, params=None, timeout=60) -> requests.Response:
+    return requests.post(f"{url}/v1/predict", files=files, data=data, headers={**AUTH, **(headers or {})},
+                         params=params, timeout=timeout)
+
+
+def test_served_top1_matches_offline_core_image_for_image(serve_url, registry, digits_root):
+    from imgcls_core.predict import Predictor
+
+    files = sorted((digits_root / "test").glob("*/*.png"))
+    labels = [int(f.parent.name) for f in files]
+    offline = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
+
+    def classify(chunk):
+        r = post(serve_url, files=[("file", (f.name, f.read_bytes(), "image/png")) for f in chunk],
+                 params={"top_k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == {"name": MODEL, "version": "1", "alias": "champion"}
+        assert [p["file"] for p in body["predictions"]] == [f.name for f in chunk]
+        assert all(len(p["top_k"]) == 3 for p in body["predictions"])
+        return [p["top_k"][0]["index"] for p in body["predictions"]]
+
+    chunks = [files[i:i + 8] for i in range(0, len(files), 8)]
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests: batches form across them
+        served = [i for part in pool.map(classify, chunks) for i in part]
+    accuracy = float(np.mean(np.array(served) == np.array(labels)))
+    assert accuracy >= 0.97, accuracy
+    assert served == offline  # image for image
+
+    raw = requests.post(f"{serve_url}/v1/predict", data=files[0].read_bytes(),
+                        headers={**AUTH, "Content-Type": "image/png"}, timeout=30)
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["top_k"][0]["index"] == offline[0]
+
+    stats = requests.get(f"{serve_url}/v1/stats", headers=AUTH, timeout=10).json()
+    assert stats["batches"]["images"] >= len(files)
+    assert stats["batches"]["max_batch_size"] > 1, stats  # batches really formed across requests
+    assert stats["batches"]["max_batch_size"] <= 16
+
+    info = requests.get(f"{serve_url}/v1/model", headers=AUTH, timeout=10).json()
+    assert info["name"] == MODEL and info["version"] == "1" and info["alias"] == "champion"
+    assert info["classes"] == [str(i) for i in range(10)] and info["input_size"] == 32
+    assert info["test_metrics"]["acc1"] >= 0.97
+    assert requests.get(f"{serve_url}/readyz", timeout=10).json()["version"] == "1"
+    assert requests.get(f"{serve_url}/docs", timeout=10).status_code == 200
+    assert "/v1/predict" in requests.get(f"{serve_url}/openapi.json", timeout=10).json()["paths"]
+
+
+def hostile_cases(digit_png: bytes) -> dict[str, dict]:
+    """name -> requests.post kwargs, and whether it is a valid image that must be served (200)."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((48, 40, 3)) * 255).astype(np.uint8)
+    photo = Image.fromarray(rgb)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    frames = [photo.convert("P"), photo.rotate(90).convert("P")]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+
+    def with_size(data: bytes, width: int, height: int) -> bytes:
+        """A real PNG whose header declares another size (IHDR patched, CRC fixed)."""
+        ihdr = bytearray(data[12:29])
+        ihdr[4:12] = struct.pack(">II", width, height)
+        return data[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr))) + data[33:]
+
+    huge, zero = with_size(digit_png, 100_000, 100_000), with_size(digit_png, 0, 0)
+
+    def file(data: bytes, ctype: str = "application/octet-stream", name: str = "x"):
+        return {"files": [("file", (name, data, ctype))]}
+
+    def raw(data: bytes, ctype: str):
+        return {"data": data, "headers": {"Content-Type": ctype}}
+
+    return {
+        "empty body": (raw(b"", "image/png"), 400),
+        "empty file part": (file(b""), 400),
+        "not an image": (file(b"this is plain text, not pixels" * 10, "text/plain"), 400),
+        "truncated png": (file(digit_png[: len(digit_png) // 2], "image/png"), 400),
+        "zero-size png": (file(zero, "image/png"), 400),
+        "huge dimensions": (file(huge, "image/png"), 413),
+        "cmyk jpeg": (file(encode(photo.convert("CMYK"), "JPEG"), "image/jpeg"), 200),
+        "16-bit png": (file(png((rng.random((30, 30)) * 65535).astype(np.uint16)), "image/png"), 200),
+        "palette png": (file(encode(photo.convert("P"), "PNG"), "image/png"), 200),
+        "animated gif": (file(gif.getvalue(), "image/gif"), 200),
+        "exif-rotated jpeg": (file(encode(photo, "JPEG", exif=exif.tobytes()), "image/jpeg"), 200),
+        "grayscale png": (file(encode(photo.convert("L"), "PNG"), "image/png"), 200),
+        "webp": (raw(encode(photo, "WEBP"), "image/webp"), 200),
+        "wrong content type": (raw(digit_png, "application/json"), 415),
+        "oversize body": (raw(b"\x89PNG" + bytes(2_100_000), "image/png"), 413),
+        "malformed multipart": ({"data": b"--zzz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
+                                         b"\r\nabc",  # never closed, wrong boundary
+                                 "headers": {"Content-Type": "multipart/form-data; boundary=yyy"}}, 400),
+        "multipart without files": ({"files": {"note": (None, "no image here")}}, 400),
+        "form-urlencoded": ({"data": {"image": "3.png"}}, 415),
+        "too many files": ({"files": [("file", (f"{i}.png", digit_png, "image/png")) for i in range(41)]}, 413),
+        "bad top_k": ({**file(digit_png, "image/png"), "params": {"top_k": "eleven"}}, 400),
+        "top_k too large": ({**file(digit_png, "image/png"), "params": {"top_k": "11"}}, 400),
+        "missing token": ({**file(digit_png, "image/png"), "headers": {"Authorization": ""}}, 401),
+        "wrong token": ({**file(digit_png, "image/png"), "headers": {"Authorization": "Bearer nope"}}, 401),
+    }
+
+
+def test_hostile_inputs_get_4xx_json_and_the_service_stays_healthy(serve_url, digits_root):
+    digit = sorted((digits_root / "test").glob("3/*.png"))[0].read_bytes()
+    outcomes = {}
+    for name, (kwargs, expected) in hostile_cases(digit).items():
+        r = post(serve_url, **kwargs)
+        outcomes[name] = r.status_code
+        assert r.status_code == expected, (name, r.status_code, r.text)
+        body = r.json()
+        if expected == 200:
+            top = body["predictions"][0]["top_k"]
+            assert len(top) == 5 and abs(sum(p["probability"] for p in top) - 1) < 0.5, (name, body)
+        else:
+            assert set(body) == {"error", "detail"} and body["detail"], (name, body)
+    assert len(outcomes) >= 15 and all(code < 500 for code in outcomes.values()), outcomes
+    assert requests.get(f"{serve_url}/v1/model", timeout=10).status_code == 401
+    assert requests.get(f"{serve_url}/nowhere", timeout=10).json()["error"] == "not_found"
+    assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
+    ok = post(serve_url, files=[("file", ("3.png", digit, "image/png"))])
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["top_k"][0]["label"] == "3"
+
+
+def test_alias_swap_under_continuous_requests(serve_url, registry, digits_root):
+    from imgcls_core.registry import CHAMPION, Registry
+
+    digit = sorted((digits_root / "test").glob("7/*.png"))[0].read_bytes()
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = post(serve_url, files=[("file", ("7.png", digit, "image/png"))], timeout=30)
+                (seen if r.status_code == 200 else failures).append(
+                    r.json()["model"]["version"] if r.status_code == 200 else (r.status_code, r.text))
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        version, _ = train_and_register(digits_root, registry["tmp"], registry["uri"], seed=1, epochs=1)
+        assert version == "2"
+        Registry(registry["uri"], MODEL).set_alias(CHAMPION, version)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not seen or seen[-1] != "2"):
+            time.sleep(0.5)
+        time.sleep(2)  # keep requesting after the swap too
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures, failures[:5]
+    assert seen[0] == "1" and seen[-1] == "2", (seen[:3], seen[-3:])
+    swap = seen.index("2")
+    assert all(v == "2" for v in seen[swap:]), "a replica went back to the old version"
+    info = requests.get(f"{serve_url}/v1/model", headers=AUTH, timeout=10).json()
+    assert info["version"] == "2" and info["following"]["swaps"] >= 1
+
+
+def test_overload_answers_503_with_retry_after_and_recovers(serve_url, registry, digits_root):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25,
+                         "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 2,
+                         "retry_after_s": 2, "request_timeout_s": 20, "max_replicas": 1, "poll_interval_s": 0}),
+              name="overload", route_prefix="/overload")
+    url = f"{serve_url}/overload"
+    digits = [f.read_bytes() for f in sorted((digits_root / "test").glob("*/*.png"))[:32]]
+    payload = [("file", (f"{i}.png", d, "image/png")) for i, d in enumerate(digits)]
+
+    def one(_):
+        started = time.monotonic()
+        r = requests.post(f"{url}/v1/predict", files=payload, timeout=60)
+        return r.status_code, r.headers.get("Retry-After"), time.monotonic() - started
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    assert all(ra == "2" for c, ra, _ in results if c == 503)
+    assert max(s for _, _, s in results) < 20 + 5, results  # nothing hangs past the request timeout
+    time.sleep(1)
+    again = requests.post(f"{url}/v1/predict", files=payload[:1], timeout=30)
+    assert again.status_code == 200, again.text
+    serve.delete("overload")
+
+
+def test_serve_arguments_are_validated():
+    from imgcls_core.config import ConfigError
+    from serve.app import resolve_settings
+
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        resolve_settings({"model_name": "m", "max_batch_sise": 8})
+    with pytest.raises(ConfigError, match="serve.max_batch_size"):
+        resolve_settings({"model_name": "m", "max_batch_size": 0})
+    assert resolve_settings({})["model_name"] == "imgcls"  # as jobs.promote registers by default
+    assert json.dumps(resolve_settings({"model_name": "m"}))  # plain data for the replicas
