@@ -1,11 +1,14 @@
-# make demo   set up .venv and run the main job on the bundled digits data
+# make demo   set up .venv and run the whole pipeline on the bundled digits data
+#             (local Ray head + MLflow server, train, tune, promote, serve, predictions)
+# make stop   stop the Ray head and MLflow server that make demo started
 # make test   set up .venv and run the whole test suite
+# make local  train + evaluate on the digits in one process, without Ray
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test clean-runs
+.PHONY: setup demo stop local test clean-runs
 
 setup: $(STAMP)
 
@@ -15,6 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
+	$(BIN)/python cluster/local/demo.py
+
+stop:
+	bash cluster/local/stop.sh
+
+local: setup
 	$(BIN)/python -m jobs.train_local --config configs/digits.yaml
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.

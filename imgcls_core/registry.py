@@ -81,6 +81,8 @@ class Registry:
     def version_for_run(self, run_id: str):
         """The version already registered from ``run_id``, if any."""
         found = self.client.search_model_versions(f"name = '{self.name}' and tags.`{SOURCE_RUN_TAG}` = '{run_id}'")
+        if not found:  # registered by `jobs.train --register`, which names the run but sets no tag
+            found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
         return min(found, key=lambda v: int(v.version)) if found else None
 
     def register(self, run_id: str, tags: dict[str, Any]) -> tuple[Any, bool]:

@@ -294,3 +294,50 @@ def test_serve_arguments_are_validated():
         resolve_settings({"model_name": "m", "max_batch_size": 0})
     assert resolve_settings({})["model_name"] == "imgcls"  # as jobs.promote registers by default
     assert json.dumps(resolve_settings({"model_name": "m"}))  # plain data for the replicas
+
+
+def test_jobs_deploy_serves_and_classifies(serve_url, registry, digits_root, capsys):
+    from jobs.deploy import main
+
+    port = serve_url.rsplit(":", 1)[1]
+    files = [str(f) for f in sorted((digits_root / "test").glob("*/*.png"))[::60][:4]]
+    args = ["--set", "serve.num_cpus=0.25", "--set", "serve.max_replicas=1", "--set", "serve.poll_interval_s=0",
+            "--set", f"tracking.tracking_uri={registry['uri']}", "--model", MODEL,
+            "--name", "deployjob", "--route-prefix", "/deployjob", "--port", port]
+    assert main([*args, "--predict", *files]) == 0
+    out = capsys.readouterr().out
+    assert f"serving {MODEL} v" in out and f"{serve_url}/deployjob/v1/predict" in out
+    for f in files:  # one line per image, naming the file and its best class
+        assert any(line.strip().startswith(f"{f.rsplit('/', 1)[1]}:") for line in out.splitlines()), out
+    assert requests.get(f"{serve_url}/deployjob/readyz", timeout=10).status_code == 200
+    assert main([*args, "--delete"]) == 0
+    assert main(["--set", "serve.max_batch_size=0"]) == 2  # a bad config never reaches Ray
+
+
+def test_serve_config_file_is_valid_for_serve_run():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import resolve_settings
+
+    config = yaml.safe_load(open("serve/config.yaml"))
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app"
+    settings = resolve_settings(app.args)
+    assert settings["model_name"] == "digits" and settings["serve"]["alias"] == "champion"
+
+
+def test_a_version_registered_at_training_is_found_not_duplicated(registry):
+    """`jobs.train --register` registers through log_model; promotion must find that version."""
+    from imgcls_core.config import TrackingConfig
+    from imgcls_core.registry import Registry
+    from imgcls_core.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(enabled=True, tracking_uri=registry["uri"], experiment="serve"),
+                      log=lambda _l: None).start(run_name="registered-at-training")
+    assert tracker.log_model(registry["model_file"], register_as="trained-registered") is not None
+    tracker.close()
+    version, created = Registry(registry["uri"], "trained-registered").register(tracker.run_id, {})
+    assert not created and str(version.version) == "1"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Start a local Ray head (token auth on, dashboard on 127.0.0.1) and a real MLflow tracking
+# server (sqlite backend store, local artifact folder, 127.0.0.1), unless they already run.
+# Pids and logs go to $IMGCLS_STATE_DIR (default .imgcls/); stop.sh ends exactly these.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. cluster/local/env.sh
+BIN="$(pwd)/${IMGCLS_VENV:-.venv}/bin"
+export PATH="$BIN:$PATH"
+mkdir -p "$IMGCLS_STATE_DIR"
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+wait_for() {  # wait_for NAME URL SECONDS PIDFILE: any HTTP answer (even 401) means it is up
+    local deadline=$((SECONDS + $3))
+    until curl -s -o /dev/null -m 2 "$2"; do
+        if ! alive "$4"; then echo "error: $1 exited; see ${4%.pid}.log" >&2; tail -20 "${4%.pid}.log" >&2; exit 1; fi
+        if [ $SECONDS -ge $deadline ]; then echo "error: $1 not answering at $2 after $3 s" >&2; exit 1; fi
+        sleep 1
+    done
+}
+
+if alive "$IMGCLS_STATE_DIR/mlflow.pid"; then
+    echo "MLflow server already running (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"
+else
+    setsid mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+        --backend-store-uri "sqlite:///$IMGCLS_STATE_DIR/mlflow.db" \
+        --artifacts-destination "$IMGCLS_STATE_DIR/mlartifacts" \
+        > "$IMGCLS_STATE_DIR/mlflow.log" 2>&1 < /dev/null &
+    echo $! > "$IMGCLS_STATE_DIR/mlflow.pid"
+    wait_for "MLflow server" "$MLFLOW_TRACKING_URI/health" 120 "$IMGCLS_STATE_DIR/mlflow.pid"
+    echo "MLflow server started (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"
+fi
+
+if alive "$IMGCLS_STATE_DIR/ray.pid"; then
+    echo "Ray head already running (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_ADDRESS"
+else
+    # --block keeps the head in the foreground of its own session: stop.sh ends that session only.
+    RAY_ADDRESS= setsid ray start --head --block --port="$RAY_GCS_PORT" --num-cpus="${RAY_NUM_CPUS:-4}" \
+        --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
+        --disable-usage-stats > "$IMGCLS_STATE_DIR/ray.log" 2>&1 < /dev/null &
+    echo $! > "$IMGCLS_STATE_DIR/ray.pid"
+    wait_for "Ray head" "$RAY_ADDRESS/api/version" 180 "$IMGCLS_STATE_DIR/ray.pid"
+    echo "Ray head started (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_ADDRESS (token auth)"
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Stop what start.sh started, by the process groups recorded in $IMGCLS_STATE_DIR, and nothing else.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. cluster/local/env.sh
+
+stop_group() {  # stop_group NAME PIDFILE GRACE_SECONDS
+    local pidfile="$2" pid
+    if [ ! -f "$pidfile" ]; then echo "$1: not started by start.sh"; return; fi
+    pid="$(cat "$pidfile")"
+    if ! kill -0 "$pid" 2>/dev/null; then echo "$1: not running"; rm -f "$pidfile"; return; fi
+    kill -TERM -- "-$pid" 2>/dev/null
+    for _ in $(seq "$3"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null; echo "$1: killed (pid $pid)"; else echo "$1: stopped (pid $pid)"; fi
+    rm -f "$pidfile"
+}
+
+stop_group "Ray head" "$IMGCLS_STATE_DIR/ray.pid" 90     # the head drains its workers first
+stop_group "MLflow server" "$IMGCLS_STATE_DIR/mlflow.pid" 20

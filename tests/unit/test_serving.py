@@ -1,0 +1,94 @@
+"""imgcls_core.serving without Ray or HTTP: upload decoding errors, the served model, batch statistics."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgcls_core.config import ModelConfig
+from imgcls_core.engine.checkpoint import Preprocessing
+from imgcls_core.models import build_model
+from imgcls_core.predict import Predictor
+from imgcls_core.serving import BatchStats, RequestError, ServedModel, decode_upload, resolve_device
+
+
+def png(width: int = 20, height: int = 12) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data,status,error", [
+    (b"", 400, "empty_image"),
+    (b"GIF89a not really", 400, "invalid_image"),
+    (b"plain text", 400, "invalid_image"),
+])
+def test_bad_uploads_are_client_errors(data, status, error):
+    with pytest.raises(RequestError) as info:
+        decode_upload(data, max_pixels=10_000, name="upload.bin")
+    assert (info.value.status, info.value.error) == (status, error)
+    assert info.value.body() == {"error": error, "detail": info.value.detail}
+    assert info.value.detail.startswith("upload.bin: ")
+
+
+def test_pixel_limit_is_413_and_a_valid_image_decodes():
+    with pytest.raises(RequestError) as info:
+        decode_upload(png(200, 100), max_pixels=19_999)
+    assert info.value.status == 413 and info.value.error == "image_too_large"
+    assert "200x100" in info.value.detail
+    assert decode_upload(png(200, 100), max_pixels=20_000).shape == (3, 100, 200)
+
+
+def served_model() -> ServedModel:
+    torch.manual_seed(0)
+    pre = Preprocessing(16, [0.5] * 3, [0.25] * 3, 1.0, ["cat", "dog", "eel"])
+    model = build_model(ModelConfig(name="cnn3", width=0.25), 3, 16)
+    return ServedModel(Predictor(model, pre), "animals", "7", "champion", "run1",
+                       {"test/acc1": "0.91", "test/n": "120", "imgcls.source_run_id": "run1"})
+
+
+def test_classify_top_k_is_sorted_and_matches_the_predictor():
+    served = served_model()
+    batch = torch.stack([served.preprocess(decode_upload(png(), max_pixels=10**6)) for _ in range(3)])
+    rows = served.classify(batch, top_k=2)
+    assert len(rows) == 3 and all(len(r) == 2 for r in rows)
+    probs = served.predictor.probabilities(batch)
+    for row, p in zip(rows, probs):
+        assert row[0]["probability"] >= row[1]["probability"]
+        assert row[0]["index"] == int(p.argmax()) and row[0]["label"] == ["cat", "dog", "eel"][row[0]["index"]]
+        assert row[0]["probability"] == pytest.approx(float(p.max()))
+    served.warm_up()
+
+
+def test_info_carries_identity_preprocessing_and_test_metrics():
+    info = served_model().info()
+    assert (info["name"], info["version"], info["alias"], info["run_id"]) == ("animals", "7", "champion", "run1")
+    assert info["classes"] == ["cat", "dog", "eel"] and info["input_size"] == 16
+    assert info["test_metrics"] == {"acc1": 0.91, "n": 120.0}
+
+
+def test_batch_stats_count_sizes_across_threads():
+    stats = BatchStats()
+    threads = [threading.Thread(target=lambda: [stats.record(s) for s in (1, 4, 4, 32)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = stats.snapshot()
+    assert snap["batches"] == 16 and snap["images"] == 4 * 41
+    assert snap["histogram"] == {"1": 4, "4": 8, "32": 4} and snap["max_batch_size"] == 32
+    assert snap["mean_batch_size"] == pytest.approx(41 / 4)
+    assert BatchStats().snapshot()["mean_batch_size"] == 0.0
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="num_gpus"):
+            resolve_device("cuda")
