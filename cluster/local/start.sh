@@ -23,10 +23,10 @@ wait_for() {  # wait_for NAME URL SECONDS PIDFILE: any HTTP answer (even 401) me
 if alive "$IMGCLS_STATE_DIR/mlflow.pid"; then
     echo "MLflow server already running (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"
 else
-    setsid mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-        --backend-store-uri "sqlite:///$IMGCLS_STATE_DIR/mlflow.db" \
-        --artifacts-destination "$IMGCLS_STATE_DIR/mlartifacts" \
-        > "$IMGCLS_STATE_DIR/mlflow.log" 2>&1 < /dev/null &
+    # The production server script, here with sqlite + a local artifact folder and one worker.
+    MLFLOW_BACKEND_STORE_URI="sqlite:///$IMGCLS_STATE_DIR/mlflow.db" MLFLOW_HOST=127.0.0.1 \
+        MLFLOW_ARTIFACTS_DESTINATION="$IMGCLS_STATE_DIR/mlartifacts" MLFLOW_WORKERS=1 MLFLOW_BIN="$BIN/mlflow" \
+        setsid bash cluster/mlflow/server.sh > "$IMGCLS_STATE_DIR/mlflow.log" 2>&1 < /dev/null &
     echo $! > "$IMGCLS_STATE_DIR/mlflow.pid"
     wait_for "MLflow server" "$MLFLOW_TRACKING_URI/health" 120 "$IMGCLS_STATE_DIR/mlflow.pid"
     echo "MLflow server started (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"

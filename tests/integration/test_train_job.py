@@ -106,7 +106,9 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, digits_root
         inject_kill={"rank": 1, "epoch": 2, "step": 40, "marker": str(marker)},  # mid-epoch 3 of 5
     )
     assert marker.exists(), "the fault was not injected"
-    assert faulty["resumed_from"] == 2 and faulty["epochs"] == 5
+    # Resumed, not restarted: from the epoch-2 checkpoint or a mid-epoch one before it. Ray Train
+    # collects reports asynchronously, so the last one before the crash may not be registered yet.
+    assert 1 <= faulty["resumed_from"] <= 2 and faulty["epochs"] == 5, faulty
     clean = run_training(ray_config(tmp_path / "clean", mlflow_uri, data, "ray.name=digits-clean"))
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],

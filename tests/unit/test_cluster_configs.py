@@ -1,0 +1,389 @@
+"""The cluster configs in cluster/ (AWS launcher, KubeRay manifests, MLflow server) are valid and agree.
+
+No Ray instance and no cloud access: the AWS YAML goes through Ray's own cluster-config
+preparation and schema validation (ray.autoscaler._private.util.prepare_config, which fills in
+ray/autoscaler/aws/defaults.yaml offline, then validate_config against ray-schema.json); the
+KubeRay manifests are checked against the CRD fields they use and against the repository (job
+modules, config files and `--set` keys, the Serve builder and its args); the MLflow server script
+is started for real on sqlite.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+AWS_YAML = REPO / "cluster" / "aws" / "imgcls.yaml"
+KUBERAY = REPO / "cluster" / "kuberay"
+DOCKERFILE = KUBERAY / "Dockerfile"
+MLFLOW_SERVER = REPO / "cluster" / "mlflow" / "server.sh"
+
+# What each KubeRay file must hold (kind -> count); shared-storage.yaml is the PVC they mount.
+MANIFESTS = {
+    "raycluster.yaml": {"RayCluster": 1},
+    "rayjob-train.yaml": {"RayJob": 1},
+    "rayjob-tune.yaml": {"RayJob": 1},
+    "rayservice.yaml": {"RayService": 1},
+    "shared-storage.yaml": {"PersistentVolumeClaim": 1},
+}
+RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+
+
+# --------------------------------------------------------------------------- AWS cluster launcher
+
+
+@pytest.fixture(scope="module")
+def aws() -> dict:
+    return yaml.safe_load(AWS_YAML.read_text())
+
+
+def test_aws_yaml_passes_rays_cluster_config_validation(aws):
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(aws))  # merges aws/defaults.yaml; no boto3, no network
+    validate_config(prepared)  # jsonschema against ray/autoscaler/ray-schema.json
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+    # The validation is real: a misspelt top-level key is rejected.
+    broken = copy.deepcopy(prepared)
+    broken["idle_timeout_minute"] = 5
+    with pytest.raises(ValidationError):
+        validate_config(broken)
+
+
+def test_aws_yaml_has_the_gpu_node_types(aws):
+    assert aws["cluster_name"] == "imgcls"
+    types = aws["available_node_types"]
+    instance = {name: t["node_config"]["InstanceType"] for name, t in types.items()}
+    head = aws["head_node_type"]
+    assert not re.match(r"(g\d|p\d)", instance[head]), f"the head should be a CPU instance, got {instance[head]}"
+    workers = {name: t for name, t in types.items() if name != head}
+    gpu_types = set(instance[name] for name in workers)
+    assert any(t.startswith("g5.") for t in gpu_types), gpu_types  # A10G
+    assert {"p4d.24xlarge", "p5.48xlarge"} <= gpu_types  # A100, H100
+    for name, node in workers.items():
+        assert node["min_workers"] == 0, f"{name}: GPU nodes should scale from zero"
+        assert 1 <= node["max_workers"] <= aws["max_workers"], name
+    assert aws["idle_timeout_minutes"] > 0
+    images = {t["node_config"]["ImageId"] for t in types.values()}
+    assert len(images) == 1, f"every node type should boot the same image: {images}"
+
+
+def test_aws_yaml_keeps_token_auth_and_a_loopback_dashboard(aws):
+    assert aws["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    starts = [c for c in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        before = command.split("ray start")[0]
+        assert re.search(r"\bRAY_AUTH_MODE=token\b", before), f"no RAY_AUTH_MODE=token before ray start: {command}"
+    for command in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]:
+        assert "RAY_AUTH_MODE=token" in command, command  # `ray stop` too talks to the cluster
+    head_start = next(c for c in aws["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in " ".join(starts)
+
+
+def test_aws_yaml_installs_the_project_from_the_synced_checkout(aws):
+    assert aws["file_mounts"].get("~/imgcls") == "."
+    setup = " && ".join(aws["setup_commands"])
+    assert "python3.11 -m venv" in setup
+    assert re.search(r"pip install -e ~/imgcls(\s|$)", setup), setup
+    # The venv lives outside the synced folder, and the job entrypoints' `python` is the venv's.
+    assert "~/venvs/imgcls" in setup and "/venvs/imgcls/bin" in " ".join(aws["head_start_ray_commands"])
+    # The autoscaler on the head needs boto3, pinned like everything else.
+    assert any(re.search(r"boto3==\d", c) for c in aws["head_setup_commands"])
+
+
+def test_aws_rsync_excludes_are_anchored_and_spare_the_packages(aws):
+    excludes = aws["rsync_exclude"]
+    for top in (".venv", "data", "results", "runs", ".git", ".imgcls"):
+        assert f"/{top}" in excludes, f"/{top} missing from rsync_exclude"
+    # An unanchored pattern matches at any depth: "data" would drop imgcls_core/data/.
+    package_dirs = {p.name for pkg in ("imgcls_core", "jobs", "serve", "tune_spaces", "configs")
+                    for p in (REPO / pkg).rglob("*") if p.is_dir()}
+    bare = [e for e in excludes if not e.startswith("/") and e.strip("*/") in package_dirs]
+    assert not bare, f"unanchored rsync_exclude patterns match package folders: {bare}"
+    assert (REPO / "imgcls_core" / "data").is_dir() and "data" in package_dirs
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+def load_manifests() -> dict[str, list[dict]]:
+    docs = {}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        docs[path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    return load_manifests()
+
+
+def ray_objects(manifests) -> list[tuple[str, dict]]:
+    return [(name, d) for name, docs in manifests.items() for d in docs if d.get("kind") in RAY_KINDS]
+
+
+def cluster_spec(obj: dict) -> dict:
+    spec = obj["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[obj["kind"]]()
+
+
+def pod_specs(spec: dict) -> list[tuple[str, dict]]:
+    pods = [("head", spec["headGroupSpec"]["template"]["spec"])]
+    pods += [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+    return pods
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def image_workdir() -> tuple[str, str]:
+    """(the image tag the Dockerfile says it builds, its WORKDIR)."""
+    text = DOCKERFILE.read_text()
+    tag = re.search(r"docker build .*-t (\S+)", text).group(1)
+    workdir = re.search(r"^WORKDIR (\S+)", text, re.M).group(1)
+    return tag, workdir.rstrip("/") + "/"
+
+
+def test_every_manifest_parses_with_the_right_kinds(manifests):
+    assert set(manifests) == set(MANIFESTS), f"unexpected or missing files: {set(manifests) ^ set(MANIFESTS)}"
+    for name, expected in MANIFESTS.items():
+        kinds: dict[str, int] = {}
+        for doc in manifests[name]:
+            kinds[doc["kind"]] = kinds.get(doc["kind"], 0) + 1
+            if doc["kind"] in RAY_KINDS:
+                assert doc["apiVersion"] == "ray.io/v1", f"{name}: {doc['apiVersion']}"
+            assert doc["metadata"]["name"], name
+        assert kinds == expected, f"{name}: {kinds}"
+
+
+def test_ray_clusters_have_the_required_crd_fields(manifests):
+    import ray
+
+    objects = ray_objects(manifests)
+    assert len(objects) == 4
+    for name, obj in objects:
+        spec = cluster_spec(obj)
+        assert spec["rayVersion"] == ray.__version__, f"{name}: rayVersion {spec['rayVersion']} != {ray.__version__}"
+        assert spec.get("enableInTreeAutoscaling") is True, name
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict), name
+        assert head["template"]["spec"]["containers"], name
+        assert spec["workerGroupSpecs"], f"{name}: no worker group"
+        for group in spec["workerGroupSpecs"]:
+            for key in ("groupName", "minReplicas", "maxReplicas", "replicas", "rayStartParams"):
+                assert key in group, f"{name}: worker group lacks {key}"
+            assert isinstance(group["rayStartParams"], dict)
+            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], f"{name}: {group}"
+            container = group["template"]["spec"]["containers"][0]
+            limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+            assert int(limits["nvidia.com/gpu"]) >= 1, f"{name}/{group['groupName']}: no GPU limit"
+            # Kubernetes needs extended resources' requests equal to their limits.
+            assert str(requests.get("nvidia.com/gpu")) == str(limits["nvidia.com/gpu"]), name
+
+
+def test_every_container_requests_resources_and_keeps_token_auth(manifests):
+    for name, obj in ray_objects(manifests):
+        spec = cluster_spec(obj)
+        auth = spec["authOptions"]
+        assert auth["mode"] == "token", name
+        for group, pod in pod_specs(spec):
+            volumes = {v["name"] for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                where = f"{name}/{group}/{container['name']}"
+                resources = container["resources"]
+                for kind in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(resources[kind]), f"{where}: {kind} lacks cpu/memory"
+                env = env_of(container)
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE != token"
+                ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": auth["secretName"], "key": "auth_token"}, f"{where}: {ref}"
+                assert "value" not in env["RAY_AUTH_TOKEN"], f"{where}: a literal token"
+                for mount in container.get("volumeMounts", []):
+                    assert mount["name"] in volumes, f"{where}: mounts undeclared volume {mount['name']}"
+
+
+def test_no_secret_is_written_into_a_manifest(manifests):
+    for name, docs in manifests.items():
+        for doc in docs:
+            assert doc["kind"] != "Secret", f"{name}: Secrets are created with kubectl, never committed"
+    text = "\n".join(p.read_text() for p in KUBERAY.glob("*.yaml"))
+    assert not re.search(r"(?i)(token|password)\s*:\s*['\"]?[A-Za-z0-9+/=_-]{16,}", text)
+
+
+def test_one_image_everywhere_built_by_the_dockerfile(manifests, image_workdir):
+    import ray
+
+    tag, _ = image_workdir
+    images = set()
+    for name, obj in ray_objects(manifests):
+        for _, pod in pod_specs(cluster_spec(obj)):
+            images |= {c["image"] for c in pod["containers"]}
+    assert images == {tag}, f"manifests use {images}, the Dockerfile builds {tag}"
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu", base
+    assert re.search(r"pip install [^\n]*-e \.", text), "the image must pip-install the project"
+    for package in ("imgcls_core", "jobs", "serve", "tune_spaces", "configs"):
+        assert re.search(rf"^COPY .*\b{package}\b", text, re.M), f"the image lacks {package}/"
+
+
+def test_pods_mount_the_shared_claim(manifests):
+    claim = manifests["shared-storage.yaml"][0]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for name, obj in ray_objects(manifests):
+        for group, pod in pod_specs(cluster_spec(obj)):
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            assert claims == {claim["metadata"]["name"]}, f"{name}/{group}: {claims}"
+
+
+def _repo_path(path: str, workdir: str) -> Path:
+    assert path.startswith(workdir), f"{path} is not inside the image's checkout {workdir}"
+    return REPO / path[len(workdir):]
+
+
+def _commands(entrypoint: str) -> list[list[str]]:
+    return [shlex.split(part) for part in re.split(r"\s*&&\s*", entrypoint.strip())]
+
+
+def test_rayjob_entrypoints_name_real_modules_configs_and_keys(manifests, image_workdir):
+    from imgcls_core.config import load_config
+
+    _, workdir = image_workdir
+    jobs_seen = set()
+    for name, obj in ray_objects(manifests):
+        if obj["kind"] != "RayJob":
+            continue
+        spec = obj["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True, name
+        assert "rayClusterSpec" in spec or "clusterSelector" in spec, name
+        commands = _commands(spec["entrypoint"])
+        for argv in commands:
+            assert argv[:2] == ["python", "-m"], f"{name}: {argv}"
+            module = argv[2]
+            assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"{name}: no module {module} in the repo"
+            if "--config" in argv:
+                config = _repo_path(argv[argv.index("--config") + 1], workdir)
+                assert config.is_file(), f"{name}: {config} does not exist"
+                sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+                cfg = load_config(config, sets)  # unknown keys or bad values raise ConfigError
+                assert cfg.ray.use_gpu, f"{name}: a GPU cluster job should set ray.use_gpu=true"
+                jobs_seen.add(module)
+    assert jobs_seen == {"jobs.train", "jobs.tune"}
+
+
+def test_rayservice_serves_the_repos_builder_with_valid_args(manifests, image_workdir):
+    _, workdir = image_workdir
+    (service,) = [obj for _, obj in ray_objects(manifests) if obj["kind"] == "RayService"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    apps = serve_config["applications"]
+    assert apps
+    for app in apps:
+        module_name, attr = app["import_path"].split(":")
+        module = importlib.import_module(module_name)
+        builder = getattr(module, attr, None)
+        assert callable(builder), f"{app['import_path']} is not a callable in the repository"
+        args = dict(app["args"])
+        args["config"] = str(_repo_path(args["config"], workdir))
+        assert Path(args["config"]).is_file()
+        settings = module.resolve_settings(args)  # the builder's own argument check, without Ray
+        assert settings["model_name"] == args["model_name"]
+        assert settings["serve"]["num_gpus"] > 0
+    assert serve_config["http_options"]["port"] == 8000
+    head = cluster_spec(service)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert 8000 in {p["containerPort"] for p in head["ports"]}
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses in LISTEN state on this TCP port (IPv4 and IPv6), from /proc/net."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def _server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
+    env.update(MLFLOW_STATE_DIR=str(tmp_path / "state"), MLFLOW_BIN=str(Path(sys.executable).parent / "mlflow"),
+               MLFLOW_WORKERS="1", **extra)
+    return env
+
+
+def test_mlflow_server_refuses_a_password_in_the_uri(tmp_path):
+    env = _server_env(tmp_path, MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:s3cr3t@db.internal:5432/mlflow")
+    result = subprocess.run(["bash", str(MLFLOW_SERVER)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "PGPASSWORD" in result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_mlflow_server_starts_on_sqlite_bound_to_loopback(tmp_path):
+    port = _free_port()
+    artifacts = tmp_path / "artifacts"
+    env = _server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(["bash", str(MLFLOW_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        body = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    body = response.read().decode().strip()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert body == "OK", f"no /health answer in 60 s: {(tmp_path / 'server.log').read_text()[-2000:]}"
+        assert _listen_addresses(port) == {"0100007F"}, f"listening on {_listen_addresses(port)}, not 127.0.0.1 only"
+        assert (tmp_path / "state" / "mlflow.db").is_file(), "the default backend is sqlite in MLFLOW_STATE_DIR"
+        assert artifacts.is_dir()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
