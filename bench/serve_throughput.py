@@ -6,6 +6,9 @@ All in one run on this machine, with the same model file (the digits default:
 ResNet-18 at width 0.25, 32 x 32 input; weights are random, which does not
 change the cost) and one CPU thread for the model everywhere:
 
+``--width 1 --image-size 64`` repeats it with a model whose forward pass dominates the
+per-request work.
+
 (a) in process: the batched forward pass alone (batch = max_batch_size), and
     decode + preprocess + forward one image at a time;
 (b) the Serve app (1 replica, @serve.batch) under N concurrent closed-loop
@@ -43,7 +46,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_model_file(path: Path, image_size: int = 32) -> Path:
+def make_model_file(path: Path, image_size: int = 32, width: float = 0.25) -> Path:
     import torch
 
     from imgcls_core.config import ModelConfig
@@ -51,7 +54,7 @@ def make_model_file(path: Path, image_size: int = 32) -> Path:
     from imgcls_core.models import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name="resnet18", width=0.25)
+    cfg = ModelConfig(name="resnet18", width=width)
     model = build_model(cfg, 10, image_size)
     pre = Preprocessing(image_size, [0.5] * 3, [0.25] * 3, 1.0, [str(i) for i in range(10)])
     from dataclasses import asdict
@@ -157,35 +160,48 @@ def sweep(url: str, images: list[bytes], levels: list[int], seconds: float, labe
     return rows
 
 
+def run_naive(model_file: Path, images: list[bytes], args) -> list[dict]:
+    print("(c) naive FastAPI server (uvicorn, one image per request)", flush=True)
+    port = free_port()
+    env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/docs")
+        return sweep(f"http://127.0.0.1:{port}/v1/predict", images, args.concurrency, args.seconds, "naive")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 48])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-ongoing", type=int, default=128,
+                        help="replica max_ongoing_requests: above the clients, so the proxy never queues")
+    parser.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel width (1.0 = torchvision's)")
+    parser.add_argument("--image-size", type=int, default=32, help="network input side (the PNGs are resized to it)")
+    parser.add_argument("--name", default="serve_throughput", help="results file name under bench/results")
+    parser.add_argument("--skip-naive", action="store_true", help="measure the Serve app only")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-serve-"))
-    model_file = make_model_file(tmp / "model.pt")
+    model_file = make_model_file(tmp / "model.pt", args.image_size, args.width)
     images = digit_pngs()
     print("(a) in process, 1 thread", flush=True)
     local = in_process(model_file, images, args.max_batch_size, args.seconds)
     print(f"  batched forward {local['batched_forward_images_per_s']:.0f} img/s; one image end to end "
           f"{local['one_image_end_to_end_images_per_s']:.0f} img/s", flush=True)
 
-    print("(c) naive FastAPI server (uvicorn, one image per request)", flush=True)
-    port = free_port()
-    env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1"}
-    naive_proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
-                                   "--port", str(port), "--log-level", "warning"], env=env)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/docs")
-        naive = sweep(f"http://127.0.0.1:{port}/v1/predict", images, args.concurrency, args.seconds, "naive")
-    finally:
-        naive_proc.terminate()
-        naive_proc.wait(timeout=30)
+    naive = [{"concurrency": c, "images_per_s": 0.0, "p50_ms": None, "p99_ms": None} for c in args.concurrency]
+    if not args.skip_naive:
+        naive = run_naive(model_file, images, args)
 
     print("(b) Serve app, 1 replica, batching", flush=True)
+
     import ray
     from ray import serve
 
@@ -201,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": 1,
                          "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
-                         "max_replicas": 1, "max_queued_requests": -1, "poll_interval_s": 0}),
+                         "max_ongoing_requests": args.max_ongoing, "max_replicas": 1,
+                         "max_queued_requests": -1, "poll_interval_s": 0}),
               name="bench", route_prefix="/")
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz")
@@ -214,16 +231,16 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
 
     best_served = max(r["images_per_s"] for r in served)
-    best_naive = max(r["images_per_s"] for r in naive)
+    best_naive = max(r["images_per_s"] for r in naive) or float("nan")
     ratios = {
         "served_over_in_process_forward": best_served / local["batched_forward_images_per_s"],
         "served_over_in_process_one_image": best_served / local["one_image_end_to_end_images_per_s"],
         "served_over_naive_at_saturation": best_served / best_naive,
         "by_concurrency": [
             {"concurrency": s["concurrency"],
-             "images_per_s_served_over_naive": s["images_per_s"] / n["images_per_s"] if n["images_per_s"] else None,
-             "p50_served_over_naive": (s["p50_ms"] / n["p50_ms"]) if s["p50_ms"] and n["p50_ms"] else None,
-             "p99_served_over_naive": (s["p99_ms"] / n["p99_ms"]) if s["p99_ms"] and n["p99_ms"] else None}
+             "images_per_s_served_over_naive": s["images_per_s"] / n["images_per_s"] if n["images_per_s"] else float("nan"),
+             "p50_served_over_naive": (s["p50_ms"] / n["p50_ms"]) if s["p50_ms"] and n["p50_ms"] else float("nan"),
+             "p99_served_over_naive": (s["p99_ms"] / n["p99_ms"]) if s["p99_ms"] and n["p99_ms"] else float("nan")}
             for s, n in zip(served, naive)],
     }
     print(f"\nserved at saturation / in-process batched forward: {ratios['served_over_in_process_forward']:.3f}")
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"batches formed by the replica: mean {batches['mean_batch_size']:.1f}, max {batches['max_batch_size']}")
     result = {"config": vars(args), "in_process": local, "served": served, "naive": naive,
               "batches": batches, "ratios": ratios}
-    save("serve_throughput", result)
+    save(args.name, result)
     return result
 
 

@@ -9,9 +9,11 @@
 # $MLFLOW_STATE_DIR (default ~/.imgcls/mlflow) and a local artifact folder there.
 #
 # Environment (all optional):
-#   MLFLOW_BACKEND_STORE_URI      any SQLAlchemy URI (sqlite:///..., postgresql://user@host:5432/db);
-#                                 default: postgresql built from PGHOST/PGPORT/PGUSER/PGDATABASE when
-#                                 PGHOST is set, else sqlite:///$MLFLOW_STATE_DIR/mlflow.db
+#   MLFLOW_BACKEND_STORE_URI      any SQLAlchemy URI (sqlite:///..., postgresql+psycopg2://user@host:5432/db);
+#                                 default: postgresql+psycopg2 built from PGHOST/PGPORT/PGUSER/PGDATABASE
+#                                 when PGHOST is set, else sqlite:///$MLFLOW_STATE_DIR/mlflow.db.
+#                                 Name the driver: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3,
+#                                 and the driver installed (README.md) is psycopg2-binary
 #   PGHOST PGPORT PGUSER PGDATABASE PGPASSWORD   libpq's own variables: the password stays out of
 #                                 the URI and so out of `ps` and logs
 #   MLFLOW_ARTIFACTS_DESTINATION  s3://bucket/prefix (or a local folder); default $MLFLOW_STATE_DIR/mlartifacts
@@ -38,7 +40,7 @@ workers="${MLFLOW_WORKERS:-4}"
 if [ -n "${MLFLOW_BACKEND_STORE_URI:-}" ]; then
     backend="$MLFLOW_BACKEND_STORE_URI"
 elif [ -n "${PGHOST:-}" ]; then
-    backend="postgresql://${PGUSER:-mlflow}@${PGHOST}:${PGPORT:-5432}/${PGDATABASE:-mlflow}"
+    backend="postgresql+psycopg2://${PGUSER:-mlflow}@${PGHOST}:${PGPORT:-5432}/${PGDATABASE:-mlflow}"
 else
     backend="sqlite:///$state/mlflow.db"
 fi

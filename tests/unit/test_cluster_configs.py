@@ -5,7 +5,7 @@ preparation and schema validation (ray.autoscaler._private.util.prepare_config, 
 ray/autoscaler/aws/defaults.yaml offline, then validate_config against ray-schema.json); the
 KubeRay manifests are checked against the CRD fields they use and against the repository (job
 modules, config files and `--set` keys, the Serve builder and its args); the MLflow server script
-is started for real on sqlite.
+is started for real on sqlite and on a throwaway PostgreSQL cluster.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import pwd
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -355,35 +358,152 @@ def test_mlflow_server_refuses_a_password_in_the_uri(tmp_path):
     assert "s3cr3t" not in result.stdout + result.stderr
 
 
+def _start_server(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """server.sh in its own session (process group), output to log_path."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(["bash", str(MLFLOW_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_health(proc: subprocess.Popen, port: int, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited {proc.returncode}: {log_path.read_text()[-2000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                body = response.read().decode().strip()
+                assert body == "OK", body
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no /health answer in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's whole process group (gunicorn/uvicorn workers too), SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def test_mlflow_server_starts_on_sqlite_bound_to_loopback(tmp_path):
     port = _free_port()
     artifacts = tmp_path / "artifacts"
     env = _server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(["bash", str(MLFLOW_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log_path = tmp_path / "server.log"
+    proc = _start_server(env, log_path)
     try:
-        deadline = time.monotonic() + 60
-        body = None
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    body = response.read().decode().strip()
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert body == "OK", f"no /health answer in 60 s: {(tmp_path / 'server.log').read_text()[-2000:]}"
+        _wait_for_health(proc, port, log_path, timeout=60)
         assert _listen_addresses(port) == {"0100007F"}, f"listening on {_listen_addresses(port)}, not 127.0.0.1 only"
         assert (tmp_path / "state" / "mlflow.db").is_file(), "the default backend is sqlite in MLFLOW_STATE_DIR"
         assert artifacts.is_dir()
     finally:
+        _stop_server(proc)
+
+
+PG_BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
+
+
+def _pg_binary(name: str) -> str:
+    for directory in PG_BIN_DIRS:
+        if (directory / name).is_file():
+            return str(directory / name)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"PostgreSQL's {name} is not installed (looked in {[str(d) for d in PG_BIN_DIRS]} and PATH)")
+    return found
+
+
+def _as_postgres(argv: list[str], cwd: Path, timeout: float = 60) -> None:
+    """Run a PostgreSQL tool as the postgres system user (postgres refuses to run as root)."""
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{shlex.join(argv)} failed: {result.stdout[-1500:]}{result.stderr[-1500:]}"
+
+
+def test_mlflow_server_runs_on_postgresql(tmp_path):
+    """server.sh's PGHOST path against a throwaway PostgreSQL cluster: runs, metrics and artifacts
+    go through the server, and the run lands in PostgreSQL's `runs` table."""
+    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+    _pg_binary("postgres")
+    if os.geteuid() == 0:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+            pg_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres system user to run PostgreSQL as")
+    import psycopg2
+    from mlflow.tracking import MlflowClient
+
+    # pytest's tmp_path sits under a root-only 0700 folder, so the cluster gets its own /tmp folder.
+    pg_root = Path(tempfile.mkdtemp(prefix="imgcls-pg-"))
+    if os.geteuid() == 0:
+        os.chown(pg_root, pg_user.pw_uid, pg_user.pw_gid)
+    data, pg_port, port = pg_root / "data", _free_port(), _free_port()
+    proc = None
+    started = False
+    log_path = tmp_path / "server.log"
+    try:
+        _as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale",
+                      "--no-sync"], cwd=pg_root)
+        options = f"-p {pg_port} -c listen_addresses=127.0.0.1 -k {pg_root} -c fsync=off"
+        _as_postgres([pg_ctl, "-D", str(data), "-l", str(pg_root / "postgres.log"), "-w", "-t", "60",
+                      "-o", options, "start"], cwd=pg_root)
+        started = True
+        admin = psycopg2.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="postgres")
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE mlflow")
+        admin.close()
+
+        artifacts = tmp_path / "artifacts"
+        env = _server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
+                          PGHOST="127.0.0.1", PGPORT=str(pg_port), PGUSER="postgres", PGDATABASE="mlflow")
+        proc = _start_server(env, log_path)
+        _wait_for_health(proc, port, log_path, timeout=120)  # first start runs MLflow's schema migrations
+        assert "backend postgresql" in log_path.read_text(), log_path.read_text()[-2000:]
+        assert not (tmp_path / "state" / "mlflow.db").exists(), "fell back to sqlite"
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        experiment_id = client.create_experiment("pg-check")
+        run = client.create_run(experiment_id)
+        run_id = run.info.run_id
+        client.log_metric(run_id, "val_acc", 0.875, step=3)
+        note = tmp_path / "note.txt"
+        note.write_text("stored through the proxied artifact store\n")
+        client.log_artifact(run_id, str(note))
+        client.set_terminated(run_id)
+        client.create_registered_model("pg-check-model")
+
+        fetched = client.get_run(run_id)
+        assert fetched.info.experiment_id == experiment_id
+        assert fetched.info.status == "FINISHED"
+        assert fetched.data.metrics == {"val_acc": 0.875}
+        history = client.get_metric_history(run_id, "val_acc")
+        assert [(m.value, m.step) for m in history] == [(0.875, 3)]
+        assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
+        assert any(p.name == "note.txt" for p in artifacts.rglob("*")), "artifact not in MLFLOW_ARTIFACTS_DESTINATION"
+
+        # The backend really is PostgreSQL: the run, its metric and the model are rows there.
+        conn = psycopg2.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT experiment_id, status FROM runs WHERE run_uuid = %s", (run_id,))
+                assert cur.fetchall() == [(int(experiment_id), "FINISHED")]
+                cur.execute("SELECT value FROM metrics WHERE run_uuid = %s AND key = 'val_acc'", (run_id,))
+                assert cur.fetchall() == [(0.875,)]
+                cur.execute("SELECT name FROM registered_models")
+                assert cur.fetchall() == [("pg-check-model",)]
+        finally:
+            conn.close()
+    finally:
+        if proc is not None:
+            _stop_server(proc)
+        if started:
+            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], cwd=pg_root)
+        shutil.rmtree(pg_root, ignore_errors=True)
