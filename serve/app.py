@@ -8,7 +8,7 @@ Requests already running finish on the version they started with, and every
 response names the version that served it.
 
     serve run serve/config.yaml                       # or: serve deploy serve/config.yaml
-    python -m jobs.deploy --config configs/digits.yaml --model-name digits   # via ray job submit
+    python -m jobs.submit -- python -m jobs.deploy --config configs/digits_ray.yaml   # as a Ray job
 
 Routes: ``POST /v1/predict`` (multipart files or a raw image body), ``GET /v1/model``,
 ``GET /v1/stats``, ``GET /healthz``, ``GET /readyz``, and OpenAPI docs at ``/docs``.
@@ -46,6 +46,7 @@ logger = logging.getLogger("ray.serve")
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
 
 def effective_max_ongoing(cfg: ServeConfig) -> int:
     """At least max_batch_size x max_concurrent_batches, or batches can never fill."""
@@ -240,18 +241,20 @@ class ClassifierReplica:
 
     # ------------------------------------------------------------------ inference
 
-    async def _run_batch(self, items: list[tuple[torch.Tensor, ServedModel]]) -> list[list[dict]]:
-        """One forward pass per model version present (normally one): @serve.batch collects ``items``."""
+    async def _run_batch(self, items: list[tuple[torch.Tensor, ServedModel, int]]) -> list[list[dict]]:
+        """``(input, version, top_k)`` items collected by @serve.batch: one forward pass per version
+        present (normally one), each item's top-k of it."""
         self.stats.record(len(items))
         self.batch_size_hist.observe(len(items))
         results: list[list[dict] | None] = [None] * len(items)
         loop = asyncio.get_running_loop()
-        for model in {id(m): m for _, m in items}.values():
-            idx = [i for i, (_, m) in enumerate(items) if m is model]
+        for model in {id(m): m for _, m, _ in items}.values():
+            idx = [i for i, (_, m, _) in enumerate(items) if m is model]
             batch = torch.stack([items[i][0] for i in idx])
-            out = await loop.run_in_executor(self._forward_pool, model.classify, batch, len(model.classes))
+            top_k = max(items[i][2] for i in idx)
+            out = await loop.run_in_executor(self._forward_pool, model.classify, batch, top_k)
             for i, row in zip(idx, out):
-                results[i] = row
+                results[i] = row[:items[i][2]]
         self.images_served.inc(len(items))
         return results
 
@@ -331,10 +334,10 @@ class ClassifierReplica:
         loop = asyncio.get_running_loop()
         inputs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, model, name, data)
                                         for name, data in uploads))
-        rows = await asyncio.gather(*(self._batched((x, model)) for x in inputs))
+        rows = await asyncio.gather(*(self._batched((x, model, top_k)) for x in inputs))
         return {
             "model": {"name": model.name, "version": model.version, "alias": model.alias},
-            "predictions": [{"file": name, "top_k": row[:top_k]} for (name, _), row in zip(uploads, rows)],
+            "predictions": [{"file": name, "top_k": row} for (name, _), row in zip(uploads, rows)],
         }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
