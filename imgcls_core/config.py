@@ -228,6 +228,22 @@ class ServeConfig:
     # Bearer token: when this environment variable is set (on the replicas), /v1/* answers
     # 401 to requests without "Authorization: Bearer <token>". Health probes stay open.
     token_env: str = "IMGCLS_SERVE_TOKEN"
+    # "torch" runs the registered PyTorch weights; "onnx" runs the version's ONNX export
+    # (made by jobs.export) with ONNX Runtime.
+    backend: Literal["torch", "onnx"] = "torch"
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (jobs.distill): the teacher whose soft labels the student learns from.
+
+    The student is the config's ``model`` section; the loss is
+    ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels)``.
+    """
+
+    teacher: str | None = None  # models:/name@alias, models:/name/version, or a model.pt path
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the distillation term; 0 = plain training
 
 
 @dataclass
@@ -241,6 +257,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
@@ -370,6 +387,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `serve.version=3` on a command line reads as YAML's integer 3
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -449,6 +468,8 @@ _RANGES: list[tuple[str, float, float]] = [
     ("serve.num_cpus", 0.0, 1024.0),
     ("serve.num_gpus", 0.0, 64.0),
     ("serve.torch_threads", 0, 1024),
+    ("distill.temperature", 0.05, 100.0),
+    ("distill.alpha", 0.0, 1.0),
 ]
 
 

@@ -27,6 +27,8 @@ from imgcls_core.predict import Predictor
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
 
 TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
+ONNX_URI_TAG = "export.onnx.uri"  # jobs.export tags each version with where its checked ONNX export lies
+BACKENDS = ("torch", "onnx")
 
 
 class RequestError(Exception):
@@ -71,6 +73,7 @@ class ServedModel:
     alias: str | None
     run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    backend: str = "torch"
 
     @property
     def classes(self) -> list[str]:
@@ -85,7 +88,7 @@ class ServedModel:
             "name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
             "classes": self.classes, "num_classes": len(pre.classes),
             "input_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
-            "test_metrics": metrics, "device": str(self.predictor.device),
+            "test_metrics": metrics, "device": str(self.predictor.device), "backend": self.backend,
         }
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
@@ -119,14 +122,38 @@ def resolve_version(registry: Registry, alias: str | None, version: str | None):
 
 
 def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",
-                      version: str | None = None, device: str = "cpu") -> ServedModel:
-    """Download and load ``models:/name@alias`` (or version ``version``) from the registry."""
+                      version: str | None = None, device: str = "cpu", backend: str = "torch",
+                      threads: int = 0) -> ServedModel:
+    """Download and load ``models:/name@alias`` (or version ``version``) from the registry.
+
+    ``backend="onnx"`` runs the version's ONNX export (``jobs.export`` made and checked it)
+    with ONNX Runtime instead of the PyTorch weights; preprocessing comes from the export."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     registry = Registry(tracking_uri, name)
     mv = resolve_version(registry, alias, version)
     with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
-        predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
+        if backend == "onnx":
+            predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads)
+        else:
+            predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
     return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
-                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags))
+                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend)
+
+
+def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int) -> Predictor:
+    import mlflow.artifacts
+
+    from imgcls_core.export import OnnxModule, onnx_preprocessing
+
+    uri = mv.tags.get(ONNX_URI_TAG)
+    if not uri:
+        raise LookupError(f"{registry.name} v{mv.version} has no ONNX export; make one with "
+                          f"`python -m jobs.export --model {registry.name} --version {mv.version}` "
+                          f"or serve it with serve.backend=torch")
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
+    # The session reads the whole file now, so the temporary folder can go.
+    return Predictor(OnnxModule(path, threads=threads, device=device.type), onnx_preprocessing(path), "cpu")
 
 
 class BatchStats:

@@ -97,26 +97,30 @@ def post(url: str, files=None, data=None, headers=None, params=None, timeout=60)
                          params=params, timeout=timeout)
 
 
+def served_top1(url: str, files, *, version: str, alias: str | None = "champion") -> list[int]:
+    """Top-1 class index for each file, sent 8 per request from 8 threads (so batches form)."""
+    def classify(chunk):
+        r = post(url, files=[("file", (f.name, f.read_bytes(), "image/png")) for f in chunk],
+                 params={"top_k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == {"name": MODEL, "version": version, "alias": alias}
+        assert [p["file"] for p in body["predictions"]] == [f.name for f in chunk]
+        assert all(len(p["top_k"]) == 3 for p in body["predictions"])
+        return [p["top_k"][0]["index"] for p in body["predictions"]]
+
+    chunks = [files[i:i + 8] for i in range(0, len(files), 8)]
+    with ThreadPoolExecutor(8) as pool:
+        return [i for part in pool.map(classify, chunks) for i in part]
+
+
 def test_served_top1_matches_offline_core_image_for_image(serve_url, registry, digits_root):
     from imgcls_core.predict import Predictor
 
     files = sorted((digits_root / "test").glob("*/*.png"))
     labels = [int(f.parent.name) for f in files]
     offline = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
-
-    def classify(chunk):
-        r = post(serve_url, files=[("file", (f.name, f.read_bytes(), "image/png")) for f in chunk],
-                 params={"top_k": 3})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model"] == {"name": MODEL, "version": "1", "alias": "champion"}
-        assert [p["file"] for p in body["predictions"]] == [f.name for f in chunk]
-        assert all(len(p["top_k"]) == 3 for p in body["predictions"])
-        return [p["top_k"][0]["index"] for p in body["predictions"]]
-
-    chunks = [files[i:i + 8] for i in range(0, len(files), 8)]
-    with ThreadPoolExecutor(8) as pool:  # concurrent requests: batches form across them
-        served = [i for part in pool.map(classify, chunks) for i in part]
+    served = served_top1(serve_url, files, version="1")
     accuracy = float(np.mean(np.array(served) == np.array(labels)))
     assert accuracy >= 0.97, accuracy
     assert served == offline  # image for image
@@ -347,3 +351,42 @@ def test_a_version_registered_at_training_is_found_not_duplicated(registry):
     tracker.close()
     version, created = Registry(registry["uri"], "trained-registered").register(tracker.run_id, {})
     assert not created and str(version.version) == "1"
+
+
+def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url, registry, digits_root, tmp_path):
+    """jobs.export logs a checked ONNX file to version 1; serve.backend=onnx runs it with ONNX Runtime
+    and answers like the offline PyTorch core, image for image."""
+    from ray import serve
+
+    from imgcls_core.predict import Predictor
+    from imgcls_core.registry import Registry
+    from jobs.export import main as export_main
+    from serve.app import build_app
+
+    config = ["--set", "data.format=digits", "--set", f"data.root={digits_root}",
+              "--set", f"tracking.tracking_uri={registry['uri']}", "--set", f"train.output_dir={tmp_path}"]
+    assert export_main([*config, "--model", MODEL, "--version", "1", "--check-images", "64"]) == 0
+    tags = Registry(registry["uri"], MODEL).client.get_model_version(MODEL, "1").tags
+    assert float(tags["export.onnx.max_abs_diff"]) <= 1e-4 and float(tags["export.onnx.top1_agreement"]) == 1.0
+    assert float(tags["export.torchscript.max_abs_diff"]) <= 1e-4
+    assert tags["export.onnx.uri"].endswith("exports/v1/model.onnx")
+    assert (tmp_path / "exports" / "v1" / "model.onnx").is_file()
+
+    serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "version": "1",
+                         "backend": "onnx", "max_replicas": 1, "poll_interval_s": 0, "max_batch_size": 16}),
+              name="onnx", route_prefix="/onnx")
+    url = f"{serve_url}/onnx"
+    info = requests.get(f"{url}/v1/model", timeout=10).json()
+    assert info["backend"] == "onnx" and info["version"] == "1"
+    files = sorted((digits_root / "test").glob("*/*.png"))
+    labels = [int(f.parent.name) for f in files]
+    offline = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
+    served = served_top1(url, files, version="1", alias=None)
+    accuracy = float(np.mean(np.array(served) == np.array(labels)))
+    print(f"onnx backend: {accuracy:.4f} top-1 on {len(files)} test images; "
+          f"{sum(a != b for a, b in zip(served, offline))} differ from eager PyTorch")
+    assert accuracy >= 0.97, accuracy
+    assert served == offline
+    assert requests.post(f"{url}/v1/predict", data=b"not an image", headers={"Content-Type": "image/png"},
+                         timeout=30).status_code == 400
+    serve.delete("onnx")

@@ -53,6 +53,9 @@ def test_optional_fields_accept_null_and_values():
     assert load_config(None, ["model.small_input="]).model.small_input is None
     assert load_config(None, ["model.small_input=true"]).model.small_input is True
     assert load_config(None, ["model.pretrained=/w.pt"]).model.pretrained == "/w.pt"
+    assert load_config(None, ["serve.version=3"]).serve.version == "3"  # a number given for a text field
+    with pytest.raises(ConfigError, match="serve.version: expected a string"):
+        load_config(None, ["serve.version=[3]"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

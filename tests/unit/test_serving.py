@@ -92,3 +92,21 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="num_gpus"):
             resolve_device("cuda")
+
+
+def test_onnx_backend_needs_an_export_and_says_how_to_make_one(tmp_path):
+    from imgcls_core.engine.checkpoint import save_inference_model
+    from imgcls_core.registry import CHAMPION, Registry, register_model_file
+    from imgcls_core.serving import load_served_model
+
+    served = served_model()
+    model_file = save_inference_model(tmp_path / "model.pt", served.predictor.model.state_dict(),
+                                      {"name": "cnn3", "width": 0.25}, served.predictor.pre)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = register_model_file(uri, "animals", model_file, experiment="unit")
+    Registry(uri, "animals").set_alias(CHAMPION, version.version)
+    assert load_served_model(uri, "animals").backend == "torch"
+    with pytest.raises(LookupError, match=r"no ONNX export; make one with `python -m jobs.export --model animals"):
+        load_served_model(uri, "animals", backend="onnx")
+    with pytest.raises(ValueError, match="unknown serving backend 'tflite'"):
+        load_served_model(uri, "animals", backend="tflite")
