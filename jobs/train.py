@@ -12,7 +12,8 @@ distributed sampler. Every epoch's checkpoint goes to
 the latest one ("resuming from epoch N"); a finished run is not retrained.
 Rank 0 logs to MLflow (tracking.enabled): params, per-epoch metrics, config,
 class index, confusion matrix, learning curves and the final model, which
-``--register NAME`` adds to the model registry.
+``--register NAME`` adds to the model registry. With ``distill.teacher`` set the
+workers distil from that teacher (see jobs/distill.py, which also compares the two).
 
 Exit status: 0 on success, 1 when training failed, 2 on a bad config.
 """
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, init_ray, is_uri, job_config, resolve_config_paths
+from jobs.common import add_config_args, init_ray, is_uri, job_config, resolve_config_paths, resolve_path
 
 SUMMARY_FILE = "train_summary.json"  # written by rank 0 into train.output_dir
 
@@ -54,6 +55,7 @@ class TrainPlan:
     num_train: int
     run_key: str
     mlflow_run_id: str | None
+    teacher: str | None = None  # distill.teacher pinned on the driver (an alias as its version)
 
 
 def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> TrainPlan:
@@ -87,9 +89,25 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     splits = load_dataset(cfg.data)
     log(splits.summary())
     pre = build_preprocessing(cfg, splits)
+    teacher = pin_teacher(cfg, pre, log) if cfg.distill.teacher else None
     cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train),
-                     run_key or f"{cfg.ray.storage_path}/{name}", None)
+                     run_key or f"{cfg.ray.storage_path}/{name}", None, teacher)
+
+
+def pin_teacher(cfg: Config, pre, log=print) -> str:
+    """distill.teacher as every worker will load it: a registry alias pinned to the version it names
+    now (a restart mid-run must not switch teachers), a relative path made absolute. The teacher is
+    loaded here once so that a wrong one (other classes or input size) fails before any worker starts."""
+    from imgcls_core.engine.distill import load_teacher, parse_teacher_spec
+
+    spec = parse_teacher_spec(cfg.distill.teacher)
+    if not spec.in_registry:
+        spec = parse_teacher_spec(resolve_path(spec.path))
+    teacher = load_teacher(spec, pre, tracking_uri=cfg.tracking.tracking_uri)
+    log(f"distilling from {teacher.describe()} (distill.temperature={cfg.distill.temperature}, "
+        f"distill.alpha={cfg.distill.alpha})")
+    return teacher.spec.pinned
 
 
 def _check_storage(storage_path: str) -> None:
@@ -123,11 +141,17 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     if not params:
         return  # the run stays RUNNING for the workers; rank 0 ends it
     world = cfg.ray.num_workers
-    trained_with = {k: v for k, v in cfg.flat().items() if not k.startswith("serve.")}
+    unused = ("serve.",) if plan.teacher else ("serve.", "distill.")
+    trained_with = {k: v for k, v in cfg.flat().items() if not k.startswith(unused)}
+    if plan.teacher:
+        from imgcls_core.engine.distill import parse_teacher_spec
+
+        trained_with.update({"derived.teacher_uri": plan.teacher,
+                             "derived.teacher_version": parse_teacher_spec(plan.teacher).version or "file"})
     tracker.log_params({**trained_with, "derived.world_size": world, "derived.ingest": plan.ingest,
                         "derived.global_batch_size": cfg.data.batch_size * world,
                         "derived.num_train_images": plan.num_train})
-    tracker.set_tags({"imgcls.job": "train", "imgcls.storage": plan.run_key})
+    tracker.set_tags({"imgcls.job": "distill" if plan.teacher else "train", "imgcls.storage": plan.run_key})
     tracker.log_text(cfg.to_yaml(), "config.yaml")
     tracker.log_dict({"classes": plan.preprocessing["classes"]}, "class_index.json")
     # The run stays RUNNING for the workers; rank 0 ends it.
@@ -192,7 +216,7 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
         "config": cfg.to_dict(), "preprocessing": plan.preprocessing, "ingest": plan.ingest,
         "num_train": plan.num_train, "mlflow_run_id": plan.mlflow_run_id, "run_key": plan.run_key,
         "stop_after": stop_after, "register_as": register_as, "inject_kill": inject_kill,
-        "init_checkpoint": init_checkpoint,
+        "init_checkpoint": init_checkpoint, "teacher": plan.teacher,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -234,6 +258,8 @@ def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     summary.update({"seconds": time.perf_counter() - started, "checkpoint": getattr(result.checkpoint, "path", None),
                     "storage": plan.run_key})
+    if plan.teacher:
+        summary["teacher"] = plan.teacher
     return summary
 
 
@@ -288,6 +314,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         cfg, model, runtime, data.steps_per_epoch, world_size=world, rank=rank,
         class_weights=data.class_weights, batch_mix=data.batch_mix,
         wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False) if world > 1 else m,
+        teacher=_load_teacher(loop_config.get("teacher"), cfg, pre, log),
     )
     log(f"model={cfg.model.name} params={sum(p.numel() for p in model.parameters()):,} {engine.describe()}")
 
@@ -346,6 +373,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val = ema_val if used_ema else val
     if rank == 0:
         _package(cfg, engine, pre, val, used_ema, data, tracker, out, loop_config, resumed_from)
+
+
+def _load_teacher(spec: str | None, cfg: Config, pre, log):
+    """This worker's own copy of the pinned teacher (downloaded to a temporary folder), or None."""
+    if not spec:
+        return None
+    from imgcls_core.engine.distill import load_teacher
+
+    teacher = load_teacher(spec, pre, tracking_uri=cfg.tracking.tracking_uri)
+    log(teacher.describe())
+    return teacher.model  # the engine moves it to the worker's device and memory format
 
 
 def _disabled(cfg: Config):
@@ -483,23 +521,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg, done = job_config(build_parser(), argv)
-    if done is not None:
-        return done
+def run_job(cfg: Config, args: argparse.Namespace, run=None, what: str = "training") -> int:
+    """Connect to Ray, run ``run`` (default :func:`run_training`) and print its summary; the exit status.
+
+    Shared by the jobs built on this one's machinery (jobs.distill)."""
     if args.register:
         cfg.tracking.enabled = True
     init_ray(args.address)
     try:
-        summary = run_training(cfg, register_as=args.register, stop_after=args.stop_after)
+        summary = (run or run_training)(cfg, register_as=args.register, stop_after=args.stop_after)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause, not a traceback wall
-        print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {what} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg, done = job_config(build_parser(), argv)
+    if done is not None:
+        return done
+    return run_job(cfg, args)
 
 
 if __name__ == "__main__":

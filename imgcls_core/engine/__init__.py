@@ -1,4 +1,4 @@
-"""Training engine: runtime/numerics, optimizers and schedules, the epoch loop, checkpoints."""
+"""Training engine: runtime/numerics, optimizers and schedules, the epoch loop, checkpoints, distillation."""
 
 from imgcls_core.engine.checkpoint import (
     CheckpointDir,
@@ -8,6 +8,7 @@ from imgcls_core.engine.checkpoint import (
     save_checkpoint,
     save_inference_model,
 )
+from imgcls_core.engine.distill import Teacher, distillation_loss, load_teacher, parse_teacher_spec, resolve_teacher
 from imgcls_core.engine.fit import fit
 from imgcls_core.engine.loop import Engine, NonFiniteLossError
 from imgcls_core.engine.runtime import Runtime, setup_runtime
@@ -18,9 +19,14 @@ __all__ = [
     "NonFiniteLossError",
     "Preprocessing",
     "Runtime",
+    "Teacher",
     "check_same_model",
+    "distillation_loss",
     "fit",
     "load_checkpoint",
+    "load_teacher",
+    "parse_teacher_spec",
+    "resolve_teacher",
     "save_checkpoint",
     "save_inference_model",
     "setup_runtime",

@@ -4,6 +4,9 @@ The same engine runs in the local runner and in every Ray Train worker: it
 takes any iterable of ``(images, labels)`` batches (a DataLoader or Ray Data's
 ``iter_torch_batches``), and a distributed job hands it a ``wrap`` (DDP) for
 the forward/backward model while the engine keeps the bare module for state.
+With a ``teacher`` (knowledge distillation, imgcls_core.engine.distill) the
+loss mixes in the teacher's softened outputs; the teacher is frozen, never
+wrapped, averaged or saved: checkpoints are the student's alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgcls_core.config import Config
+from imgcls_core.engine.distill import distillation_loss
 from imgcls_core.engine.optim import LRSchedule, build_optimizer, param_groups, scaled_lr
 from imgcls_core.engine.runtime import Runtime, epoch_seed, rng_state, seed_everything, set_rng_state
 from imgcls_core.evaluation import EvalReport, MetricAccumulator
@@ -47,6 +51,7 @@ class Engine:
         class_weights: torch.Tensor | None = None,
         batch_mix: BatchMix | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        teacher: nn.Module | None = None,
     ):
         self.cfg, self.runtime, self.rank, self.world_size = cfg, runtime, rank, world_size
         self.steps_per_epoch = steps_per_epoch
@@ -61,6 +66,13 @@ class Engine:
         weight = class_weights.to(runtime.device) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
         self.batch_mix = batch_mix
+        # Distillation (cfg.distill's temperature and alpha): a frozen network on the student's
+        # device and memory format, outside DDP, the EMA and the state dict.
+        self.teacher = (
+            teacher.to(runtime.device, memory_format=runtime.memory_format).eval().requires_grad_(False)
+            if teacher is not None else None
+        )
+        self._last_terms = (0.0, 0.0)  # the last step's (kd, ce) when distilling
         compiled = torch.compile(self.model) if cfg.train.compile else self.model
         self.train_model = wrap(compiled) if wrap else compiled
         self.epoch = 0  # epochs completed
@@ -95,7 +107,10 @@ class Engine:
         self._reseed()
         self.train_model.train()
         keep_frozen_bn_eval(self.model)
+        if self.teacher is not None:
+            self.teacher.eval()  # BN statistics and dropout of the teacher stay frozen
         sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        kd_sums = torch.zeros(2, dtype=torch.float64)  # distillation only: kd * n, ce * n
         start, n_batches, skip = time.perf_counter(), 0, self.epoch_step
         for index, (images, labels) in enumerate(batches):
             if index < skip:
@@ -103,6 +118,8 @@ class Engine:
             loss, correct, n = self._train_step(images, labels)
             self.epoch_step += 1
             sums += torch.tensor([loss * n, correct, n], dtype=torch.float64)
+            if self.teacher is not None:
+                kd_sums += torch.tensor([self._last_terms[0] * n, self._last_terms[1] * n], dtype=torch.float64)
             n_batches += 1
             if on_step is not None and n_batches % self.cfg.train.log_every == 0:
                 on_step({"loss": sums[0].item() / sums[2].item(), "lr": self.schedule.last_lr()})
@@ -111,13 +128,18 @@ class Engine:
         sums = self._all_reduce(sums)
         if sums[2] == 0:
             raise RuntimeError("the training data yielded no batches; is the training split empty?")
-        return {
+        metrics = {
             "train/loss": sums[0].item() / sums[2].item(),
             "train/acc1": sums[1].item() / sums[2].item(),
             "train/images_per_s": sums[2].item() / max(seconds, 1e-9),
             "train/epoch_s": seconds,
             "lr": self.schedule.last_lr(),
         }
+        if self.teacher is not None:  # train/loss is the mixed loss; these are its two terms
+            kd_sums = self._all_reduce(kd_sums)
+            metrics["train/kd_loss"] = kd_sums[0].item() / sums[2].item()
+            metrics["train/ce_loss"] = kd_sums[1].item() / sums[2].item()
+        return metrics
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         device = self.runtime.device
@@ -128,7 +150,10 @@ class Engine:
             images, labels = self.batch_mix(images, labels)  # labels become soft (N x C)
         with torch.autocast(device.type, dtype=self.runtime.amp_dtype, enabled=self.runtime.amp_dtype is not None):
             logits = self.train_model(images)
-            loss = self.criterion(logits, labels)
+            if self.teacher is None:
+                loss = self.criterion(logits, labels)
+            else:
+                loss = self._distill(images, logits, labels)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
@@ -146,6 +171,17 @@ class Engine:
         self._update_ema()
         correct = (logits.argmax(1) == hard).sum().item()
         return loss.item(), correct, hard.numel()
+
+    def _distill(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The distillation loss of a step (inside the step's autocast); keeps its terms for the metrics.
+
+        no_grad, not inference_mode: the teacher's logits meet the student's graph in the loss."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        loss, kd, ce = distillation_loss(logits, teacher_logits, labels, temperature=self.cfg.distill.temperature,
+                                         alpha=self.cfg.distill.alpha, criterion=self.criterion)
+        self._last_terms = tuple(torch.stack([kd.detach().float(), ce.detach().float()]).tolist())
+        return loss
 
     def _update_ema(self) -> None:
         if self.ema is None or self.step % self.cfg.train.ema_steps:

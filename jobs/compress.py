@@ -1,0 +1,186 @@
+"""Compress a trained model: int8 quantization (ONNX Runtime) or pruning with fine-tuning.
+
+    python -m jobs.compress --config configs/digits_ray.yaml --model digits --method static
+    python -m jobs.compress --config configs/digits_ray.yaml --model digits --version 3 --method dynamic
+    python -m jobs.compress --config configs/digits.yaml --model-file runs/digits/model.pt \\
+        --method prune-unstructured --amount 0.6 --finetune-epochs 3
+
+The model comes from the registry (``--model NAME``, at ``--alias`` (default
+champion) or ``--version N``) or from a file (``--model-file``). Calibration
+images come from the config's training split, accuracy from its test split.
+It prints the report (fp32 vs int8 top-1 and images/s measured side by side,
+or sparsity and top-1 before/after pruning and after fine-tuning, with sizes)
+and writes the files and ``<method>_report.json`` to ``--out`` (default
+``<train.output_dir>/compress/<method>``):
+
+    static, dynamic                       model.onnx (fp32), model.int8.onnx
+    prune-unstructured, prune-structured  model.pt (a normal imgcls model file)
+
+For a registry model the files and figures are also logged to the version's
+MLflow run (artifacts under ``compress/<method>/``, metrics ``compress/<kind>/*``)
+and the version is tagged ``compress.<kind>.<figure>`` (kind: ``int8``,
+``int8_dynamic``, ``prune_unstructured``, ``prune_structured``), e.g.
+``compress.int8.acc1_delta``. The job needs no Ray: it runs the same as a plain
+process and under ``ray job submit``.
+
+Exit status: 0 on success, 1 on failure, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from imgcls_core.config import Config
+from jobs.common import add_config_args, job_config, resolve_config_paths, resolve_path
+
+METHODS = ("static", "dynamic", "prune-unstructured", "prune-structured")
+TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "prune-unstructured": "prune_unstructured",
+            "prune-structured": "prune_structured"}
+
+
+def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
+    """``(model file, registry or None, version or None)`` for the model the arguments name."""
+    if args.model_file:
+        path = Path(resolve_path(args.model_file))
+        if not path.exists():
+            raise FileNotFoundError(f"--model-file {path} does not exist")
+        return path, None, None
+    from imgcls_core.registry import Registry
+
+    registry = Registry(cfg.tracking.tracking_uri, args.model)
+    if args.version:
+        try:
+            version = registry.client.get_model_version(args.model, str(args.version))
+        except Exception as exc:  # MlflowException: no such version
+            raise LookupError(f"{args.model} has no version {args.version}: {exc}") from exc
+    else:
+        version = registry.alias(args.alias)
+        if version is None:
+            raise LookupError(f"{args.model} has no version with alias {args.alias!r}")
+    log(f"{args.model} v{version.version} (run {version.run_id})")
+    return registry.model_file(version.version), registry, version
+
+
+def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
+    """Load the model and data, compress, write the report; returns the report as a dict."""
+    import torch
+
+    from imgcls_core import compress
+    from imgcls_core.data import load_dataset
+    from imgcls_core.export import load_eager
+
+    cfg = resolve_config_paths(cfg)
+    model_file, registry, version = resolve_model(cfg, args, log)
+    out = Path(resolve_path(args.out)) if args.out else Path(cfg.train.output_dir) / "compress" / args.method
+    splits = load_dataset(cfg.data)
+    if splits.test is None:
+        log(f"note: {cfg.data.root} has no test split; accuracy is measured on the validation split")
+    start = time.perf_counter()
+    if args.method in compress.QUANT_METHODS:
+        model, pre = load_eager(model_file)
+        calibration = compress.calibration_batch(splits.train, pre, args.calibration_images, seed=cfg.data.seed)
+        files, report = compress.quantize(
+            model, pre, calibration, splits.test or splits.val, out, method=args.method,
+            calibrate=args.calibrate, batch_size=args.batch_size, threads=args.threads or torch.get_num_threads(),
+            repeats=args.repeats, log=log)
+    else:
+        files, report = compress.prune(model_file, cfg, splits, out, method=args.method, amount=args.amount,
+                                       n=args.norm, finetune_epochs=args.finetune_epochs,
+                                       finetune_lr=args.finetune_lr, log=log)
+    log(report.summary())
+    log(f"files in {out} ({time.perf_counter() - start:.0f}s)")
+    result = {"method": args.method, "model_file": str(model_file), **report.to_dict(),
+              "files": {k: str(v) for k, v in files.items()}}
+    if registry is not None:
+        result["model"], result["version"] = args.model, str(version.version)
+        record_in_registry(registry, version, args.method, report.metrics(), files)
+        log(f"logged to run {version.run_id}; tagged {args.model} v{version.version} "
+            f"compress.{TAG_KIND[args.method]}.*")
+    files["report"].write_text(json.dumps(result, indent=1))
+    return result
+
+
+def record_in_registry(registry, version, method: str, figures: dict[str, float], files: dict[str, Path]) -> None:
+    """Log the files and figures to the version's run and tag the version with the figures."""
+    from mlflow.entities import Metric
+
+    kind = TAG_KIND[method]
+    now = int(time.time() * 1000)
+    client = registry.client
+    client.log_batch(version.run_id, metrics=[Metric(f"compress/{kind}/{k}", float(v), now, 0)
+                                              for k, v in figures.items()])
+    for path in files.values():
+        client.log_artifact(version.run_id, str(path), f"compress/{method}")
+    registry.tag(version.version, {f"compress.{kind}.{k}": v for k, v in figures.items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.compress", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    source = parser.add_argument_group("model (one of)")
+    source.add_argument("--model", help="registered model name (with --alias or --version)")
+    source.add_argument("--model-file", help="a model.pt or training checkpoint")
+    source.add_argument("--alias", help="registry alias (default: champion)")
+    source.add_argument("--version", type=int, help="registry version number")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--out", help="output folder (default: <train.output_dir>/compress/<method>)")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--calibration-images", type=int, default=256, help="training images for calibration")
+    quant.add_argument("--calibrate", default="minmax", choices=("minmax", "entropy", "percentile"),
+                       help="how activation ranges are set from the calibration images")
+    quant.add_argument("--batch-size", type=int, default=64, help="batch of the images/s measurement")
+    quant.add_argument("--threads", type=int, default=0, help="intra-op threads for every model (0: torch's)")
+    quant.add_argument("--repeats", type=int, default=10, help="timed repeats (the median is reported)")
+    pruning = parser.add_argument_group("pruning")
+    pruning.add_argument("--amount", type=float, default=0.5, help="fraction of weights/channels to prune")
+    pruning.add_argument("--norm", type=int, default=1, choices=(1, 2), help="structured pruning: L1 or L2")
+    pruning.add_argument("--finetune-epochs", type=int, default=3)
+    pruning.add_argument("--finetune-lr", type=float, default=0.01)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, or None."""
+    if bool(args.model) == bool(args.model_file):
+        return "name the model with exactly one of --model NAME or --model-file PATH"
+    if args.model_file and (args.alias or args.version is not None):
+        return "--alias/--version select a registry version; they go with --model, not --model-file"
+    if args.alias and args.version is not None:
+        return "use --alias or --version, not both"
+    checks = [
+        (0.0 < args.amount < 1.0, f"--amount is a fraction in (0, 1), got {args.amount}"),
+        (args.calibration_images >= 2, f"--calibration-images must be >= 2, got {args.calibration_images}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
+        (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+        (args.finetune_epochs >= 0, f"--finetune-epochs must be >= 0, got {args.finetune_epochs}"),
+        (args.finetune_lr > 0, f"--finetune-lr must be > 0, got {args.finetune_lr}"),
+        (args.version is None or args.version >= 1, f"--version must be >= 1, got {args.version}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, cfg, done = job_config(parser, argv)
+    if done is not None:
+        return done
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args.alias = args.alias or ("champion" if args.version is None else None)
+    try:
+        run(cfg, args)
+    except (FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

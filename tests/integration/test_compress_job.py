@@ -1,0 +1,65 @@
+"""jobs.compress against a real MLflow registry (sqlite): the champion is quantized, its run gets
+the int8 file and figures, and the version gets the compress.int8.* tags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgcls_core.config import load_config
+
+pytestmark = pytest.mark.slow
+
+MODEL = "digits-compress"
+
+
+@pytest.fixture(scope="module")
+def registered(digits_root, tmp_path_factory):
+    from imgcls_core.registry import CHAMPION, Registry, register_model_file
+    from imgcls_core.runner import train_and_evaluate
+
+    tmp = tmp_path_factory.mktemp("compress-job")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(None, ["data.format=digits", f"data.root={digits_root}", "data.batch_size=64",
+                             "model.name=cnn3", "model.width=0.25", "augment.strength=0", "train.epochs=2",
+                             f"train.output_dir={tmp / 'run'}"])
+    result = train_and_evaluate(cfg, log=lambda _line: None)
+    version = register_model_file(uri, MODEL, result.files["model"], experiment="compress")
+    Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
+    return {"uri": uri, "tmp": tmp, "version": str(version.version), "run_id": version.run_id}
+
+
+def test_compress_job_quantizes_the_champion_and_records_it_in_the_registry(registered, digits_root, capsys):
+    from jobs.compress import main
+    from imgcls_core.registry import Registry
+
+    out = registered["tmp"] / "out"
+    code = main(["--set", "data.format=digits", "--set", f"data.root={digits_root}",
+                 "--set", f"tracking.tracking_uri={registered['uri']}", "--model", MODEL, "--method", "static",
+                 "--calibration-images", "64", "--repeats", "2", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "int8 static" in printed and "speed-up" in printed
+
+    report = json.loads((out / "static_report.json").read_text())
+    assert report["model"] == MODEL and report["version"] == registered["version"]
+    assert (out / "model.int8.onnx").is_file()
+
+    registry = Registry(registered["uri"], MODEL)
+    tags = registry.client.get_model_version(MODEL, registered["version"]).tags
+    assert float(tags["compress.int8.acc1_delta"]) == pytest.approx(report["acc1_delta_points"], abs=1e-4)
+    assert float(tags["compress.int8.size_mb"]) < float(tags["compress.int8.fp32_mb"])
+    run = registry.client.get_run(registered["run_id"])
+    assert run.data.metrics["compress/int8/acc1"] == pytest.approx(report["int8_acc1"])
+    logged = {a.path for a in registry.client.list_artifacts(registered["run_id"], "compress/static")}
+    assert "compress/static/model.int8.onnx" in logged
+
+
+def test_compress_job_fails_cleanly_for_an_unknown_version(registered, digits_root, capsys):
+    from jobs.compress import main
+
+    code = main(["--set", f"tracking.tracking_uri={registered['uri']}", "--set", f"data.root={digits_root}",
+                 "--model", MODEL, "--version", "99", "--method", "dynamic"])
+    assert code == 1
+    assert "no version 99" in capsys.readouterr().err
