@@ -16,7 +16,8 @@ BatchNorm into the convolutions). It was chosen over the PyTorch-side paths
 because it yields one portable ``model.int8.onnx`` that carries the preprocessing
 metadata and is served by the same ONNX backend as the fp32 export; torchao's
 PT2E X86InductorQuantizer fails on torchvision ResNets here (a shared ``relu``
-module gives partitions with two outputs) and ``torch.ao`` FX graph mode,
+module gives partitions with two outputs; worked around, its int8 kernels need a
+minutes-long ``torch.compile`` and leave no portable file) and ``torch.ao`` FX graph mode,
 although it runs, produces a model that only TorchScript can save. ``dynamic``
 is the fallback: int8 weights of the Linear/MatMul layers only, activations
 quantized on the fly, no calibration.
