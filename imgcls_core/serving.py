@@ -113,7 +113,10 @@ class ServedModel:
 def resolve_version(registry: Registry, alias: str | None, version: str | None):
     """The model version to serve: ``version`` if pinned, else the one ``alias`` points at."""
     if version is not None:
-        return registry.client.get_model_version(registry.name, str(version))
+        try:
+            return registry.client.get_model_version(registry.name, str(version))
+        except Exception as exc:  # MlflowException: no such model or version
+            raise LookupError(f"registered model {registry.name!r} has no version {version}") from exc
     found = registry.alias(alias or "champion")
     if found is None:
         raise LookupError(f"registered model {registry.name!r} has no version with alias {alias!r}; "

@@ -50,17 +50,10 @@ def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
             raise FileNotFoundError(f"--model-file {path} does not exist")
         return path, None, None
     from imgcls_core.registry import Registry
+    from imgcls_core.serving import resolve_version
 
     registry = Registry(cfg.tracking.tracking_uri, args.model)
-    if args.version:
-        try:
-            version = registry.client.get_model_version(args.model, str(args.version))
-        except Exception as exc:  # MlflowException: no such version
-            raise LookupError(f"{args.model} has no version {args.version}: {exc}") from exc
-    else:
-        version = registry.alias(args.alias)
-        if version is None:
-            raise LookupError(f"{args.model} has no version with alias {args.alias!r}")
+    version = resolve_version(registry, args.alias, args.version)
     log(f"{args.model} v{version.version} (run {version.run_id})")
     return registry.model_file(version.version), registry, version
 
