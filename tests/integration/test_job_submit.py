@@ -53,7 +53,9 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{dashboard}"
@@ -90,12 +92,10 @@ def test_ray_job_submit_trains_and_succeeds(ray_head, digits_root, tmp_path):
         f"ray.storage_path={tmp_path / 'results'}", "ray.num_workers=1", "tracking.enabled=true",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    submit = subprocess.run(
-        ["ray", "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
-         "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
-         "--", "python", "-m", "jobs.train", *[arg for s in sets for arg in ("--set", s)]],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    command = ["ray", "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
+               "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
+               "--", "python", "-m", "jobs.train", *[arg for s in sets for arg in ("--set", s)]]
+    submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     deadline, status = time.monotonic() + 300, ""
     while time.monotonic() < deadline:
@@ -111,6 +111,23 @@ def test_ray_job_submit_trains_and_succeeds(ray_head, digits_root, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs"] == 2 and summary["mlflow_run_id"]
     assert "epoch 2/2" in logs
+
+
+def test_jobs_submit_follows_the_job_and_returns_its_outcome(ray_head):
+    """python -m jobs.submit streams the job's output and exits with the job's outcome."""
+    url, env = ray_head
+
+    def submit(*entrypoint: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs.submit", "--address", url, "--", *entrypoint],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    ok = submit("python", "-m", "jobs.train", "--print-config", "--set", "train.epochs=7")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "epochs: 7" in ok.stdout and "succeeded" in ok.stdout + ok.stderr  # the job's output, then its outcome
+    bad = submit("python", "-m", "jobs.train", "--set", "optim.lr=fast")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "optim.lr: expected a number" in bad.stdout + bad.stderr
+    assert "failed" in (bad.stdout + bad.stderr).lower()
 
 
 def test_job_submit_without_the_token_mode_is_refused(ray_head):
