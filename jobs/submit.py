@@ -38,6 +38,12 @@ def runtime_env(base_dir: Path) -> dict:
     return env
 
 
+def ray_cli() -> str:
+    """The ``ray`` command installed beside this Python (``.venv/bin/ray``), else the one on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.is_file() else "ray"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not entrypoint:
         print("error: no job command after --", file=sys.stderr)
         return 2
-    command = ["ray", "job", "submit", "--address", args.address,
+    command = [ray_cli(), "job", "submit", "--address", args.address,
                "--runtime-env-json", json.dumps(runtime_env(Path.cwd()))]
     if args.no_wait:
         command.append("--no-wait")

@@ -87,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get("IMGCLS_SERVE_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--token-env", default="IMGCLS_SERVE_TOKEN", help="environment variable holding the token")
+    parser.add_argument("--per-request", type=int, default=16,
+                        help="files per request (the server refuses more than serve.max_files, 32 by default)")
     args = parser.parse_args(argv)
+    if args.per_request < 1:
+        parser.error("--per-request must be >= 1")
+    client = Client(args.url, os.environ.get(args.token_env))
     try:
-        result = Client(args.url, os.environ.get(args.token_env)).predict(args.images, args.top_k)
+        for start in range(0, len(args.images), args.per_request):
+            print(format_predictions(client.predict(args.images[start:start + args.per_request], args.top_k)))
     except (EndpointError, requests.RequestException, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_predictions(result))
     return 0
 
 

@@ -390,3 +390,16 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
     assert requests.post(f"{url}/v1/predict", data=b"not an image", headers={"Content-Type": "image/png"},
                          timeout=30).status_code == 400
     serve.delete("onnx")
+
+
+def test_client_cli_sends_many_files_in_several_requests(serve_url, digits_root, capsys, monkeypatch):
+    from serve.client import main
+
+    files = sorted((digits_root / "test").glob("*/*.png"))[:45]  # more than the app's 40 files per request
+    monkeypatch.setenv("IMGCLS_SERVE_TOKEN", TOKEN)
+    assert main(["--url", serve_url, "--top-k", "1", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert all(f.name in out for f in files)
+    monkeypatch.delenv("IMGCLS_SERVE_TOKEN")
+    assert main(["--url", serve_url, str(files[0])]) == 1
+    assert "401" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from imgcls_core.config import load_config
 from jobs.common import BASE_DIR_ENV, resolve_config_paths, resolve_path
-from jobs.submit import REPO, main, runtime_env
+from jobs.submit import REPO, main, ray_cli, runtime_env
 
 
 def test_relative_paths_resolve_against_the_base_dir(monkeypatch, tmp_path):
@@ -62,3 +62,9 @@ def test_ray_data_ingest_needs_parquet(tmp_path):
     cfg = load_config(None, ["data.format=imagefolder", f"data.root={tmp_path}", "ray.ingest=ray_data"])
     with pytest.raises(ValueError, match="ray.ingest=ray_data reads Parquet shards.*jobs.prepare"):
         plan_training(cfg, log=lambda m: None)
+
+
+def test_the_ray_cli_is_the_one_beside_this_python():
+    import sys
+
+    assert ray_cli() == str(Path(sys.executable).parent / "ray")  # no activated venv needed
