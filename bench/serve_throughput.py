@@ -102,7 +102,8 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
     return {"batched_forward_images_per_s": forward, "one_image_end_to_end_images_per_s": single}
 
 
-async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0) -> dict:
+async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
+               headers: dict | None = None) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -116,7 +117,7 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float, 
             data = images[i % len(images)]
             i += concurrency
             try:
-                async with session.post(url, data=data, headers={"Content-Type": "image/png"}) as r:
+                async with session.post(url, data=data, headers={"Content-Type": "image/png", **(headers or {})}) as r:
                     await r.read()
                     status = r.status
             except aiohttp.ClientError as exc:

@@ -38,14 +38,20 @@ _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 class Tracker:
     """One MLflow run, or a no-op when tracking is off or the server is unreachable."""
 
+    #: After a failed delivery, metrics are only buffered for this long before the next try, so
+    #: a server that is down costs one failed call (seconds of retries) per window, not per step.
+    retry_after_s = 15.0
+
     def __init__(self, cfg: TrackingConfig, *, log: Log = print):
         self.cfg, self.log = cfg, log
         self.client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.lost: list[str] = []
-        self._pending: list[tuple[dict[str, float], int]] = []
+        self._pending: list[tuple[dict[str, float], int, int]] = []  # (values, step, timestamp ms)
         self._warned = False
+        self._failed_since_flush = False
+        self._retry_at = 0.0  # time.monotonic() before which buffered metrics are not re-sent
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,10 +109,10 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> list[str]:
         """Flush buffered metrics, end the run, and print what was not logged."""
         if self.active:
-            self._flush()
+            self._flush(force=True)
             self._call("run status", lambda: self.client.set_terminated(self.run_id, status=status))
         if self._pending:
-            steps = sorted({step for _, step in self._pending})
+            steps = sorted({step for _, step, _ in self._pending})
             self.lost.append(f"metrics of steps {steps}")
             self._pending.clear()
         if self.lost:
@@ -135,22 +141,36 @@ class Tracker:
         """Log numeric metrics at ``step``; on failure they wait for the next successful call."""
         if not self.active:
             return None
-        self._pending.append(({k: float(v) for k, v in metrics.items()}, int(step)))
+        self._pending.append(({k: float(v) for k, v in metrics.items()}, int(step), _now_ms()))
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        """Send buffered metrics, oldest first, with the time they were measured (not sent)."""
+        import time
+
         from mlflow.entities import Metric
 
+        if not force and time.monotonic() < self._retry_at:
+            return
+        late: list[int] = []
         while self._pending:
-            values, step = self._pending[0]
-            now = _now_ms()
-            batch = [Metric(_metric_key(k), v, now, step) for k, v in values.items()]
+            values, step, when = self._pending[0]
+            batch = [Metric(_metric_key(k), v, when, step) for k, v in values.items()]
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # noqa: BLE001
                 self._warn(exc)
+                self._failed_since_flush = True
+                self._retry_at = time.monotonic() + self.retry_after_s
                 return
             self._pending.pop(0)
+            if self._failed_since_flush:
+                late.append(step)
+        if late:
+            self.log(f"MLflow: tracking server reachable again; delivered {len(late)} buffered metric "
+                     f"batches late (steps {late[0]}..{late[-1]})")
+            self._failed_since_flush = False
+            self._warned = False  # a later outage is reported again
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active:

@@ -56,6 +56,9 @@ def trial_config(sweep: dict[str, Any], sample: dict[str, Any], trial: str) -> C
     return cfg
 
 
+PBT_TIME = "pbt/epoch"
+
+
 def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One Tune trial: the base config + this trial's sample, trained by jobs.train's TorchTrainer.
 
@@ -96,6 +99,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         result = build_trainer(plan, stop_after=sweep["perturbation_interval"], init_checkpoint=start).fit()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         metrics["pbt/exploited"] = exploited  # this stretch started from another trial's checkpoint
+        if metrics["epoch"] < cfg.train.epochs:
+            metrics[PBT_TIME] = metrics["epoch"]  # the final report carries no time: no perturbation there
         metrics.update({f"pbt/{k}": v for k, v in cfg.flat().items()  # the values this stretch trained with
                         if k in sweep["pbt_mutate"] and isinstance(v, (int, float))})
         ray.tune.report(metrics, checkpoint=result.checkpoint)
@@ -208,9 +213,12 @@ def _scheduler(cfg: Config, mutations: dict[str, Any]):
         return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(t.grace_period, epochs),
                              reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.perturbation_interval,
+        # Time runs on PBT_TIME, which a trial leaves out of its final report: PBT would otherwise
+        # perturb at the last epoch too, and (synchronous mode) restart a finished trial from a
+        # stronger trial's checkpoint that Tune may not have registered yet, i.e. an older one.
+        return PopulationBasedTraining(time_attr=PBT_TIME, perturbation_interval=t.perturbation_interval,
                                        hyperparam_mutations=mutations, quantile_fraction=t.quantile_fraction,
-                                       synch=t.pbt_synch)
+                                       synch=t.pbt_synch, require_attrs=False)
     return FIFOScheduler()
 
 

@@ -403,3 +403,47 @@ def test_client_cli_sends_many_files_in_several_requests(serve_url, digits_root,
     monkeypatch.delenv("IMGCLS_SERVE_TOKEN")
     assert main(["--url", serve_url, str(files[0])]) == 1
     assert "401" in capsys.readouterr().err
+
+
+# Soak and fault scenarios (bench/reliability.py; longer runs: python -m bench.reliability).
+SOAK_SECONDS = 40
+
+
+def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(serve_url, digits_root):
+    """Open-loop load at 70% of the app's measured capacity: no errors, p99 of the last third within
+    3x the first third's, replica memory growth under 64 MB."""
+    from bench.reliability import soak
+
+    images = [f.read_bytes() for f in sorted((digits_root / "test").glob("*/*.png"))[::5]]
+    result = soak(f"{serve_url}/v1/predict", "imgcls", images, seconds=SOAK_SECONDS, fraction=0.7, window_s=5,
+                  headers=AUTH)
+    print("soak:", json.dumps({k: v for k, v in result.items() if k not in ("windows", "replica_rss_mb")}))
+    assert result["errors"] == {}, result["errors"]
+    assert result["achieved_rate"] >= 0.9 * result["target_rate"], result
+    assert result["p99_drift"] is not None and result["p99_drift"] <= 3.0, result["windows"]
+    assert result["max_rss_growth_mb"] is not None and result["max_rss_growth_mb"] <= 64, result["replica_rss_mb"]
+    assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
+
+
+def test_killed_replica_under_load_is_replaced_and_few_requests_fail(serve_url, registry, digits_root):
+    """One of 2 replicas killed under 15 requests/s: under 10% of requests fail, Serve runs 2
+    replicas again within 60 s, and every request after that is answered."""
+    from ray import serve
+
+    from bench.reliability import kill_replica_under_load
+    from serve.app import build_app
+
+    serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25,
+                         "min_replicas": 2, "max_replicas": 2, "poll_interval_s": 0, "max_batch_size": 8}),
+              name="kill", route_prefix="/kill")
+    images = [f.read_bytes() for f in sorted((digits_root / "test").glob("*/*.png"))[::5]]
+    try:
+        result = kill_replica_under_load(f"{serve_url}/kill/v1/predict", "kill", images, rate=15.0,
+                                         max_recover_s=60.0)
+        print("replica kill:", json.dumps(result))
+        assert result["failed_fraction"] <= 0.10, result
+        assert result["time_to_recover_s"] <= 60, result
+        assert result["sent_after_recovery"] > 0 and result["failed_after_recovery"] == 0, result
+        assert result["running_replicas_after"] == 2
+    finally:
+        serve.delete("kill")

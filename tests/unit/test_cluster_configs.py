@@ -17,23 +17,19 @@ import pwd
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.mlflow_server import MLFLOW_SERVER, free_port, server_env, start_server, stop_server, wait_for_health
+
 REPO = Path(__file__).resolve().parents[2]
 AWS_YAML = REPO / "cluster" / "aws" / "imgcls.yaml"
 KUBERAY = REPO / "cluster" / "kuberay"
 DOCKERFILE = KUBERAY / "Dockerfile"
-MLFLOW_SERVER = REPO / "cluster" / "mlflow" / "server.sh"
 
 # What each KubeRay file must hold (kind -> count); shared-storage.yaml is the PVC they mount.
 MANIFESTS = {
@@ -321,12 +317,6 @@ def test_rayservice_serves_the_repos_builder_with_valid_args(manifests, image_wo
 # --------------------------------------------------------------------------- MLflow server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listen_addresses(port: int) -> set[str]:
     """Local addresses in LISTEN state on this TCP port (IPv4 and IPv6), from /proc/net."""
     found = set()
@@ -343,67 +333,27 @@ def _listen_addresses(port: int) -> set[str]:
     return found
 
 
-def _server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
-    env.update(MLFLOW_STATE_DIR=str(tmp_path / "state"), MLFLOW_BIN=str(Path(sys.executable).parent / "mlflow"),
-               MLFLOW_WORKERS="1", **extra)
-    return env
-
-
 def test_mlflow_server_refuses_a_password_in_the_uri(tmp_path):
-    env = _server_env(tmp_path, MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:s3cr3t@db.internal:5432/mlflow")
+    env = server_env(tmp_path, MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:s3cr3t@db.internal:5432/mlflow")
     result = subprocess.run(["bash", str(MLFLOW_SERVER)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     assert "PGPASSWORD" in result.stderr
     assert "s3cr3t" not in result.stdout + result.stderr
 
 
-def _start_server(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """server.sh in its own session (process group), output to log_path."""
-    with log_path.open("w") as log:
-        return subprocess.Popen(["bash", str(MLFLOW_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _wait_for_health(proc: subprocess.Popen, port: int, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited {proc.returncode}: {log_path.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                body = response.read().decode().strip()
-                assert body == "OK", body
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"no /health answer in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's whole process group (gunicorn/uvicorn workers too), SIGKILL if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 def test_mlflow_server_starts_on_sqlite_bound_to_loopback(tmp_path):
-    port = _free_port()
+    port = free_port()
     artifacts = tmp_path / "artifacts"
-    env = _server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
+    env = server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
     log_path = tmp_path / "server.log"
-    proc = _start_server(env, log_path)
+    proc = start_server(env, log_path)
     try:
-        _wait_for_health(proc, port, log_path, timeout=60)
+        wait_for_health(proc, port, log_path, timeout=60)
         assert _listen_addresses(port) == {"0100007F"}, f"listening on {_listen_addresses(port)}, not 127.0.0.1 only"
         assert (tmp_path / "state" / "mlflow.db").is_file(), "the default backend is sqlite in MLFLOW_STATE_DIR"
         assert artifacts.is_dir()
     finally:
-        _stop_server(proc)
+        stop_server(proc)
 
 
 PG_BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
@@ -444,7 +394,7 @@ def test_mlflow_server_runs_on_postgresql(tmp_path):
     pg_root = Path(tempfile.mkdtemp(prefix="imgcls-pg-"))
     if os.geteuid() == 0:
         os.chown(pg_root, pg_user.pw_uid, pg_user.pw_gid)
-    data, pg_port, port = pg_root / "data", _free_port(), _free_port()
+    data, pg_port, port = pg_root / "data", free_port(), free_port()
     proc = None
     started = False
     log_path = tmp_path / "server.log"
@@ -462,10 +412,10 @@ def test_mlflow_server_runs_on_postgresql(tmp_path):
         admin.close()
 
         artifacts = tmp_path / "artifacts"
-        env = _server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
+        env = server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
                           PGHOST="127.0.0.1", PGPORT=str(pg_port), PGUSER="postgres", PGDATABASE="mlflow")
-        proc = _start_server(env, log_path)
-        _wait_for_health(proc, port, log_path, timeout=120)  # first start runs MLflow's schema migrations
+        proc = start_server(env, log_path)
+        wait_for_health(proc, port, log_path, timeout=120)  # first start runs MLflow's schema migrations
         assert "backend postgresql" in log_path.read_text(), log_path.read_text()[-2000:]
         assert not (tmp_path / "state" / "mlflow.db").exists(), "fell back to sqlite"
 
@@ -503,7 +453,7 @@ def test_mlflow_server_runs_on_postgresql(tmp_path):
             conn.close()
     finally:
         if proc is not None:
-            _stop_server(proc)
+            stop_server(proc)
         if started:
             _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], cwd=pg_root)
         shutil.rmtree(pg_root, ignore_errors=True)

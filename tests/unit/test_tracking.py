@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from imgcls_core.config import TrackingConfig
 from imgcls_core.tracking import RUN_KEY_TAG, Tracker
 
@@ -45,21 +47,32 @@ def test_unreachable_server_disables_tracking_and_says_what_was_lost(monkeypatch
 
 
 def test_metrics_that_fail_are_retried_then_reported_lost(tmp_path):
-    tracker = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="r")
+    lines: list[str] = []
+    tracker = Tracker(sqlite_cfg(tmp_path), log=lines.append).start(run_key="r")
     real = tracker.client
+    calls = []
 
     class Down:  # the store goes away for a while (a fake above the real client)
         def log_batch(self, *args, **kwargs):
+            calls.append(kwargs)
             raise ConnectionError("server down")
 
         def __getattr__(self, name):
             return getattr(real, name)
 
     tracker.client = Down()
+    measured = time.time() * 1000
     tracker.log_metrics({"loss": 2.0}, step=1)
+    tracker.log_metrics({"loss": 1.5}, step=1)  # buffered: no second try within retry_after_s
+    assert len(calls) == 1
+    time.sleep(0.05)
     tracker.client = real
+    tracker.retry_after_s, tracker._retry_at = 0.0, 0.0  # the server is back and the wait is over
     tracker.log_metrics({"loss": 1.0}, step=2)  # delivers step 1 too
-    assert [m.step for m in real.get_metric_history(tracker.run_id, "loss")] == [1, 2]
+    history = real.get_metric_history(tracker.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.5), (1, 2.0), (2, 1.0)]
+    assert min(m.timestamp for m in history) - measured < 40  # stamped when measured, not when delivered
+    assert any("delivered 3 buffered metric batches late (steps 1..2)" in line for line in lines), lines
     tracker.client = Down()
     tracker.log_metrics({"loss": 0.5}, step=3)
     lost = tracker.close()
