@@ -82,35 +82,83 @@ def _session_dir(log: Path) -> str | None:
     return None
 
 
-def test_ray_job_submit_trains_and_succeeds(ray_head, digits_root, tmp_path):
-    url, env = ray_head
-    job_id = f"imgcls-test-{uuid.uuid4().hex[:8]}"
-    out = tmp_path / "out"
-    sets = [
-        "data.format=imagefolder", f"data.root={digits_root}", "data.batch_size=32", "model.name=cnn3",
-        "augment.strength=0", "optim.lr=0.05", "train.epochs=2", f"train.output_dir={out}",
-        f"ray.storage_path={tmp_path / 'results'}", "ray.num_workers=1", "tracking.enabled=true",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-    ]
-    command = ["ray", "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
-               "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
-               "--", "python", "-m", "jobs.train", *[arg for s in sets for arg in ("--set", s)]]
-    submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    deadline, status = time.monotonic() + 300, ""
+def _job_status(job_id: str, url: str, env: dict) -> str:
+    done = subprocess.run(["ray", "job", "status", job_id, "--address", url], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return (done.stdout + done.stderr).lower()  # "Job 'x' succeeded", logged to stderr
+
+
+def _wait_for_end(job_id: str, url: str, env: dict, timeout: float = 300) -> str:
+    deadline, status = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
-        done = subprocess.run(["ray", "job", "status", job_id, "--address", url], env=env,
-                              capture_output=True, text=True, timeout=60)
-        status = (done.stdout + done.stderr).lower()  # "Job 'x' succeeded", logged to stderr
+        status = _job_status(job_id, url, env)
         if any(f"' {s}" in status for s in ("succeeded", "failed", "stopped")):
             break
-        time.sleep(3)
-    logs = subprocess.run(["ray", "job", "logs", job_id, "--address", url], env=env,
+        time.sleep(2)
+    return status
+
+
+def test_ray_job_submit_trains_and_a_killed_driver_resumes_on_resubmit(ray_head, digits_root, tmp_path):
+    """`ray job submit` of jobs.train; its driver SIGKILLed after epoch 2 of 4; the same command
+    submitted again resumes from a checkpoint, continues the same MLflow run and succeeds.
+
+    Ray Train registers a reported checkpoint asynchronously, so a kill right after epoch N's
+    report may resume from epoch N - 1: the test kills after epoch 2 and accepts 1 or 2."""
+    from mlflow.tracking import MlflowClient
+
+    url, env = ray_head
+    out, name = tmp_path / "out", f"killed-driver-{uuid.uuid4().hex[:8]}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [
+        "data.format=imagefolder", f"data.root={digits_root}", "data.batch_size=16", "model.name=cnn3",
+        "augment.strength=0", "optim.lr=0.05", "train.epochs=4", "train.log_every=1000", f"train.output_dir={out}",
+        f"ray.storage_path={tmp_path / 'results'}", f"ray.name={name}", "ray.num_workers=1",
+        "tracking.enabled=true", f"tracking.tracking_uri={uri}",
+    ]
+
+    def submit(job_id: str) -> None:
+        command = ["ray", "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
+                   "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"),
+                   "--", "python", "-m", "jobs.train", *[arg for s in sets for arg in ("--set", s)]]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    first, second = f"imgcls-test-{uuid.uuid4().hex[:8]}", f"imgcls-test-{uuid.uuid4().hex[:8]}"
+    submit(first)
+    history = out / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while not (history.exists() and len(history.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, "epoch 2 did not finish in 300 s"
+        assert "' failed" not in _job_status(first, url, env)
+        time.sleep(1)
+    # The driver is the entrypoint process: the only one whose command line holds this run's name.
+    drivers = subprocess.run(["pgrep", "-f", f"jobs.train .*ray.name={name}"], capture_output=True, text=True)
+    pids = [int(p) for p in drivers.stdout.split()]
+    assert pids, "no driver process found"
+    killed_after = len(history.read_text().splitlines())
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    status = _wait_for_end(first, url, env, timeout=120)
+    assert f"job '{first}' failed" in status, status
+    assert not (out / "train_summary.json").exists()
+
+    started = time.monotonic()
+    submit(second)
+    status = _wait_for_end(second, url, env)
+    logs = subprocess.run(["ray", "job", "logs", second, "--address", url], env=env,
                           capture_output=True, text=True, timeout=60).stdout
-    assert f"job '{job_id}' succeeded" in status, status + logs[-6000:]
+    assert f"job '{second}' succeeded" in status, status + logs[-6000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["mlflow_run_id"]
-    assert "epoch 2/2" in logs
+    print(f"killed driver: SIGKILL after epoch {killed_after} of 4; the resubmitted job resumed from epoch "
+          f"{summary['resumed_from']} and finished in {time.monotonic() - started:.0f} s")
+    assert 1 <= summary["resumed_from"] <= killed_after and summary["epochs"] == 4, summary
+    assert f"resuming from epoch {summary['resumed_from']}" in logs
+    assert "epoch 4/4" in logs
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("imgcls").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # one run, continued
+    steps = {m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val/acc1")}
+    assert steps == {1, 2, 3, 4}, steps
 
 
 def test_jobs_submit_follows_the_job_and_returns_its_outcome(ray_head):

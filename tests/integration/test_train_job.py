@@ -130,3 +130,61 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_session, digits_
     assert (tmp_path / "out" / "model.pt").is_file()
     assert any(line.startswith("MLflow: NOT logged: the whole run") for line in lines), lines
     assert "MLflow: NOT logged: the whole run" in (tmp_path / "out" / "train.log").read_text()
+
+
+def test_tracking_server_stopped_during_training_gets_the_metrics_late(ray_session, digits_root, tmp_path):
+    """A real MLflow server (cluster/mlflow/server.sh) stopped after epoch 1 of 8 and started again
+    (which takes seconds): training goes on, and every epoch's metrics reach the same run, late."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.train import run_training
+    from tests.mlflow_server import free_port, server_env, start_server, stop_server, wait_for_health
+
+    port = free_port()
+    env = server_env(tmp_path, MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"))
+    server_log = tmp_path / "server.log"
+    server = start_server(env, server_log)
+    wait_for_health(server, port, server_log, timeout=90)
+    uri = f"http://127.0.0.1:{port}"
+    cfg = ray_config(tmp_path, uri, ["data.format=imagefolder", f"data.root={digits_root}"],
+                     "ray.num_workers=1", "data.batch_size=16", "train.log_every=1000", "train.epochs=8")
+    history = tmp_path / "out" / "history.jsonl"
+
+    def epochs_done() -> int:
+        return len(history.read_text().splitlines()) if history.exists() else 0
+
+    def wait_for_epoch(n: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while epochs_done() < n and thread.is_alive():
+            assert time.monotonic() < deadline, f"epoch {n} not reached in {timeout:.0f} s"
+            time.sleep(0.2)
+
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(run_training(cfg, log=lambda m: None)))
+    thread.start()
+    try:
+        wait_for_epoch(1)
+        stop_server(server)
+        down_at, down = epochs_done(), time.monotonic()
+        wait_for_epoch(down_at + 1)
+        server = start_server(env, server_log)
+        wait_for_health(server, port, server_log, timeout=90)
+        up_at, outage = epochs_done(), time.monotonic() - down
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "training did not finish"
+        print(f"tracking outage: {outage:.1f} s, server down after epoch {down_at}, back after epoch {up_at} of 8")
+        assert down_at < up_at < 8, (down_at, up_at)  # whole epochs trained while it was down, and it came back
+        assert summary["epochs"] == 8 and summary["mlflow_run_id"], summary
+        log = (tmp_path / "out" / "train.log").read_text()
+        assert "MLflow: tracking server error, training goes on without it" in log, log[-3000:]
+        assert "buffered metric batches late" in log, log[-3000:]
+        assert "MLflow: NOT logged" not in log, log[-3000:]
+        client = MlflowClient(uri)
+        assert epoch_history(client, summary["mlflow_run_id"]) == list(range(1, 9))
+        assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        thread.join(timeout=600)
+        stop_server(server)
