@@ -32,8 +32,9 @@ def median(values: list[float]) -> float:
 
 
 def save(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write bench/results/<name>.json, or the file $IMGCLS_BENCH_OUT names (bench.run sets it per run)."""
+    path = Path(os.environ.get("IMGCLS_BENCH_OUT") or RESULTS / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **result}, indent=1))
     print(f"results: {path}")
     return path

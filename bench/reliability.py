@@ -91,13 +91,18 @@ def p99_ms(latencies: list[float]) -> float | None:
 # --------------------------------------------------------------------------- replicas
 
 
-def replica_pids(app: str, deployment: str = "Classifier") -> list[int]:
-    """PIDs of the app's live replica actors (Ray's state API; needs the dashboard)."""
+def replica_actors(app: str, deployment: str = "Classifier") -> list:
+    """The app's live replica actors (Ray's state API, so the dashboard must run), of this driver's
+    Ray instance (not whichever /tmp/ray/ray_current_cluster names)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)
-    return sorted(a.pid for a in actors)
+    return list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                       filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
+
+
+def replica_pids(app: str, deployment: str = "Classifier") -> list[int]:
+    return sorted(a.pid for a in replica_actors(app, deployment))
 
 
 def rss_mb(pid: int) -> float | None:
@@ -198,10 +203,7 @@ def kill_replica_under_load(url: str, app: str, images: list[bytes], *, rate: fl
     def kill_then_watch() -> None:
         try:
             time.sleep(kill_at_s)
-            from ray.util.state import list_actors
-
-            victim = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:Classifier"),
-                                          ("state", "=", "ALIVE")])[0]
+            victim = replica_actors(app)[0]
             ray.kill(ray.get_actor(victim.name, namespace=victim.ray_namespace or "serve"), no_restart=True)
             state["killed"] = time.perf_counter() - state["t0"]
             log(f"replica kill: killed {victim.name} (pid {victim.pid}) at {state['killed']:.1f} s")

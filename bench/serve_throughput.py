@@ -46,7 +46,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_model_file(path: Path, image_size: int = 32, width: float = 0.25) -> Path:
+def make_model_file(path: Path, image_size: int = 32, width: float = 0.25, name: str = "resnet18") -> Path:
     import torch
 
     from imgcls_core.config import ModelConfig
@@ -54,7 +54,7 @@ def make_model_file(path: Path, image_size: int = 32, width: float = 0.25) -> Pa
     from imgcls_core.models import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name="resnet18", width=width)
+    cfg = ModelConfig(name=name, width=width)
     model = build_model(cfg, 10, image_size)
     pre = Preprocessing(image_size, [0.5] * 3, [0.25] * 3, 1.0, [str(i) for i in range(10)])
     from dataclasses import asdict
@@ -77,14 +77,14 @@ def digit_pngs(n: int = 64) -> list[bytes]:
     return out
 
 
-def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float) -> dict:
+def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float, device: str = "cpu") -> dict:
     import torch
 
     from imgcls_core.predict import Predictor
     from imgcls_core.serving import decode_upload
 
     torch.set_num_threads(1)
-    predictor = Predictor.from_file(model_file)
+    predictor = Predictor.from_file(model_file, device=device)
     batch = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in images[:batch_size]])
     while len(batch) < batch_size:
         batch = torch.cat([batch, batch])[:batch_size]
@@ -183,17 +183,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-ongoing", type=int, default=128,
                         help="replica max_ongoing_requests: above the clients, so the proxy never queues")
-    parser.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel width (1.0 = torchvision's)")
+    parser.add_argument("--model", default="resnet18", help="any imgcls_core model (resnet50 for the GPU figure)")
+    parser.add_argument("--width", type=float, default=0.25, help="channel width (1.0 = torchvision's)")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPUs per replica; > 0 also runs the in-process forward on the GPU")
     parser.add_argument("--image-size", type=int, default=32, help="network input side (the PNGs are resized to it)")
     parser.add_argument("--name", default="serve_throughput", help="results file name under bench/results")
     parser.add_argument("--skip-naive", action="store_true", help="measure the Serve app only")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-serve-"))
-    model_file = make_model_file(tmp / "model.pt", args.image_size, args.width)
+    model_file = make_model_file(tmp / "model.pt", args.image_size, args.width, args.model)
+    device = "cuda" if args.num_gpus > 0 else "cpu"
     images = digit_pngs()
     print("(a) in process, 1 thread", flush=True)
-    local = in_process(model_file, images, args.max_batch_size, args.seconds)
+    local = in_process(model_file, images, args.max_batch_size, args.seconds, device)
     print(f"  batched forward {local['batched_forward_images_per_s']:.0f} img/s; one image end to end "
           f"{local['one_image_end_to_end_images_per_s']:.0f} img/s", flush=True)
 
@@ -212,11 +216,13 @@ def main(argv: list[str] | None = None) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = register_model_file(uri, MODEL, model_file, experiment="bench")
     Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=False,
+             configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": 1,
+                         "num_gpus": args.num_gpus,
                          "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
                          "max_ongoing_requests": args.max_ongoing, "max_replicas": 1,
                          "max_queued_requests": -1, "poll_interval_s": 0}),

@@ -1,0 +1,286 @@
+"""Every benchmark in one run: side-by-side ratios, medians over repeats, BENCHMARKS.md.
+
+    python -m bench.run --list                          # what there is, and how long each takes here
+    python -m bench.run                                 # every benchmark once, BENCHMARKS.md rewritten
+    python -m bench.run --repeats 3                     # medians over 3 runs of each
+    python -m bench.run --only serve_throughput quantize --repeats 3
+    python -m bench.run --quick                         # shorter settings: a smoke run, not figures to quote
+
+Each benchmark is a module of this package, also runnable alone
+(``python -m bench.<name> --help``); every one measures its figures side by
+side in one process run (e.g. ASHA and FIFO sweeps over the same trials), so
+a ratio never compares runs from different moments. The harness runs each
+benchmark ``--repeats`` times in a fresh process, takes each figure's median
+(and min/max), records the machine (CPU, GPU, versions) and writes
+BENCHMARKS.md, with the command that reproduces every row, and
+bench/results/harness.json with every run's raw result. Benchmarks that need
+a GPU are listed as not measured on a machine without one. Benchmarks not
+selected keep their previous rows in BENCHMARKS.md (from harness.json), each
+with the machine and date it was measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import RESULTS, machine, median
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = RESULTS / "harness.json"
+MARKDOWN = REPO / "BENCHMARKS.md"
+
+Figures = Callable[[dict], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    issue: str  # the capability it measures
+    what: str  # the comparison, one line
+    args: tuple[str, ...] = ()
+    quick: tuple[str, ...] = ()
+    figures: Figures = field(default=lambda r: {})
+    gpu: bool = False  # its figures mean something only on a CUDA device
+    minutes: float = 1.0  # one run on the 2-core reference machine
+
+    def command(self, quick: bool = False) -> list[str]:
+        return [sys.executable, "-m", f"bench.{self.name}", *(self.quick if quick else self.args)]
+
+
+def _serve(r: dict) -> dict[str, float]:
+    by_c = {row["concurrency"]: row for row in r["ratios"]["by_concurrency"]}
+    top = max(by_c)
+    return {"served / naive server, img/s at saturation (x)": r["ratios"]["served_over_naive_at_saturation"],
+            "served / in-process batched forward, img/s (x)": r["ratios"]["served_over_in_process_forward"],
+            f"p99 served / naive at c={top} (x)": by_c[top]["p99_served_over_naive"],
+            "served img/s at saturation": max(row["images_per_s"] for row in r["served"]),
+            "mean batch formed by the replica": r["batches"]["mean_batch_size"]}
+
+
+def _serve_gpu(r: dict) -> dict[str, float]:
+    return {"served / in-process batched forward on the GPU, img/s (x)": r["ratios"]["served_over_in_process_forward"],
+            "served img/s at saturation": max(row["images_per_s"] for row in r["served"]),
+            "in-process batched forward img/s": r["in_process"]["batched_forward_images_per_s"],
+            "mean batch formed by the replica": r["batches"]["mean_batch_size"]}
+
+
+def _quantize(r: dict) -> dict[str, float]:
+    s = r["static"]
+    out = {"int8 / fp32 ONNX Runtime, img/s (x)": s["speedup"],
+           "int8 ONNX Runtime / eager PyTorch, img/s (x)": s["int8_images_per_s"] / s["eager_images_per_s"],
+           "int8 / fp32 file size (x)": s["size_ratio"], "int8 - fp32 top-1 (points)": s["acc1_delta_points"]}
+    if "prune-unstructured" in r:
+        p = r["prune-unstructured"]
+        out["50% pruned + fine-tuned - dense top-1 (points)"] = (p["acc1_finetuned"] - p["acc1_before"]) * 100
+        out["50% pruned / dense gzip size (x)"] = p["pruned_gzip_mb"] / p["dense_gzip_mb"]
+    return out
+
+
+def _reliability(r: dict) -> dict[str, float]:
+    s, k = r["soak"], r["replica_kill"]
+    return {"soak: error fraction": s["error_fraction"], "soak: achieved / target rate (x)": s["achieved_rate"] / s["target_rate"],
+            "soak: p99 last third / first third (x)": s["p99_drift"],
+            "soak: replica RSS growth (MB)": s["max_rss_growth_mb"],
+            "replica kill: failed request fraction": k["failed_fraction"],
+            "replica kill: seconds to full replica count": k["time_to_recover_s"]}
+
+
+def _gpu_train(r: dict) -> dict[str, float]:
+    out = {"Ray Train (1 worker) / plain loop, img/s (x)": r["ratios"]["ray_train_over_plain"],
+           "plain loop img/s": r["plain_images_per_s"], "Ray Train img/s": r["ray_train_images_per_s"]}
+    if "plain_over_nvidia_published" in r["ratios"]:
+        out["plain loop / NVIDIA published (x)"] = r["ratios"]["plain_over_nvidia_published"]
+    return out
+
+
+BENCHES: dict[str, Bench] = {b.name: b for b in [
+    Bench("train_vs_local", "distributed training", "Ray Train (1 worker) vs the core's local loop, same model and data",
+          ("--epochs", "4"), ("--epochs", "2"),
+          lambda r: {"epoch time, Ray Train / local (x)": r["epoch_ratio_ray_over_local"],
+                     "wall time incl. start-up, Ray Train / local (x)": r["wall_ratio_ray_over_local"]}, minutes=2),
+    Bench("ingest", "distributed training", "Parquet through Ray Data vs ImageFolder through a DataLoader, 2 CPUs each",
+          ("--epochs", "4"), ("--epochs", "2"),
+          lambda r: {"images/s, Ray Data / DataLoader (x)": r["ratio_ray_data_over_dataloader"]}, minutes=1.5),
+    Bench("tune_asha", "sweeps", "ASHA vs the same seeded trials without early stopping (FIFO)",
+          ("--samples", "6", "--epochs", "3"), ("--samples", "2", "--epochs", "2"),
+          lambda r: {"epochs trained, ASHA / FIFO (x)": r["ratios"]["epochs_asha_over_fifo"],
+                     "best val top-1, ASHA / FIFO (x)": r["ratios"]["best_acc_asha_over_fifo"],
+                     "wall time, ASHA / FIFO (x)": r["ratios"]["seconds_asha_over_fifo"]}, minutes=9),
+    Bench("serve_throughput", "inference service",
+          "Ray Serve app (batching) vs a naive one-image FastAPI server vs in-process forward, ResNet-18 1/4 width",
+          ("--seconds", "8"), ("--seconds", "2", "--concurrency", "1", "8"), _serve, minutes=3),
+    Bench("quantize", "export and compression", "int8 (ONNX Runtime static) vs fp32 ONNX Runtime vs eager; pruning",
+          (), ("--epochs", "1", "--repeats", "3", "--no-prune"), _quantize, minutes=1.5),
+    Bench("distill", "export and compression", "student with vs without knowledge distillation, same seeds",
+          (), ("--seeds", "0", "--epochs", "2", "--teacher-epochs", "2"),
+          lambda r: {"KD - plain student top-1, mean over seeds (points)": r["kd_minus_plain_mean"] * 100,
+                     "plain student top-1": r["plain_test_acc1"]["mean"],
+                     "KD student top-1": r["kd_test_acc1"]["mean"]}, minutes=6),
+    Bench("reliability", "benchmarks and reliability",
+          "Serve app soaked at 70% of measured capacity; one of 2 replicas killed under load",
+          ("--soak-seconds", "300"), ("--soak-seconds", "30", "--window", "5"), _reliability, minutes=6),
+    Bench("gpu_train", "benchmarks and reliability",
+          "ResNet-50 224 px, AMP + channels_last: Ray Train (1 GPU worker) vs a plain PyTorch loop vs NVIDIA's figure",
+          (), ("--steps", "10", "--warmup", "5", "--repeats", "1"), _gpu_train, gpu=True, minutes=4),
+    Bench("serve_gpu", "benchmarks and reliability",
+          "ResNet-50 224 px served with batching on one GPU vs in-process batched forward on it",
+          (), ("--seconds", "3"), _serve_gpu, gpu=True, minutes=4),
+]}
+
+
+def _serve_gpu_command(bench: Bench, quick: bool) -> list[str]:
+    return [sys.executable, "-m", "bench.serve_throughput", "--model", "resnet50", "--width", "1", "--image-size", "224",
+            "--num-gpus", "1", "--max-batch-size", "64", "--concurrency", "8", "64", "256", "--skip-naive",
+            "--name", "serve_gpu", *(bench.quick if quick else bench.args)]
+
+
+def command_for(bench: Bench, quick: bool = False) -> list[str]:
+    return _serve_gpu_command(bench, quick) if bench.name == "serve_gpu" else bench.command(quick)
+
+
+def run_one(bench: Bench, quick: bool, log=print) -> dict:
+    """One run of one benchmark in a fresh process; its result dict (with a 'seconds' key)."""
+    with tempfile.TemporaryDirectory(prefix=f"imgcls-bench-{bench.name}-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, "IMGCLS_BENCH_OUT": str(out)}
+        started = time.perf_counter()
+        done = subprocess.run(command_for(bench, quick), cwd=REPO, env=env)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"bench.{bench.name} exited {done.returncode} after {seconds:.0f} s without a result")
+        result = json.loads(out.read_text())
+    result["seconds"] = seconds
+    log(f"[bench.run] {bench.name}: done in {seconds:.0f} s")
+    return result
+
+
+def summarize(bench: Bench, runs: list[dict]) -> dict:
+    """Median, min and max of each figure over the runs."""
+    per_run = [bench.figures(r) for r in runs]
+    figures = {}
+    for label in per_run[0]:
+        values = [f[label] for f in per_run if f.get(label) is not None]
+        figures[label] = {"median": median(values) if values else None, "min": min(values, default=None),
+                          "max": max(values, default=None), "values": values}
+    return {"figures": figures, "runs": len(runs), "machine": runs[0]["machine"],
+            "seconds_median": median([r["seconds"] for r in runs])}
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value != 0 and (abs(value) >= 1000 or abs(value) < 0.01):
+        return f"{value:.3g}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _machine_line(m: dict) -> str:
+    gpu = m.get("gpu") or "no GPU"
+    return (f"{m['cpu']} x{m['cpu_count']} logical CPUs, {gpu}; Python {m['python']}, torch {m['torch']}, "
+            f"torchvision {m['torchvision']}, Ray {m['ray']}, MLflow {m['mlflow']}; measured {m['when']}")
+
+
+def render(state: dict) -> str:
+    """BENCHMARKS.md from the harness state (every benchmark's last summary)."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench.run` (bench/run.py); do not edit by hand. Every ratio is measured side",
+        "by side in one run of its benchmark; each figure is the median over the runs listed (min..max in",
+        "brackets). Raw results: bench/results/harness.json. Reproduce everything with",
+        "",
+        "```bash",
+        "python -m bench.run --repeats 3",
+        "```",
+        "",
+        "or one row's benchmark with the command under its heading (`--help` lists its options).",
+        "",
+    ]
+    machines = {json.dumps(s["machine"], sort_keys=True) for s in state.values() if s.get("machine")}
+    if machines:
+        lines += ["Machines:", ""]
+        lines += [f"- {_machine_line(json.loads(m))}" for m in sorted(machines)]
+        lines.append("")
+    for name, bench in BENCHES.items():
+        summary = state.get(name)
+        cmd = shlex.join(["python", *command_for(bench)[1:]])
+        lines += [f"## {name}: {bench.what}", "", f"Capability: {bench.issue}. Command: `{cmd}`", ""]
+        if summary is None or "figures" not in summary:
+            reason = (summary or {}).get("skipped") or "not run yet"
+            lines += [f"Not measured: {reason}.", ""]
+            continue
+        m = summary["machine"]
+        quick = " Quick settings (`--quick`): a check of the harness, not figures to quote." if summary.get("quick") else ""
+        lines += [f"Measured on: {_machine_line(m)}; {summary['runs']} run(s), "
+                  f"{summary['seconds_median']:.0f} s each (median).{quick}", "",
+                  "| figure | median | min..max | runs |", "| --- | ---: | --- | ---: |"]
+        for label, f in summary["figures"].items():
+            lines.append(f"| {label} | {_fmt(f['median'])} | {_fmt(f['min'])}..{_fmt(f['max'])} | {len(f['values'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run these benchmarks only")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each benchmark (figures are medians)")
+    parser.add_argument("--quick", action="store_true", help="short settings: checks the harness, not figures")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="where to write BENCHMARKS.md")
+    parser.add_argument("--state", type=Path, default=HARNESS, help="harness results (read, updated, written)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    if args.list:
+        for b in BENCHES.values():
+            print(f"{b.name:<17} ~{b.minutes:>4.1f} min{' (GPU)' if b.gpu else '':<7} {b.what}")
+        return 0
+
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    selected = [BENCHES[n] for n in (args.only or BENCHES)]
+    state = json.loads(args.state.read_text()) if args.state.exists() else {}
+    print(f"[bench.run] {_machine_line(machine())}")
+    failed = []
+    for bench in selected:
+        if bench.gpu and not has_gpu:
+            print(f"[bench.run] {bench.name}: skipped, needs a CUDA device (none here)")
+            if "figures" not in state.get(bench.name, {}):
+                state[bench.name] = {"skipped": f"needs a CUDA device; the last harness run ({machine()['when']}) "
+                                                "had none"}
+            continue
+        print(f"[bench.run] {bench.name}: {args.repeats} run(s), about {bench.minutes * args.repeats:.0f} min here")
+        try:
+            runs = [run_one(bench, args.quick) for _ in range(args.repeats)]
+        except RuntimeError as exc:
+            print(f"[bench.run] {exc}")
+            failed.append(bench.name)
+            continue
+        state[bench.name] = {**summarize(bench, runs), "quick": args.quick, "raw": runs}
+        args.state.parent.mkdir(parents=True, exist_ok=True)
+        args.state.write_text(json.dumps(state, indent=1))  # after each benchmark: a crash keeps the rest
+        args.markdown.write_text(render(state))
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+    args.state.write_text(json.dumps(state, indent=1))
+    args.markdown.write_text(render(state))
+    print(f"[bench.run] wrote {args.markdown} and {args.state}")
+    if failed:
+        print(f"[bench.run] FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

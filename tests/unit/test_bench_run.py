@@ -1,0 +1,80 @@
+"""The benchmark harness: figures from real result files, medians, BENCHMARKS.md, one real run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.run import BENCHES, main, render, run_one, summarize
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def recorded(name: str, **changes) -> dict:
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    result["seconds"] = 60.0
+    return {**result, **changes}
+
+
+def test_every_benchmark_is_a_module_with_a_main():
+    import importlib
+
+    for bench in BENCHES.values():
+        module = "serve_throughput" if bench.name == "serve_gpu" else bench.name
+        assert callable(importlib.import_module(f"bench.{module}").main), bench.name
+
+
+@pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput"])
+def test_figures_come_from_the_recorded_results(name):
+    figures = summarize(BENCHES[name], [recorded(name)])["figures"]
+    assert figures and all(f["median"] is not None for f in figures.values()), figures
+
+
+def test_medians_over_runs_and_the_markdown_table():
+    low = recorded("ingest", ratio_ray_data_over_dataloader=0.30)
+    mid = recorded("ingest", ratio_ray_data_over_dataloader=0.34)
+    high = recorded("ingest", ratio_ray_data_over_dataloader=0.50)
+    summary = summarize(BENCHES["ingest"], [high, low, mid])
+    figure = summary["figures"]["images/s, Ray Data / DataLoader (x)"]
+    assert figure["median"] == pytest.approx(0.34) and figure["min"] == 0.30 and figure["max"] == 0.50
+    text = render({"ingest": summary, "gpu_train": {"skipped": "needs a CUDA device"}})
+    assert "| images/s, Ray Data / DataLoader (x) | 0.340 | 0.300..0.500 | 3 |" in text
+    assert "`python -m bench.ingest --epochs 4`" in text
+    assert "Not measured: needs a CUDA device." in text
+    assert "## tune_asha" in text and "Not measured: not run yet." in text
+    assert "2 logical CPUs" in text or "logical CPUs" in text
+
+
+def test_gpu_benchmark_runs_on_the_cpu_through_the_harness(tmp_path):
+    """bench.gpu_train's code path (plain loop + a real Ray Train worker) at toy size on the CPU."""
+    tiny = replace(BENCHES["gpu_train"], args=("--device", "cpu", "--model", "resnet18", "--width", "0.25",
+                                               "--image-size", "32", "--batch-size", "8", "--steps", "2",
+                                               "--warmup", "1", "--repeats", "1"))
+    result = run_one(tiny, quick=False, log=lambda _m: None)
+    assert result["gpu"] is None and result["nvidia_reference"] is None
+    assert result["plain_images_per_s"] > 0 and result["ray_train_images_per_s"] > 0
+    assert "device=cpu amp=off" in result["runtime"]
+    figures = summarize(tiny, [result])["figures"]
+    assert figures["Ray Train (1 worker) / plain loop, img/s (x)"]["median"] > 0
+
+
+def test_without_a_gpu_the_gpu_benchmarks_are_listed_as_not_measured(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    markdown, state = tmp_path / "BENCHMARKS.md", tmp_path / "harness.json"
+    assert main(["--only", "gpu_train", "serve_gpu", "--markdown", str(markdown), "--state", str(state)]) == 0
+    text = markdown.read_text()
+    assert text.count("Not measured: needs a CUDA device") == 2
+    assert json.loads(state.read_text())["gpu_train"]["skipped"].startswith("needs a CUDA device")
+
+
+def test_reference_figure_for_the_gpu_class():
+    from bench.gpu_train import reference_for
+
+    assert reference_for("NVIDIA A100-SXM4-80GB") == ("A100", 2470.0)
+    assert reference_for("NVIDIA H200")[1] == 2470.0 and "A100" in reference_for("NVIDIA H200")[0]
+    assert reference_for(None) is None and reference_for("Some Other GPU") is None
