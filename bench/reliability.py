@@ -179,9 +179,12 @@ def soak(url: str, app: str, images: list[bytes], *, seconds: float, fraction: f
         "replica_rss_growth_mb": growth,
         "max_rss_growth_mb": max((g for g in growth.values() if g is not None), default=None),
     }
-    log(f"soak: {result['sent']} requests, {sum(errors.values())} errors, p99 {result['p99_first_third_ms']:.0f} -> "
-        f"{result['p99_last_third_ms']:.0f} ms (drift x{result['p99_drift']:.2f}), replica RSS growth "
-        f"{result['max_rss_growth_mb']:+.1f} MB")
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0f}"
+
+    log(f"soak: {result['sent']} requests, {sum(errors.values())} errors, p99 {ms(result['p99_first_third_ms'])} -> "
+        f"{ms(result['p99_last_third_ms'])} ms (drift x{result['p99_drift'] or float('nan'):.2f}), replica RSS growth "
+        f"{result['max_rss_growth_mb'] if result['max_rss_growth_mb'] is not None else float('nan'):+.1f} MB")
     return result
 
 

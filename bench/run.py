@@ -184,10 +184,11 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def _machine_line(m: dict) -> str:
+def _machine_line(m: dict, when: bool = True) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return (f"{m['cpu']} x{m['cpu_count']} logical CPUs, {gpu}; Python {m['python']}, torch {m['torch']}, "
-            f"torchvision {m['torchvision']}, Ray {m['ray']}, MLflow {m['mlflow']}; measured {m['when']}")
+    line = (f"{m['cpu']} x{m['cpu_count']} logical CPUs, {gpu}; Python {m['python']}, torch {m['torch']}, "
+            f"torchvision {m['torchvision']}, Ray {m['ray']}, MLflow {m['mlflow']}")
+    return f"{line}; measured {m['when']}" if when else line
 
 
 def render(state: dict) -> str:
@@ -206,10 +207,10 @@ def render(state: dict) -> str:
         "or one row's benchmark with the command under its heading (`--help` lists its options).",
         "",
     ]
-    machines = {json.dumps(s["machine"], sort_keys=True) for s in state.values() if s.get("machine")}
+    machines = sorted({_machine_line(s["machine"], when=False) for s in state.values() if s.get("machine")})
     if machines:
         lines += ["Machines:", ""]
-        lines += [f"- {_machine_line(json.loads(m))}" for m in sorted(machines)]
+        lines += [f"- {m}" for m in machines]
         lines.append("")
     for name, bench in BENCHES.items():
         summary = state.get(name)
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each benchmark (figures are medians)")
     parser.add_argument("--quick", action="store_true", help="short settings: checks the harness, not figures")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--render-only", action="store_true", help="rewrite BENCHMARKS.md from --state, run nothing")
     parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="where to write BENCHMARKS.md")
     parser.add_argument("--state", type=Path, default=HARNESS, help="harness results (read, updated, written)")
     args = parser.parse_args(argv)
@@ -245,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for b in BENCHES.values():
             print(f"{b.name:<17} ~{b.minutes:>4.1f} min{' (GPU)' if b.gpu else '':<7} {b.what}")
+        return 0
+
+    if args.render_only:
+        args.markdown.write_text(render(json.loads(args.state.read_text())))
+        print(f"[bench.run] wrote {args.markdown} from {args.state}")
         return 0
 
     import torch

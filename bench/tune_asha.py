@@ -39,8 +39,16 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-tune-"))
     root = materialize_digits(tmp / "digits")
-    ray.init(address="local", num_cpus=args.cpus, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # The dashboard serves the state API that Ray Train's placement-group cleaner asks, from the
+    # workers, before it frees the workers of a trial ASHA stopped; RAY_API_SERVER_ADDRESS points it
+    # at this instance rather than at whichever /tmp/ray/ray_current_cluster names.
+    from bench.serve_throughput import free_port
+
+    dashboard = free_port()
+    ray.init(address="local", num_cpus=args.cpus, configure_logging=False, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=dashboard,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
     results = {}
     try:
         for scheduler in (args.first, "fifo" if args.first == "asha" else "asha"):
