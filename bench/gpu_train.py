@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for k in range(args.repeats):
             plain.append(measure(opts))
-            torch.cuda.empty_cache() if use_gpu else None
+            if use_gpu:
+                torch.cuda.empty_cache()
             train.append(ray_train(opts, use_gpu))
             print(f"repeat {k + 1}/{args.repeats}: plain {plain[-1]['images_per_s']:.0f} img/s, "
                   f"Ray Train {train[-1]['images_per_s']:.0f} img/s ({plain[-1]['runtime']})", flush=True)

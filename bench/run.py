@@ -52,9 +52,10 @@ class Bench:
     figures: Figures = field(default=lambda r: {})
     gpu: bool = False  # its figures mean something only on a CUDA device
     minutes: float = 1.0  # one run on the 2-core reference machine
+    module: str = ""  # bench.<module> to run; default: the name
 
     def command(self, quick: bool = False) -> list[str]:
-        return [sys.executable, "-m", f"bench.{self.name}", *(self.quick if quick else self.args)]
+        return [sys.executable, "-m", f"bench.{self.module or self.name}", *(self.quick if quick else self.args)]
 
 
 def _serve(r: dict) -> dict[str, float]:
@@ -103,6 +104,9 @@ def _gpu_train(r: dict) -> dict[str, float]:
     return out
 
 
+SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--num-gpus", "1", "--max-batch-size", "64",
+             "--concurrency", "8", "64", "256", "--skip-naive", "--name", "serve_gpu")
+
 BENCHES: dict[str, Bench] = {b.name: b for b in [
     Bench("train_vs_local", "distributed training", "Ray Train (1 worker) vs the core's local loop, same model and data",
           ("--epochs", "4"), ("--epochs", "2"),
@@ -134,18 +138,8 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           (), ("--steps", "10", "--warmup", "5", "--repeats", "1"), _gpu_train, gpu=True, minutes=4),
     Bench("serve_gpu", "benchmarks and reliability",
           "ResNet-50 224 px served with batching on one GPU vs in-process batched forward on it",
-          (), ("--seconds", "3"), _serve_gpu, gpu=True, minutes=4),
+          SERVE_GPU, (*SERVE_GPU, "--seconds", "3"), _serve_gpu, gpu=True, minutes=4, module="serve_throughput"),
 ]}
-
-
-def _serve_gpu_command(bench: Bench, quick: bool) -> list[str]:
-    return [sys.executable, "-m", "bench.serve_throughput", "--model", "resnet50", "--width", "1", "--image-size", "224",
-            "--num-gpus", "1", "--max-batch-size", "64", "--concurrency", "8", "64", "256", "--skip-naive",
-            "--name", "serve_gpu", *(bench.quick if quick else bench.args)]
-
-
-def command_for(bench: Bench, quick: bool = False) -> list[str]:
-    return _serve_gpu_command(bench, quick) if bench.name == "serve_gpu" else bench.command(quick)
 
 
 def run_one(bench: Bench, quick: bool, log=print) -> dict:
@@ -154,7 +148,7 @@ def run_one(bench: Bench, quick: bool, log=print) -> dict:
         out = Path(tmp) / "result.json"
         env = {**os.environ, "IMGCLS_BENCH_OUT": str(out)}
         started = time.perf_counter()
-        done = subprocess.run(command_for(bench, quick), cwd=REPO, env=env)
+        done = subprocess.run(bench.command(quick), cwd=REPO, env=env)
         seconds = time.perf_counter() - started
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"bench.{bench.name} exited {done.returncode} after {seconds:.0f} s without a result")
@@ -214,7 +208,7 @@ def render(state: dict) -> str:
         lines.append("")
     for name, bench in BENCHES.items():
         summary = state.get(name)
-        cmd = shlex.join(["python", *command_for(bench)[1:]])
+        cmd = shlex.join(["python", *bench.command()[1:]])
         lines += [f"## {name}: {bench.what}", "", f"Capability: {bench.issue}. Command: `{cmd}`", ""]
         if summary is None or "figures" not in summary:
             reason = (summary or {}).get("skipped") or "not run yet"
@@ -229,6 +223,12 @@ def render(state: dict) -> str:
             lines.append(f"| {label} | {_fmt(f['median'])} | {_fmt(f['min'])}..{_fmt(f['max'])} | {len(f['values'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write(state: dict, state_file: Path, markdown: Path) -> None:
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state, indent=1))
+    markdown.write_text(render(state))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,12 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(bench.name)
             continue
         state[bench.name] = {**summarize(bench, runs), "quick": args.quick, "raw": runs}
-        args.state.parent.mkdir(parents=True, exist_ok=True)
-        args.state.write_text(json.dumps(state, indent=1))  # after each benchmark: a crash keeps the rest
-        args.markdown.write_text(render(state))
-    args.state.parent.mkdir(parents=True, exist_ok=True)
-    args.state.write_text(json.dumps(state, indent=1))
-    args.markdown.write_text(render(state))
+        write(state, args.state, args.markdown)  # after each benchmark: a crash keeps the rest
+    write(state, args.state, args.markdown)
     print(f"[bench.run] wrote {args.markdown} and {args.state}")
     if failed:
         print(f"[bench.run] FAILED: {', '.join(failed)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,6 @@ class Tracker:
 
     def _flush(self, force: bool = False) -> None:
         """Send buffered metrics, oldest first, with the time they were measured (not sent)."""
-        import time
-
         from mlflow.entities import Metric
 
         if not force and time.monotonic() < self._retry_at:
@@ -241,8 +240,6 @@ def _metric_key(key: str) -> str:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

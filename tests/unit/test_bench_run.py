@@ -23,8 +23,7 @@ def test_every_benchmark_is_a_module_with_a_main():
     import importlib
 
     for bench in BENCHES.values():
-        module = "serve_throughput" if bench.name == "serve_gpu" else bench.name
-        assert callable(importlib.import_module(f"bench.{module}").main), bench.name
+        assert callable(importlib.import_module(f"bench.{bench.module or bench.name}").main), bench.name
 
 
 @pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput"])
