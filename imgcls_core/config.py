@@ -173,6 +173,9 @@ class RayConfig:
     storage_path: str = "results"
     name: str | None = None  # run name under storage_path; None = the name of train.output_dir
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the job fails
+    # The cluster adds nodes on demand (cluster launcher, KubeRay autoscaler): jobs then don't
+    # refuse workers that the nodes running now cannot hold.
+    autoscaling: bool = False
 
 
 @dataclass

@@ -69,7 +69,41 @@ def resolve_config_paths(cfg: Config) -> Config:
     return cfg
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
+def ray_init_address(address: str | None, log=print) -> str | None:
+    """The address to hand ``ray.init``: ``address``, else RAY_ADDRESS, else None (a new local
+    instance). An http(s) address is the dashboard's, which ``ray job submit`` wants and
+    ``ray.init`` refuses ("Invalid Ray address"): for this machine it becomes "auto" (the
+    cluster running here), for another host it is an error naming what to set."""
+    from urllib.parse import urlparse
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or not address.startswith(("http://", "https://")):
+        return address
+    host = urlparse(address).hostname
+    if host in LOCAL_HOSTS:
+        log(f"Ray: {address} is a dashboard address (for `ray job submit`); connecting to the cluster "
+            f"running on this machine (ray.init(address='auto'))")
+        return "auto"
+    raise ValueError(
+        f"RAY_ADDRESS={address} is a dashboard address, which ray.init cannot use: submit the job with "
+        f"`python -m jobs.submit -- python -m jobs.<step> ...`, or set RAY_ADDRESS to the head's cluster "
+        f"address (e.g. {host}:6379) and RAY_API_SERVER_ADDRESS to {address}")
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def dashboard_address() -> str:
+    """Where ``ray job submit`` goes: RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else the
+    local head's default (Ray's own order of precedence)."""
+    for name in (API_SERVER_ENV, "RAY_ADDRESS"):
+        value = os.environ.get(name, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return "http://127.0.0.1:8265"
+
+
+def init_ray(address: str | None = None, log=print, **kwargs) -> None:
     """Connect to the cluster this job was submitted to (RAY_ADDRESS), or start a local one.
 
     A RAY_API_SERVER_ADDRESS in this process's environment is passed on to the job's workers
@@ -80,4 +114,53 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     if os.environ.get(API_SERVER_ENV) and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}}
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **kwargs)
+    ray.init(address=ray_init_address(address, log), **kwargs)
+
+
+# Ray Data's read and decode tasks each ask for one CPU, which must lie outside the Train
+# workers' placement group: with every CPU reserved by workers, ingest waits forever.
+INGEST_CPUS = 1.0
+
+
+class ResourceError(ValueError):
+    """The job's workers (and their ingest) cannot run on the cluster as it is."""
+
+
+def fit_to_cluster(cfg: Config, ingest: str, cluster: dict[str, float], *, trials: int = 1,
+                   trial_cpus: float = 0.0, log=print) -> str:
+    """The ingest path that lets ``trials`` concurrent runs of ``cfg`` make progress on ``cluster``
+    (``ray.cluster_resources()``), or :class:`ResourceError` naming the numbers and the setting
+    to change. Ray Data ingest that does not fit becomes DataLoader ingest when the config left
+    the choice to us (``ray.ingest=auto``). ``ray.autoscaling`` skips the check of the workers
+    themselves: there the cluster grows to fit them."""
+    r = cfg.ray
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    workers_cpu = trials * (r.num_workers * r.cpus_per_worker + trial_cpus)
+    shape = (f"{trials} trials x " if trials > 1 else "") + f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
+    fewer = "lower tune.max_concurrent_trials, " if trials > 1 else ""
+    if not r.autoscaling:
+        if workers_cpu > have_cpu:
+            raise ResourceError(
+                f"the Train workers need {workers_cpu:g} CPU ({shape}) but the cluster has {have_cpu:g}: lower "
+                f"ray.num_workers or ray.cpus_per_worker, start the head with more --num-cpus, or set "
+                f"ray.autoscaling=true on a cluster that adds nodes")
+        workers_gpu = trials * r.num_workers * r.gpus_per_worker if r.use_gpu else 0.0
+        if workers_gpu > have_gpu:
+            raise ResourceError(
+                f"the Train workers need {workers_gpu:g} GPU ({trials * r.num_workers} x {r.gpus_per_worker:g}) "
+                f"but the cluster has {have_gpu:g}: set ray.use_gpu=false, lower ray.num_workers or "
+                f"ray.gpus_per_worker, or set ray.autoscaling=true on a cluster that adds GPU nodes")
+    if ingest != "ray_data" or r.autoscaling:
+        return ingest
+    left = have_cpu - workers_cpu
+    if left >= trials * INGEST_CPUS:
+        return ingest
+    numbers = (f"{shape} reserve {workers_cpu:g} of the cluster's {have_cpu:g} CPU, leaving {left:g} for "
+               f"Ray Data's read and decode tasks, which need {trials * INGEST_CPUS:g}")
+    if r.ingest == "auto":
+        log(f"ingest: {numbers}; using DataLoader ingest on each worker instead (set ray.ingest explicitly "
+            f"to choose; give the cluster more CPUs to use Ray Data)")
+        return "dataloader"
+    raise ResourceError(
+        f"{numbers}, so the job would wait forever: set ray.ingest=dataloader, {fewer}lower ray.num_workers or "
+        f"ray.cpus_per_worker, or start the head with more --num-cpus")

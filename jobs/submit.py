@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.common import BASE_DIR_ENV
+from jobs.common import BASE_DIR_ENV, dashboard_address
 
 REPO = Path(__file__).resolve().parents[1]
 PASS_ON = ("MLFLOW_TRACKING_URI",)
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
-                        help="the cluster's dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    parser.add_argument("--address", default=dashboard_address(),
+                        help="the cluster's dashboard address (default: RAY_API_SERVER_ADDRESS, else an http "
+                             "RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--no-wait", action="store_true", help="return after submitting")
     parser.add_argument("--submission-id", help="job id (default: chosen by Ray)")
     args = parser.parse_args(argv[:split])

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, init_ray, is_uri, job_config, resolve_config_paths, resolve_path
+from jobs.common import (
+    add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, resolve_path,
+)
 
 SUMMARY_FILE = "train_summary.json"  # written by rank 0 into train.output_dir
 
@@ -67,15 +69,14 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     from imgcls_core.runner import build_preprocessing
 
     cfg = resolve_config_paths(cfg)
-    ingest = cfg.ray.ingest
-    if ingest == "auto":
-        ingest = "ray_data" if cfg.data.format == "parquet" else "dataloader"
+    ingest = resolve_ingest(cfg)
     if ingest == "ray_data" and cfg.data.format != "parquet":
         raise ValueError(
             f"ray.ingest=ray_data reads Parquet shards but data.format is {cfg.data.format!r}; convert "
             f"with `python -m jobs.prepare --source {cfg.data.root} --out <dir>` and set data.format=parquet, "
             f"or use ray.ingest=dataloader"
         )
+    ingest = _fit_to_running_cluster(cfg, ingest, log)
     if cfg.data.format == "digits":
         materialize_digits(cfg.data.root, seed=cfg.data.seed)
     if not is_uri(cfg.data.root) and not Path(cfg.data.root).exists():
@@ -93,6 +94,22 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train),
                      run_key or f"{cfg.ray.storage_path}/{name}", None, teacher)
+
+
+def resolve_ingest(cfg: Config) -> str:
+    """``ray.ingest`` with ``auto`` decided: Ray Data for Parquet shards, else a DataLoader."""
+    if cfg.ray.ingest == "auto":
+        return "ray_data" if cfg.data.format == "parquet" else "dataloader"
+    return cfg.ray.ingest
+
+
+def _fit_to_running_cluster(cfg: Config, ingest: str, log) -> str:
+    """The ingest that fits the connected cluster (unchanged when no Ray instance is connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ingest
+    return fit_to_cluster(cfg, ingest, ray.cluster_resources(), log=log)
 
 
 def pin_teacher(cfg: Config, pre, log=print) -> str:

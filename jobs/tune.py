@@ -27,18 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, init_ray, job_config, resolve_config_paths
-from jobs.train import SUMMARY_FILE
+from jobs.common import INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, job_config, resolve_config_paths
+from jobs.train import SUMMARY_FILE, resolve_ingest
 from tune_spaces import plain
 
 TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial
 
 
-def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
-    """How many trials fit at once: cluster CPUs (and GPUs) over one trial's workers' needs."""
+def concurrent_trials(cfg: Config, cluster: dict[str, float], ingest: str = "dataloader") -> int:
+    """How many trials fit at once: cluster CPUs (and GPUs) over one trial's workers' needs, plus
+    a CPU for each trial's Ray Data tasks with that ingest."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    fits = [cluster.get("CPU", 1) / (cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPU)]
+    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPU
+    fits = [cluster.get("CPU", 1) / (per_trial + (INGEST_CPUS if ingest == "ray_data" else 0.0))]
     if cfg.ray.use_gpu:
         fits.append(cluster.get("GPU", 0) / max(cfg.ray.num_workers * cfg.ray.gpus_per_worker, 1e-9))
     return max(1, int(min(fits)))
@@ -141,11 +143,15 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
         parent.log_artifact(file, "space")
 
     param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
+    cluster = ray.cluster_resources()
+    concurrency = concurrent_trials(cfg, cluster, resolve_ingest(cfg))
+    # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
+    cfg.ray.ingest = fit_to_cluster(cfg, resolve_ingest(cfg), cluster, trials=concurrency,
+                                    trial_cpus=TRIAL_DRIVER_CPU, log=log)
     settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
                 "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
                 "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
                 "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
-    concurrency = concurrent_trials(cfg, ray.cluster_resources())
     log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
         f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time")
     # The trial function only drives its TorchTrainer, which reserves the workers' resources itself.

@@ -104,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_predictions(result))
         right = sum(p["top_k"][0]["label"] == f.parent.name for p, f in zip(result["predictions"], files))
         print(f"{right}/{len(files)} correct (true labels are the folder names)")
+        if right < 9:
+            print(f"error: only {right} of {len(files)} test digits classified right (expected at least 9)",
+                  file=sys.stderr)
         return right
 
     right = stages.run("classify real test digits over HTTP", fn=predict)
     stages.report()
     print(f"""
 MLflow UI        {env['MLFLOW_TRACKING_URI']}
-Ray dashboard    {env['RAY_ADDRESS']}   (token: ~/.ray/auth_token)
+Ray dashboard    {env['RAY_API_SERVER_ADDRESS']}   (sign in with the token that `ray get-auth-token` prints)
 endpoint         {env['IMGCLS_SERVE_URL']}/v1/predict   (docs {env['IMGCLS_SERVE_URL']}/docs)
 try it           .venv/bin/python -m serve.client data/digits/test/3/*.png
 stop everything  make stop""")

@@ -5,7 +5,13 @@ export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 export RAY_GCS_PORT="${RAY_GCS_PORT:-6380}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export SERVE_PORT="${SERVE_PORT:-8000}"
-export RAY_ADDRESS="http://127.0.0.1:${RAY_DASHBOARD_PORT}"      # `ray job submit` / jobs.submit
+# Two addresses, as Ray reads them: ray.init, `serve run` and `ray status` want the cluster (GCS)
+# address in RAY_ADDRESS and refuse an http one; `ray job submit` / jobs.submit take the
+# dashboard's from RAY_API_SERVER_ADDRESS first, `serve deploy|status|shutdown` from
+# RAY_DASHBOARD_ADDRESS.
+export RAY_ADDRESS="127.0.0.1:${RAY_GCS_PORT}"
+export RAY_API_SERVER_ADDRESS="http://127.0.0.1:${RAY_DASHBOARD_PORT}"
+export RAY_DASHBOARD_ADDRESS="$RAY_API_SERVER_ADDRESS"
 export RAY_AUTH_MODE=token                                       # token auth stays on (~/.ray/auth_token)
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export IMGCLS_SERVE_URL="http://127.0.0.1:${SERVE_PORT}"

@@ -32,14 +32,25 @@ else
     echo "MLflow server started (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"
 fi
 
+# Token auth is on (RAY_AUTH_MODE=token) and `ray start` does not create a token: make one with
+# Ray's own CLI when this user has none, readable by this user only.
+# (A token of your own: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as Ray reads them.)
+TOKEN_FILE="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+if [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$TOKEN_FILE" ]; then
+    (umask 077 && ray get-auth-token --generate > /dev/null 2>&1)
+    echo "Ray auth token created in $TOKEN_FILE (mode 600)"
+fi
+if [ -f "$TOKEN_FILE" ]; then chmod 600 "$TOKEN_FILE"; fi
+
 if alive "$IMGCLS_STATE_DIR/ray.pid"; then
-    echo "Ray head already running (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_ADDRESS"
+    echo "Ray head already running (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_API_SERVER_ADDRESS"
 else
     # --block keeps the head in the foreground of its own session: stop.sh ends that session only.
     RAY_ADDRESS= setsid ray start --head --block --port="$RAY_GCS_PORT" --num-cpus="${RAY_NUM_CPUS:-4}" \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
         --disable-usage-stats > "$IMGCLS_STATE_DIR/ray.log" 2>&1 < /dev/null &
     echo $! > "$IMGCLS_STATE_DIR/ray.pid"
-    wait_for "Ray head" "$RAY_ADDRESS/api/version" 180 "$IMGCLS_STATE_DIR/ray.pid"
-    echo "Ray head started (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_ADDRESS (token auth)"
+    wait_for "Ray head" "$RAY_API_SERVER_ADDRESS/api/version" 180 "$IMGCLS_STATE_DIR/ray.pid"
+    echo "Ray head started (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), cluster $RAY_ADDRESS"
 fi
+echo "Ray dashboard $RAY_API_SERVER_ADDRESS: sign in with the token in $TOKEN_FILE (\`ray get-auth-token\` prints it)"

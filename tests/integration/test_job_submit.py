@@ -50,6 +50,8 @@ def ray_head(tmp_path_factory):
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
+    subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -75,10 +77,10 @@ def ray_head(tmp_path_factory):
 
 
 def _session_dir(log: Path) -> str | None:
-    for line in log.read_text().splitlines():
-        if "/tmp/ray/session_" in line:
-            start = line.index("/tmp/ray/session_")
-            return line[start:].split("/logs")[0].split()[0]
+    for line in log.read_text().splitlines():  # under /tmp/ray, or $RAY_TMPDIR/ray
+        if "/ray/session_" in line:
+            start = line.rfind(" ", 0, line.index("/ray/session_")) + 1
+            return line[start:].split("/logs")[0].split()[0].strip("'\"")
     return None
 
 
@@ -185,3 +187,31 @@ def test_job_submit_without_the_token_mode_is_refused(ray_head):
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode != 0
     assert "token" in (listed.stdout + listed.stderr).lower()
+
+
+def test_shipped_ray_config_on_a_two_cpu_head_trains_instead_of_hanging(ray_head, digits_shards, tmp_path):
+    """configs/digits_ray.yaml (2 workers, Parquet shards, ingest auto) on a head with 2 CPUs: the
+    workers hold both, so Ray Data could never run; the job says so and uses DataLoader ingest.
+    An explicit ray.ingest=ray_data stops at once with the numbers instead of waiting forever."""
+    url, env = ray_head
+    sets = [f"data.root={digits_shards}", "model.name=cnn3", "train.epochs=1", "train.log_every=1000",
+            f"train.output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'results'}",
+            "ray.max_failures=0", "tracking.enabled=false"]
+
+    def submit(*more: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        args = [arg for s in [*sets, *more] for arg in ("--set", s)]
+        return subprocess.run([sys.executable, "-m", "jobs.submit", "--address", url, "--", "python", "-m",
+                               "jobs.train", "--config", "configs/digits_ray.yaml", *args],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    started = time.monotonic()
+    refused = submit("ray.ingest=ray_data", timeout=120)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0, out[-3000:]
+    assert "reserve 2 of the cluster's 2 CPU, leaving 0" in out and "set ray.ingest=dataloader" in out, out[-3000:]
+    print(f"explicit ray_data on 2 CPUs refused after {time.monotonic() - started:.0f} s")
+    done = submit()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "using DataLoader ingest" in out and "epoch 1/1" in out, out[-4000:]
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["epochs"] == 1

@@ -28,7 +28,7 @@ def test_runtime_env_uploads_code_only_and_points_at_this_checkout(monkeypatch, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     env = runtime_env(tmp_path)
     assert env["working_dir"] == str(REPO)
-    assert {".git", ".venv", "data", "results", "mlruns"} <= set(env["excludes"])
+    assert {"/.git", "/.venv", "/data", "/results", "/mlruns"} <= set(env["excludes"])
     assert env["env_vars"] == {BASE_DIR_ENV: str(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
                                "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     assert Path(REPO / "jobs" / "train.py").is_file()
@@ -68,3 +68,117 @@ def test_the_ray_cli_is_the_one_beside_this_python():
     import sys
 
     assert ray_cli() == str(Path(sys.executable).parent / "ray")  # no activated venv needed
+
+
+SOURCE_FOLDERS = ("imgcls_core", "jobs", "serve", "tune_spaces", "configs")
+LEFT_OUT = ("data", ".venv", "runs", "results", ".git", "mlruns", ".imgcls")
+
+
+def test_the_job_upload_holds_all_source_and_no_data(tmp_path):
+    """The working_dir zip that `ray job submit` uploads, built by Ray's own packaging code from a
+    copy of this checkout with run outputs planted where users have them."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / "repo"
+    for rel in tracked:
+        if (REPO / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tree / rel)
+    for folder in LEFT_OUT:
+        (tree / folder / "sub").mkdir(parents=True, exist_ok=True)
+        (tree / folder / "sub" / "file.bin").write_bytes(b"x")
+    package = tmp_path / "upload.zip"
+    create_package(str(tree), package, include_gitignore=True, excludes=runtime_env(tmp_path)["excludes"])
+    uploaded = set(zipfile.ZipFile(package).namelist())
+
+    source = {rel for rel in tracked if rel.split("/")[0] in SOURCE_FOLDERS}
+    assert any(rel.startswith("imgcls_core/data/") for rel in source)  # the folder a bare `data` dropped
+    assert source - uploaded == set()
+    for folder in LEFT_OUT:
+        assert not [name for name in uploaded if name.startswith(f"{folder}/")], folder
+
+
+def test_an_http_ray_address_means_the_cluster_on_this_machine(monkeypatch):
+    from jobs.common import ray_init_address
+
+    lines = []
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert ray_init_address(None, lines.append) == "auto"
+    assert "dashboard address" in lines[0] and "auto" in lines[0]
+    assert ray_init_address("127.0.0.1:6380", lines.append) == "127.0.0.1:6380"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_init_address(None) is None  # a new local instance
+
+
+def test_a_remote_dashboard_address_is_refused_with_what_to_set(monkeypatch):
+    import pytest
+
+    from jobs.common import ray_init_address
+
+    with pytest.raises(ValueError, match="RAY_ADDRESS to the head's cluster address .*10.0.0.5:6379"):
+        ray_init_address("http://10.0.0.5:8265")
+
+
+def test_submit_goes_to_the_api_server_address_before_a_cluster_address(monkeypatch):
+    from jobs.common import dashboard_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9999")
+    assert dashboard_address() == "http://127.0.0.1:9999"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    assert dashboard_address() == "http://127.0.0.1:8265"  # a GCS address is not for job submission
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    assert dashboard_address() == "http://10.0.0.5:8265"
+
+
+def _ray_cfg(*overrides: str):
+    return load_config(None, ["data.format=parquet", *overrides])
+
+
+def test_ray_data_ingest_that_would_starve_falls_back_to_a_dataloader_when_auto():
+    from jobs.common import fit_to_cluster
+
+    lines = []
+    cfg = _ray_cfg("ray.num_workers=2")
+    assert fit_to_cluster(cfg, "ray_data", {"CPU": 2.0}, log=lines.append) == "dataloader"
+    assert "reserve 2 of the cluster's 2 CPU, leaving 0" in lines[0] and "DataLoader" in lines[0]
+    assert fit_to_cluster(cfg, "ray_data", {"CPU": 3.0}, log=lines.append) == "ray_data"
+
+
+def test_explicit_ray_data_ingest_that_cannot_run_stops_with_the_numbers():
+    import pytest
+
+    from jobs.common import ResourceError, fit_to_cluster
+
+    cfg = _ray_cfg("ray.num_workers=2", "ray.ingest=ray_data")
+    with pytest.raises(ResourceError, match=r"leaving 0 .*need 1.*set ray.ingest=dataloader"):
+        fit_to_cluster(cfg, "ray_data", {"CPU": 2.0})
+    with pytest.raises(ResourceError, match=r"3 trials x .*lower tune.max_concurrent_trials"):
+        fit_to_cluster(cfg, "ray_data", {"CPU": 7.0}, trials=3)
+
+
+def test_workers_that_do_not_fit_are_refused_unless_the_cluster_autoscales():
+    import pytest
+
+    from jobs.common import ResourceError, fit_to_cluster
+
+    cfg = _ray_cfg("ray.num_workers=4", "ray.use_gpu=true")
+    with pytest.raises(ResourceError, match="need 4 CPU .* cluster has 2: lower ray.num_workers"):
+        fit_to_cluster(cfg, "dataloader", {"CPU": 2.0})
+    with pytest.raises(ResourceError, match="need 4 GPU .* cluster has 1"):
+        fit_to_cluster(cfg, "dataloader", {"CPU": 8.0, "GPU": 1.0})
+    cfg.ray.autoscaling = True
+    assert fit_to_cluster(cfg, "ray_data", {"CPU": 2.0}) == "ray_data"
+
+
+def test_sweep_concurrency_leaves_a_cpu_per_trial_for_ray_data():
+    from jobs.tune import concurrent_trials
+
+    cfg = _ray_cfg("ray.num_workers=1")
+    assert concurrent_trials(cfg, {"CPU": 4.0}, "dataloader") == 3  # 1.1 CPU a trial
+    assert concurrent_trials(cfg, {"CPU": 4.0}, "ray_data") == 1  # 2.1 CPU a trial
