@@ -42,6 +42,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"dashboard at {url} did not come up in {timeout}s")
 
 
+HEAD: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head of our own (not the shared test instance), stopped by its own pid at the end."""
@@ -52,8 +55,9 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    gcs = free_port()
     head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -63,6 +67,7 @@ def ray_head(tmp_path_factory):
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_dashboard(url, head)
+        HEAD["gcs"] = f"127.0.0.1:{gcs}"
         yield url, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head tears down what it started
@@ -215,3 +220,55 @@ def test_shipped_ray_config_on_a_two_cpu_head_trains_instead_of_hanging(ray_head
     assert done.returncode == 0, out[-4000:]
     assert "using DataLoader ingest" in out and "epoch 1/1" in out, out[-4000:]
     assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["epochs"] == 1
+
+
+def test_serve_run_as_the_readme_says_with_env_sh_sourced(ray_head, digits_root, tmp_path):
+    """`. cluster/local/env.sh; serve run serve/config.yaml` (the README's line): with env.sh's two
+    addresses `serve run` reaches the cluster (an http RAY_ADDRESS made it fail), serves the
+    registry's champion over HTTP, and `serve shutdown -y` removes it. The config file is
+    serve/config.yaml with only the port and the model name changed."""
+    import requests
+    import yaml
+
+    from imgcls_core.registry import CHAMPION, Registry
+    from tests.integration.test_serve import MODEL, train_and_register
+
+    url, env = ray_head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version, _ = train_and_register(digits_root, tmp_path, uri, seed=0, epochs=1)
+    Registry(uri, MODEL).set_alias(CHAMPION, version)
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(model_name=MODEL, num_cpus=0.25)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    sourced = subprocess.run(["bash", "-c", ". cluster/local/env.sh && env -0"], cwd=REPO, capture_output=True,
+                             check=True, env={**env, "RAY_GCS_PORT": HEAD["gcs"].split(":")[1],
+                                              "RAY_DASHBOARD_PORT": url.rsplit(":", 1)[1]}).stdout.decode()
+    shell = dict(item.split("=", 1) for item in sourced.split("\0") if "=" in item)
+    assert shell["RAY_ADDRESS"] == HEAD["gcs"] and shell["RAY_API_SERVER_ADDRESS"] == url
+    shell["MLFLOW_TRACKING_URI"] = uri
+    bin_dir = Path(sys.executable).parent
+    log = open(tmp_path / "serve_run.log", "w")
+    server = subprocess.Popen([str(bin_dir / "serve"), "run", str(tmp_path / "serve.yaml")], cwd=REPO, env=shell,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    digit = sorted((Path(digits_root) / "test" / "3").glob("*.png"))[0]
+    try:
+        deadline, answer = time.monotonic() + 180, None
+        while time.monotonic() < deadline and answer is None:
+            assert server.poll() is None, (tmp_path / "serve_run.log").read_text()[-4000:]
+            try:
+                answer = requests.post(f"http://127.0.0.1:{port}/v1/predict", timeout=10,
+                                       files={"file": (digit.name, digit.read_bytes(), "image/png")})
+            except requests.ConnectionError:
+                time.sleep(1)
+        assert answer is not None, (tmp_path / "serve_run.log").read_text()[-4000:]
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["version"] == version
+    finally:
+        stopped = subprocess.run([str(bin_dir / "serve"), "shutdown", "-y"], env=shell, capture_output=True,
+                                 text=True, timeout=120)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "Invalid Ray address" not in (tmp_path / "serve_run.log").read_text()
