@@ -104,16 +104,21 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
                headers: dict | None = None) -> dict:
+    """``concurrency`` closed-loop clients for ``warmup_s + seconds``; the figures count the requests
+    that COMPLETED inside the measured window (a request started there but answered after it, as
+    happens when latency exceeds the window, is not counted: it would credit the window with work
+    done later). Clients still waiting when the window closes are cancelled."""
     import aiohttp
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    stop_at = time.perf_counter() + warmup_s + seconds
-    measure_from = time.perf_counter() + warmup_s
+    started_at = time.perf_counter()
+    measure_from = started_at + warmup_s
+    stop_at = measure_from + seconds
 
     async def client(k: int, session: aiohttp.ClientSession) -> None:
         i = k
-        while (now := time.perf_counter()) < stop_at:
+        while (sent := time.perf_counter()) < stop_at:
             data = images[i % len(images)]
             i += concurrency
             try:
@@ -122,15 +127,20 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float, 
                     status = r.status
             except aiohttp.ClientError as exc:
                 status = type(exc).__name__
-            if now >= measure_from:
+            done = time.perf_counter()
+            if measure_from <= done <= stop_at:
                 if status == 200:
-                    latencies.append(time.perf_counter() - now)
+                    latencies.append(done - sent)
                 else:
                     errors[str(status)] = errors.get(str(status), 0) + 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
+        tasks = [asyncio.create_task(client(k, session)) for k in range(concurrency)]
+        await asyncio.wait(tasks, timeout=stop_at - time.perf_counter() + 0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     lat = np.array(latencies) * 1000
     return {"concurrency": concurrency, "images_per_s": len(latencies) / seconds,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,

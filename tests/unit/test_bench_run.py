@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +28,8 @@ def test_every_benchmark_is_a_module_with_a_main():
         assert callable(importlib.import_module(f"bench.{bench.module or bench.name}").main), bench.name
 
 
-@pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput"])
+@pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput", "gpu_train",
+                                  "serve_gpu"])
 def test_figures_come_from_the_recorded_results(name):
     figures = summarize(BENCHES[name], [recorded(name)])["figures"]
     assert figures and all(f["median"] is not None for f in figures.values()), figures
@@ -85,3 +88,45 @@ def test_render_only_rewrites_the_markdown_from_the_state(tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
     assert main(["--render-only", "--state", str(state), "--markdown", str(markdown)]) == 0
     assert "| images/s, Ray Data / DataLoader (x) |" in markdown.read_text()
+
+
+def _slow_server(delay_s: float):
+    """A local HTTP server that answers every POST after ``delay_s`` (aiohttp, in this event loop)."""
+    from aiohttp import web
+
+    async def handler(request):
+        await request.read()
+        await asyncio.sleep(delay_s)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    return web.AppRunner(app)
+
+
+@pytest.mark.parametrize("delay_s,completed", [(0.02, True), (1.5, False)])
+def test_load_counts_only_requests_answered_inside_the_window(delay_s, completed):
+    """Latency over the window: nothing was answered in it, so 0 img/s (not clients / seconds), and
+    the clients still waiting are cancelled when it closes instead of holding the sweep."""
+    from aiohttp import web
+
+    from bench.serve_throughput import free_port, load
+
+    async def main():
+        runner = _slow_server(delay_s)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            started = time.perf_counter()
+            row = await load(f"http://127.0.0.1:{port}/", [b"x"], concurrency=4, seconds=0.5, warmup_s=0.0)
+            return row, time.perf_counter() - started
+        finally:
+            await runner.cleanup()
+
+    row, took = asyncio.run(main())
+    assert took < 1.2
+    if completed:
+        assert row["ok"] > 4 and row["images_per_s"] == row["ok"] / 0.5 and row["p50_ms"] >= 20
+    else:
+        assert row["ok"] == 0 and row["images_per_s"] == 0 and row["p50_ms"] is None

@@ -41,7 +41,7 @@ def test_amp_auto_and_fp16_degrade_to_fp32_on_the_cpu():
     assert resolve_amp("auto", cpu) == (None, False)
     with pytest.warns(UserWarning, match="needs CUDA"):
         assert resolve_amp("fp16", cpu) == (None, False)
-    assert not _engine("train.channels_last=true").runtime.channels_last  # CUDA only
+    assert not _engine("train.channels_last=true", device=cpu).runtime.channels_last  # CUDA only
 
 
 def test_non_finite_loss_stops_with_a_clear_error():
