@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,16 @@ from mlflow.tracking import MlflowClient
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SOURCE_RUN_TAG = "imgcls.source_run_id"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> ``(name, alias, None)``; ``models:/name/3`` -> ``(name, None, "3")``."""
+    match = _MODELS_URI.match(uri.strip())
+    if match is None:
+        raise ValueError(f"{uri!r} is not a registry URI of the form models:/<name>@<alias> or "
+                         f"models:/<name>/<version>")
+    return match["name"], match["alias"], match["version"]
 
 
 @dataclass

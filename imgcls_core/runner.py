@@ -9,6 +9,13 @@ be inspected, resumed and served the same way. Everything lands in
     history.jsonl             one line of metrics per epoch
     model.pt                  the final weights + preprocessing (weights_only-loadable)
     test_metrics.json, test_report.txt, confusion_matrix.png, predictions.csv
+    train_summary.json        once all epochs ran: the MLflow run, model file, val/test top-1
+                              (the same keys as jobs.train's; ``jobs.promote --summary`` reads it)
+
+With ``tracking.enabled`` the run is an MLflow run, the same as a Ray Train job's
+(see imgcls_core.tracking): params, per-epoch metrics, artifacts, and ``model.pt``
+as its MLflow model (registered as ``tracking.register_as`` when set). A re-run
+with the same ``output_dir`` continues the same MLflow run.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ from imgcls_core.evaluation import (
     EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
 )
 from imgcls_core.models import build_model
+from imgcls_core.tracking import Tracker, log_training_inputs, log_training_outputs
 
 Log = Callable[[str], None]
+SUMMARY_FILE = "train_summary.json"
 
 
 @dataclass
@@ -51,6 +60,8 @@ class RunResult:
     seconds: float
     resumed_from: int = 0
     files: dict[str, Path] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    summary: dict = field(default_factory=dict)  # train_summary.json (empty until every epoch ran)
 
 
 def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
@@ -107,20 +118,27 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
 
     checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.train.keep_checkpoints)
     resumed_from = _maybe_resume(cfg, engine, checkpoints, log)
+    tracker = start_tracking(cfg, splits, out, log)
 
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
         if metrics.get("mid_epoch"):
             checkpoints.commit(ckpt, int(metrics["epoch"]))
             log(f"mid-epoch checkpoint: epoch {int(metrics['epoch']) + 1}, step {int(metrics['epoch_step'])}")
             return
+        tracker.log_metrics(metrics, step=int(metrics["epoch"]))
         with (out / "history.jsonl").open("a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if ckpt is not None:
             checkpoints.commit(ckpt, int(metrics["epoch"]))
         log(_epoch_line(metrics, cfg.train.epochs))
 
-    with _progress(cfg) as on_step:
-        history = fit(engine, loaders["train"], loaders["val"], pre, report, stop_after=stop_after, on_step=on_step)
+    try:
+        with _progress(cfg) as on_step:
+            history = fit(engine, loaders["train"], loaders["val"], pre, report, stop_after=stop_after,
+                          on_step=on_step, extra={"mlflow_run_id": tracker.run_id})
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
 
     val = engine.evaluate(loaders["val"], pre.classes)
     used_ema = False
@@ -138,7 +156,54 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     if test is not None:
         log(test.summary())
         log(f"test top-1 {test.acc1:.2%} (n={test.n}) in {seconds:.1f}s; artifacts in {out}")
-    return RunResult(out, history, test, val, used_ema, seconds, resumed_from, files)
+    result = RunResult(out, history, test, val, used_ema, seconds, resumed_from, files, tracker.run_id)
+    if engine.epoch < cfg.train.epochs:
+        tracker.close(status="KILLED")  # resumed (and finished) by the next run with this output_dir
+        return result
+    result.summary = finish_run(cfg, result, tracker, engine.epoch)
+    return result
+
+
+def start_tracking(cfg: Config, splits: DatasetSplits, out: Path, log: Log) -> Tracker:
+    """The run's MLflow run (inactive when tracking is off): the one of an earlier run with the
+    same output_dir, else a new one, with the config, class index and data sizes logged."""
+    tracker = Tracker(cfg.tracking, log=log)
+    if not cfg.tracking.enabled:
+        return tracker
+    run_key = f"local:{out.resolve()}"
+    tracker.start(run_key=run_key, run_name=cfg.tracking.run_name or out.name)
+    derived = {"world_size": 1, "ingest": "local", "global_batch_size": cfg.data.batch_size,
+               "num_train_images": len(splits.train)}
+    log_training_inputs(tracker, cfg, classes=list(splits.classes), derived=derived,
+                        tags={"imgcls.job": "train_local", "imgcls.storage": run_key})
+    return tracker
+
+
+def finish_run(cfg: Config, result: RunResult, tracker: Tracker, epochs: int) -> dict:
+    """After the last epoch: log the outcome to MLflow (once: a finished run that is only
+    re-evaluated does not log its model again), close the run, write train_summary.json."""
+    out, test = result.output_dir, result.test
+    summary_file = out / SUMMARY_FILE
+    earlier = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary = {
+        "mlflow_run_id": tracker.run_id or earlier.get("mlflow_run_id"), "epochs": epochs,
+        "resumed_from": result.resumed_from, "used_ema": result.used_ema, "val_acc1": result.val.acc1,
+        "test_acc1": test.acc1 if test is not None else None, "model_file": str(result.files["model"]),
+        "model_uri": earlier.get("model_uri"), "registered_version": earlier.get("registered_version"),
+        "seconds": result.seconds, "job": "train_local",
+    }
+    logged_before = earlier.get("model_uri") and earlier.get("mlflow_run_id") == tracker.run_id
+    if tracker.active and (result.history or not logged_before):
+        metrics = {**result.val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {})}
+        info = log_training_outputs(tracker, metrics=metrics, step=epochs, files=result.files,
+                                    register_as=cfg.tracking.register_as,
+                                    extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
+        if info is not None:
+            summary["model_uri"] = info.model_uri
+            summary["registered_version"] = getattr(info, "registered_model_version", None)
+    tracker.close()
+    summary_file.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _maybe_resume(cfg: Config, engine: Engine, checkpoints: CheckpointDir, log: Log) -> int:

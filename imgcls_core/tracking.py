@@ -10,6 +10,11 @@ was not logged.
 
 A run is found again by its *run key* (a tag, e.g. the Ray run's storage
 path and name): re-running a job with the same key continues the same run.
+
+What a training run records, whichever host runs it (the local runner, rank 0 of
+a Ray Train job): :func:`log_training_inputs` before the first epoch (params, tags,
+config, class index), ``log_metrics`` per epoch, :func:`log_training_outputs` at the
+end (final metrics, artifacts, the MLflow model).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imgcls_core.config import TrackingConfig
+from imgcls_core.config import Config, TrackingConfig
 
 Log = Callable[[str], None]
 
@@ -228,6 +233,38 @@ class Tracker:
     def _lose(self, what: str) -> None:
         if what not in self.lost:
             self.lost.append(what)
+
+
+def log_training_inputs(
+    tracker: Tracker, cfg: Config, *, classes: list[str], derived: dict[str, Any], tags: dict[str, Any],
+    skip: tuple[str, ...] = ("serve.", "distill."),
+) -> None:
+    """Before the first epoch: the config as params (but the sections in ``skip``, which do not
+    change what is trained), ``derived`` as ``derived.*`` params, ``tags``, and the artifacts
+    ``config.yaml`` and ``class_index.json``."""
+    if not tracker.active:
+        return
+    params = {k: v for k, v in cfg.flat().items() if not k.startswith(skip)}
+    tracker.log_params({**params, **{f"derived.{k}": v for k, v in derived.items()}})
+    tracker.set_tags(tags)
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker.log_dict({"classes": list(classes)}, "class_index.json")
+
+
+def log_training_outputs(
+    tracker: Tracker, *, metrics: dict[str, float], step: int, files: dict[str, Path],
+    register_as: str | None = None, extra_metadata: dict | None = None,
+):
+    """After training: final ``metrics`` at ``step``, every file of ``files`` but ``files["model"]``
+    as an artifact, and ``files["model"]`` as the run's MLflow model (registered as
+    ``register_as`` when given). The ModelInfo, or None when tracking is off or it failed."""
+    if not tracker.active:
+        return None
+    tracker.log_metrics(metrics, step=step)
+    for key, path in files.items():
+        if key != "model":
+            tracker.log_artifact(path)
+    return tracker.log_model(files["model"], register_as=register_as, extra_metadata=extra_metadata)
 
 
 def _param_value(value: Any) -> str:

@@ -7,7 +7,10 @@ The same application as ``serve run serve/config.yaml``: serve settings come fro
 the config's ``serve`` section (``--set serve.max_replicas=4``), the model from
 ``serve.model_name`` (else ``tracking.register_as``), the tracking server from
 ``tracking.tracking_uri`` (else MLFLOW_TRACKING_URI). The application keeps
-running after this job exits; ``serve shutdown`` (or ``--delete``) removes it.
+running after this job exits; ``serve shutdown`` (or ``--delete``) removes it. With no
+cluster to join (``--address``, RAY_ADDRESS, a ``ray start`` head on this machine) the job
+starts a Ray instance of its own, which ends with it: it then says so and serves until
+Ctrl-C, as ``serve run`` does.
 
 Exit status: 0 when the endpoint answered (and every --predict image was classified),
 1 on failure, 2 on bad arguments.
@@ -42,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         return done
     import os
 
+    import ray
     from ray import serve
 
     from imgcls_core.config import ConfigError
     from serve.app import application, resolve_settings
     from serve.client import Client, EndpointError, format_predictions
 
+    connected_before = ray.is_initialized()
     init_ray(args.address)
+    own_instance = not connected_before and started_ray_here()  # the endpoint would end with this process
     if args.delete:
         serve.delete(args.name)
         print(f"deleted Serve application {args.name!r}")
@@ -87,7 +93,33 @@ def main(argv: list[str] | None = None) -> int:
         except EndpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if own_instance:
+        serve_until_interrupted()
     return 0
+
+
+def started_ray_here() -> bool:
+    """Whether ray.init started a new Ray instance in this process rather than joining a cluster
+    (it joins RAY_ADDRESS, else the newest `ray start` cluster on this machine). Ray has no public
+    call for it: the driver's node object is the head only when this process started it."""
+    import ray._private.worker
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(node is not None and node.is_head())
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process (and the Ray instance it started, with the endpoint) up until Ctrl-C."""
+    from ray import serve
+
+    print("no Ray cluster to join (--address, RAY_ADDRESS, a `ray start` head): the endpoint lives in this "
+          "command's own Ray instance, so it serves until Ctrl-C. To keep it after the command exits, start "
+          "a cluster first (cluster/local/start.sh) and `. cluster/local/env.sh`.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
     python -m jobs.prepare --digits data/digits [--shards data/digits_shards]
 
 --source takes <src>/{train,val,test}/<class>/<image> or a flat <src>/<class>/<image>
-tree (then everything becomes the train split). Every image is decoded once to
-check it; corrupt, truncated and empty files are skipped. Prints the images and
-shards per split (--shard-size images per file, default 2048) and each skipped
-file with its reason; the full report is written to <out>/report.json. Train on
-the result with data.format=parquet and data.root=<out>.
+tree (all of it train). A val or test split the source lacks is held out of its
+train files: --val-fraction and --test-fraction of them (default 0.1 each; 0: none),
+stratified by class and seeded by --seed, so a re-run writes the same splits; the
+output says which splits were held out and how many files each got. Every image is
+decoded once to check it; corrupt, truncated and empty files are skipped. Prints
+the images and shards per split (--shard-size images per file, default 2048) and
+each skipped file with its reason; the full report is written to <out>/report.json.
+Train on the result with data.format=parquet and data.root=<out> (printed).
 
 --digits writes 1,797 32x32 RGB PNGs to <dir>/{train,val,test}/<digit>/ (about
 2 s; a second run does nothing) and, with --shards, converts them too.
@@ -40,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shard-size", type=int, default=2048, help="images per Parquet file (default 2048)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="digits split seed (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                        help="of the train files, held out as val when the source has no val/ "
+                             "(default 0.1; 0: none)")
+    parser.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
+                        help="of the train files, held out as test when the source has no test/ "
+                             "(default 0.1; 0: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the digits split and of the held-out splits (default 0)")
     return parser
 
 
@@ -49,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source and not args.out:
         parser.error("--source needs --out")
+    fractions = {"--val-fraction": args.val_fraction, "--test-fraction": args.test_fraction}
+    for flag, value in fractions.items():
+        if not 0.0 <= value < 1.0:
+            parser.error(f"{flag} must be in [0, 1), got {value}")
     from imgcls_core.data import (
         convert_image_folder,
         materialize_digits,
@@ -61,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             args.source, args.out = (root, args.shards) if args.shards else (None, None)
         if args.source:
             report = convert_image_folder(
-                args.source, args.out, num_workers=args.workers, shard_size=args.shard_size
+                args.source, args.out, num_workers=args.workers, shard_size=args.shard_size,
+                seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
             )
             print(report.summary())
+            print(f"train on it with: --set data.format=parquet --set data.root={args.out}")
     except (ValueError, OSError, RuntimeError) as exc:  # FileNotFoundError is an OSError
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,11 +2,16 @@
 
     python -m jobs.promote --config configs/digits_ray.yaml --model digits          # the sweep's best trial
     python -m jobs.promote --config configs/digits_ray.yaml --model digits --run-id <MLflow run id>
+    python -m jobs.promote --summary runs/mine/train_summary.json --model mine      # one training run
     python -m jobs.promote ... --force --reason "rollback after incident 42"
 
 The candidate is the best trial of the sweep that ``jobs.tune`` ran with the
-same config (``<train.output_dir>/sweep_summary.json``) or the run given by
-``--run-id``. It is registered (once: re-running finds the same version),
+same config (``<train.output_dir>/sweep_summary.json``), the run given by
+``--run-id``, or the run a ``train_summary.json`` names (``--summary``: written by
+jobs.train, jobs.train_local and recorded by jobs.register; without ``--config``
+the ``config.yaml`` that jobs.train_local writes beside it is the config, so the test
+split is the run's own).
+It is registered (once: re-running finds the same version),
 tagged with its test metrics, the sweep and a SHA-256 of the test split, and
 gets the ``challenger`` alias. ``champion`` moves to it only if its test top-1
 beats the champion's by ``tracking.promote_margin`` (``--margin``), both models
@@ -26,21 +31,24 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config, resolve_config_paths
+from jobs.common import add_config_args, config_from_args, resolve_config_paths
 from jobs.train import SUMMARY_FILE
 
 ACC_TAG = "test/acc1"
 DATA_TAG = "imgcls.test_data_sha256"
 
 
-def candidate_run(cfg: Config, run_id: str | None) -> tuple[str, dict[str, Any]]:
-    """``(run id, tags)`` of the model to promote: ``run_id``, else the sweep's best trial."""
+def candidate_run(cfg: Config, run_id: str | None, summary: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(run id, tags)`` of the model to promote: ``run_id``, else the run ``summary`` (a
+    train_summary.json) names, else the sweep's best trial."""
     if run_id:
         return run_id, {}
+    if summary is not None:
+        return summary_run(Path(summary))
     sweep_file = Path(cfg.train.output_dir) / "sweep_summary.json"
     if not sweep_file.exists():
         raise FileNotFoundError(f"no sweep summary at {sweep_file}; run `python -m jobs.tune` with this config "
-                                f"first, or pass --run-id")
+                                f"first, or pass --run-id or --summary <output_dir>/{SUMMARY_FILE}")
     sweep = json.loads(sweep_file.read_text())
     trial_file = Path(sweep["best_output_dir"]) / SUMMARY_FILE
     if not trial_file.exists():
@@ -52,8 +60,27 @@ def candidate_run(cfg: Config, run_id: str | None) -> tuple[str, dict[str, Any]]
                                     "imgcls.trial": sweep["best_trial"]}
 
 
+def summary_run(summary: Path) -> tuple[str, dict[str, Any]]:
+    """The MLflow run a train_summary.json names."""
+    if not summary.is_file():
+        raise FileNotFoundError(f"no training summary at {summary}; jobs.train and jobs.train_local write "
+                                f"<train.output_dir>/{SUMMARY_FILE} once every epoch ran")
+    run_id = json.loads(summary.read_text()).get("mlflow_run_id")
+    if not run_id:
+        model = summary.parent / "model.pt"
+        raise LookupError(f"{summary} names no MLflow run (tracking was off); register the model first: "
+                          f"python -m jobs.register --model {model}")
+    return run_id, {"imgcls.summary": str(summary.resolve())}
+
+
+def summary_config(summary: str | Path) -> str | None:
+    """The config.yaml the summary's run trained with (beside it), if there is one."""
+    path = Path(summary).parent / "config.yaml"
+    return str(path) if path.is_file() else None
+
+
 def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: float | None = None,
-            force_reason: str | None = None, log=print):
+            force_reason: str | None = None, summary: str | Path | None = None, log=print):
     """Register the candidate, evaluate it and the champion on the test split, and move the aliases."""
     from imgcls_core.data import load_dataset, materialize_digits
     from imgcls_core.predict import Predictor
@@ -68,7 +95,7 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
         raise ValueError(f"{cfg.data.root} has no held-out test split ({cfg.data.test_split}/); promotion "
                          f"compares models on data neither was trained or selected on")
     data_hash = test.fingerprint()
-    run_id, tags = candidate_run(cfg, run_id)
+    run_id, tags = candidate_run(cfg, run_id, summary)
     registry = Registry(cfg.tracking.tracking_uri, model_name)
     version, created = registry.register(run_id, tags)
     number = str(version.version)
@@ -115,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     parser.add_argument("--model", help="registered model name (default: tracking.register_as, else 'imgcls')")
-    parser.add_argument("--run-id", help="promote this MLflow run's model instead of the sweep's best trial")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--run-id", help="promote this MLflow run's model instead of the sweep's best trial")
+    which.add_argument("--summary", metavar="TRAIN_SUMMARY_JSON",
+                       help="promote the run this train_summary.json names (its config.yaml is the default "
+                            "--config)")
     parser.add_argument("--margin", type=float, help="test top-1 to gain over the champion "
                                                      "(default: tracking.promote_margin)")
     parser.add_argument("--force", action="store_true", help="move champion whatever the comparison says")
@@ -124,20 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, cfg, done = job_config(parser, argv)
-    if done is not None:
-        return done
+    args = build_parser().parse_args(argv)
+    if args.summary and not args.config:
+        args.config = summary_config(args.summary)  # the run's own data, test split and tracking server
+        if args.config is None and not args.overrides:
+            print(f"error: no config.yaml beside {args.summary}; pass --config (or --set data.format=... "
+                  f"--set data.root=...): the data the run trained on holds the test split", file=sys.stderr)
+            return 2
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
     if args.force and not (args.reason or "").strip():
         print("error: --force needs --reason TEXT (it is recorded on the model version)", file=sys.stderr)
         return 2
     if args.reason and not args.force:
         print("error: --reason goes with --force", file=sys.stderr)
         return 2
+    from mlflow.exceptions import MlflowException  # e.g. a run id that is not in this tracking server
+
     try:
         promote(cfg, model_name=args.model or cfg.tracking.register_as or "imgcls", run_id=args.run_id,
-                margin=args.margin, force_reason=args.reason if args.force else None)
-    except (FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
+                margin=args.margin, force_reason=args.reason if args.force else None, summary=args.summary)
+    except (FileNotFoundError, LookupError, ValueError, RuntimeError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -46,16 +46,19 @@ def ray_cli() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print("error: put the job's command after --, e.g. -- python -m jobs.train --config ...", file=sys.stderr)
-        return 2
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s [options] -- COMMAND ...")
     parser.add_argument("--address", default=dashboard_address(),
                         help="the cluster's dashboard address (default: RAY_API_SERVER_ADDRESS, else an http "
                              "RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--no-wait", action="store_true", help="return after submitting")
     parser.add_argument("--submission-id", help="job id (default: chosen by Ray)")
+    if "--" not in argv:
+        if {"-h", "--help"} & set(argv):
+            parser.parse_args(["--help"])  # prints the help and exits 0
+        print("error: put the job's command after --, e.g. -- python -m jobs.train --config ...", file=sys.stderr)
+        return 2
+    split = argv.index("--")
     args = parser.parse_args(argv[:split])
     entrypoint = argv[split + 1 :]
     if not entrypoint:

@@ -146,7 +146,7 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     """Find the run of an earlier attempt (by storage path + name) or create it (nested under
     ``parent_run_id`` for a sweep's trial); log params (``params=False``: not again, e.g. for a PBT
     trial whose values were perturbed since: MLflow params cannot change)."""
-    from imgcls_core.tracking import Tracker
+    from imgcls_core.tracking import Tracker, log_training_inputs
 
     cfg = plan.cfg
     tracker = Tracker(cfg.tracking, log=log).start(run_key=plan.run_key, run_name=cfg.tracking.run_name or plan.name,
@@ -158,19 +158,16 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     if not params:
         return  # the run stays RUNNING for the workers; rank 0 ends it
     world = cfg.ray.num_workers
-    unused = ("serve.",) if plan.teacher else ("serve.", "distill.")
-    trained_with = {k: v for k, v in cfg.flat().items() if not k.startswith(unused)}
+    derived = {"world_size": world, "ingest": plan.ingest, "global_batch_size": cfg.data.batch_size * world,
+               "num_train_images": plan.num_train}
     if plan.teacher:
         from imgcls_core.engine.distill import parse_teacher_spec
 
-        trained_with.update({"derived.teacher_uri": plan.teacher,
-                             "derived.teacher_version": parse_teacher_spec(plan.teacher).version or "file"})
-    tracker.log_params({**trained_with, "derived.world_size": world, "derived.ingest": plan.ingest,
-                        "derived.global_batch_size": cfg.data.batch_size * world,
-                        "derived.num_train_images": plan.num_train})
-    tracker.set_tags({"imgcls.job": "distill" if plan.teacher else "train", "imgcls.storage": plan.run_key})
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
-    tracker.log_dict({"classes": plan.preprocessing["classes"]}, "class_index.json")
+        derived.update({"teacher_uri": plan.teacher,
+                        "teacher_version": parse_teacher_spec(plan.teacher).version or "file"})
+    log_training_inputs(tracker, cfg, classes=plan.preprocessing["classes"], derived=derived,
+                        tags={"imgcls.job": "distill" if plan.teacher else "train", "imgcls.storage": plan.run_key},
+                        skip=("serve.",) if plan.teacher else ("serve.", "distill."))
     # The run stays RUNNING for the workers; rank 0 ends it.
 
 
@@ -260,6 +257,9 @@ def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int
                  inject_kill: dict | None = None, log=print) -> dict[str, Any]:
     """Plan, start tracking, fit on the connected Ray cluster; returns the rank-0 summary."""
     plan = plan_training(cfg, log=log)
+    out = Path(plan.cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(plan.cfg.to_yaml())  # as the local runner's: jobs.promote --summary reads it
     world = plan.cfg.ray.num_workers
     log(f"Ray Train: {world} worker(s) x {plan.cfg.data.batch_size} = global batch "
         f"{plan.cfg.data.batch_size * world}; ingest={plan.ingest}; run {plan.run_key}")
@@ -492,6 +492,7 @@ def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_con
     from imgcls_core.engine import save_inference_model
     from imgcls_core.evaluation import plot_learning_curves
     from imgcls_core.runner import evaluate_to_files, read_history
+    from imgcls_core.tracking import log_training_outputs
 
     final = engine.inference_model(prefer_ema=used_ema)
     files = {"model": save_inference_model(out / "model.pt", final.state_dict(), cfg.to_dict()["model"], pre,
@@ -505,21 +506,17 @@ def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_con
     if history := read_history(out):
         files["curves"] = plot_learning_curves(history, out / "learning_curves.png")
     metrics = {**val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {})}
-    tracker.log_metrics(metrics, step=engine.epoch)
-    for key, path in files.items():
-        if key != "model":
-            tracker.log_artifact(path)
     summary: dict[str, Any] = {
         "mlflow_run_id": tracker.run_id, "epochs": engine.epoch, "resumed_from": resumed_from,
         "used_ema": used_ema, "val_acc1": val.acc1, "test_acc1": test.acc1 if test is not None else None,
         "model_file": str(files["model"]), "model_uri": None, "registered_version": None,
     }
-    if tracker.active:
-        info = tracker.log_model(files["model"], register_as=loop_config["register_as"],
-                                 extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
-        if info is not None:
-            summary["model_uri"] = info.model_uri
-            summary["registered_version"] = getattr(info, "registered_model_version", None)
+    info = log_training_outputs(tracker, metrics=metrics, step=engine.epoch, files=files,
+                                register_as=loop_config["register_as"],
+                                extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
+    if info is not None:
+        summary["model_uri"] = info.model_uri
+        summary["registered_version"] = getattr(info, "registered_model_version", None)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     tracker.close()
     print(f"[imgcls] done: val top-1 {val.acc1:.4f}" + (f", test top-1 {test.acc1:.4f}" if test else "")

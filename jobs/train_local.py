@@ -3,9 +3,16 @@
     python -m jobs.train_local --config configs/digits.yaml [--set optim.lr=0.05 ...]
 
 Prints the data summary, one line per epoch (loss, top-1, LR, images/s) and
-the test report; writes checkpoints and artifacts to train.output_dir.
-Re-running with the same output_dir resumes from its newest checkpoint
-("resuming from epoch N"); a finished run only re-evaluates.
+the test report; writes checkpoints and artifacts to train.output_dir, and
+train_summary.json there once every epoch ran. Re-running with the same
+output_dir resumes from its newest checkpoint ("resuming from epoch N"); a
+finished run only re-evaluates. With tracking.enabled (--set tracking.enabled=true;
+the server is tracking.tracking_uri, else MLFLOW_TRACKING_URI) the run is logged
+to MLflow like a Ray Train job's: params, per-epoch metrics, artifacts and the
+model (registered as tracking.register_as when set). Serve the model with
+``python -m jobs.register --model <output_dir>/model.pt`` and ``jobs.promote --summary``.
+
+Exit status: 0 on success, 1 when training failed, 2 on a bad config.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_config_args, job_config
+from jobs.common import add_config_args, job_config, resolve_config_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg, done = job_config(build_parser(), argv)
     if done is not None:
         return done
-    from imgcls_core.runner import train_and_evaluate  # heavy imports after the config is known good
+    # heavy imports after the config is known good
+    from imgcls_core.runner import SUMMARY_FILE, train_and_evaluate
 
     try:
-        result = train_and_evaluate(cfg, stop_after=args.stop_after)
+        # absolute paths in <output_dir>/config.yaml: jobs.promote --summary reads it from anywhere
+        result = train_and_evaluate(resolve_config_paths(cfg), stop_after=args.stop_after)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if result.summary:
+        run = f"MLflow run {result.mlflow_run_id}; " if result.mlflow_run_id else ""
+        print(f"done: {run}model {result.files['model']}; summary {result.output_dir / SUMMARY_FILE}")
     return 0 if result.history or result.test is not None else 1
 
 

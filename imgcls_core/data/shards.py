@@ -9,6 +9,11 @@ index and the source path relative to the converted folder::
 ``<out>/report.json`` the :class:`ConversionReport`. Each split is written to a
 temporary folder and renamed into place, so a crash never leaves a half-written
 split behind.
+
+A source without ``val/`` or ``test/`` (a flat ``<src>/<class>/<image>`` tree, or
+``train/`` alone) can have them held out of its train files: ``val_fraction`` and
+``test_fraction`` of them, stratified by class and seeded, so that re-running the
+conversion gives the same splits (recorded in the report's ``held_out``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class ConversionReport:
     splits: dict[str, SplitShards]
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # split -> {"from": "train", "fraction": f, "seed": s, "files": n}: splits the source lacked,
+    # held out of its train files (stratified by class)
+    held_out: dict[str, dict] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -79,6 +87,14 @@ class ConversionReport:
         width = max(len(name) for name in self.splits)
         for name, s in self.splits.items():
             lines.append(f"  {name:<{width}}  {s.images:>9,} images  {len(s.shards):>4} shard(s)")
+        if self.held_out:
+            held = self.held_out.items()
+            parts = [f"{n} {h['fraction']:.0%} ({h['files']} files)" for n, h in held]
+            seed = next(iter(self.held_out.values()))["seed"]
+            lines.append(
+                f"the source has no {' or '.join(f'{n}/' for n in self.held_out)}: held out "
+                f"{', '.join(parts)} of its train files, stratified by class (seed {seed})"
+            )
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} file(s):")
             lines.extend(f"  {item['path']}: {item['reason']}" for item in self.skipped)
@@ -189,6 +205,8 @@ def convert_image_folder(
     shard_size: int = 2048,
     max_pixels: int | None = None,
     seed: int = 0,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
 ) -> ConversionReport:
     """Convert ``<src>/{train,val,test}/<class>/<image>`` (or flat ``<src>/<class>/<image>``, all
     train) to Parquet shards in ``out``.
@@ -202,6 +220,10 @@ def convert_image_folder(
     empty, truncated, unreadable and non-image files are skipped and listed with
     their reason in the report. Classes are the sorted folder names of train, as in
     torchvision's ImageFolder; val/test may not hold other classes.
+
+    A val or test split the source lacks is held out of its train files when
+    ``val_fraction`` / ``test_fraction`` > 0 (fractions of all train files, stratified by
+    class, seeded by ``seed``); 0 leaves it missing.
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -234,9 +256,12 @@ def convert_image_folder(
         samples[split] = make_dataset(
             str(directory), class_to_idx, is_valid_file=_not_hidden, allow_empty=True
         )
-        random.Random(f"{seed}/{split}").shuffle(samples[split])
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
+    held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed)
+    samples = {split: samples[split] for split in SPLITS if split in samples}
+    for split, items in samples.items():
+        random.Random(f"{seed}/{split}").shuffle(items)
 
     out.mkdir(parents=True, exist_ok=True)
     _write_class_index(out, classes)
@@ -262,9 +287,45 @@ def convert_image_folder(
         written,
         skipped,
         round(time.perf_counter() - start, 3),
+        held_out,
     )
     _atomic_write_text(out / REPORT, json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def _hold_out(
+    samples: dict[str, list[tuple[str, int]]], fractions: dict[str, float], seed: int
+) -> dict[str, dict]:
+    """Move stratified, seeded ``fractions`` of the train files into the splits ``samples``
+    lacks (in place); what was held out, by split. Fractions are of all train files."""
+    from imgcls_core.data.sources import stratified_split  # sources imports this module
+
+    missing = {s: f for s, f in fractions.items() if s not in samples and f > 0}
+    if not missing:
+        return {}
+    if sum(missing.values()) >= 1.0:
+        raise ValueError(
+            f"the held-out fractions {missing} leave no training files; keep their sum below 1"
+        )
+    train, left, held_out = samples["train"], 1.0, {}
+    for split in ("test", "val"):  # test first: it never depends on the val fraction
+        if split not in missing:
+            continue
+        fraction = missing[split] / left  # of what is left, so that it is of all train files
+        try:
+            keep, held = stratified_split([label for _, label in train], fraction, seed)
+        except ValueError as exc:
+            raise ValueError(
+                f"cannot hold out a {split} split: {exc} (or give the source a {split}/ folder)"
+            ) from None
+        samples[split] = [train[i] for i in held]
+        train = [train[i] for i in keep]
+        left -= missing[split]
+        held_out[split] = {
+            "from": "train", "fraction": missing[split], "seed": seed, "files": len(held)
+        }
+    samples["train"] = train
+    return {s: held_out[s] for s in SPLITS if s in held_out}
 
 
 def _not_hidden(path: str) -> bool:

@@ -40,3 +40,97 @@ def test_force_needs_a_reason(capsys):
     assert main(["--force"]) == 2
     assert "--force needs --reason" in capsys.readouterr().err
     assert main(["--reason", "why"]) == 2
+
+
+def test_candidate_can_be_the_run_a_train_summary_names(tmp_path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path}"])
+    summary = tmp_path / "run" / "train_summary.json"
+    with pytest.raises(FileNotFoundError, match="no training summary"):
+        candidate_run(cfg, None, summary)
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"mlflow_run_id": None, "model_file": "model.pt"}))
+    with pytest.raises(LookupError, match=r"tracking was off.*python -m jobs.register --model .*model.pt"):
+        candidate_run(cfg, None, summary)
+    summary.write_text(json.dumps({"mlflow_run_id": "r7"}))
+    assert candidate_run(cfg, None, summary) == ("r7", {"imgcls.summary": str(summary.resolve())})
+
+
+def test_promote_summary_reads_the_runs_config_and_excludes_run_id(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config(None, [f"train.output_dir={run}", "model.name=cnn3"]).to_yaml())
+    assert main(["--summary", str(run / "train_summary.json"), "--print-config"]) == 0
+    assert "name: cnn3" in capsys.readouterr().out  # the config beside the summary
+    assert main(["--summary", str(run / "train_summary.json"), "--print-config", "--set", "model.name=resnet18"]) == 0
+    assert "name: resnet18" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--summary", "a.json", "--run-id", "r"])
+    assert exc.value.code == 2
+
+
+@pytest.fixture
+def untracked_run(digits_root, tmp_path):
+    """<run>/model.pt (an untrained cnn3 for the digits), config.yaml and a train_summary.json without
+    an MLflow run: what jobs.train_local leaves with tracking off."""
+    import torch
+
+    from imgcls_core.engine.checkpoint import Preprocessing, save_inference_model
+    from imgcls_core.models import build_model
+
+    run = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["data.format=digits", f"data.root={digits_root}", "model.name=cnn3", "model.width=0.25",
+                             f"train.output_dir={run}", f"tracking.tracking_uri={uri}", "tracking.experiment=unit"])
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 32)
+    pre = Preprocessing(32, [0.5] * 3, [0.25] * 3, 1.0, [str(i) for i in range(10)])
+    model_file = save_inference_model(run / "model.pt", model.state_dict(), cfg.to_dict()["model"], pre)
+    (run / "train_summary.json").write_text(json.dumps({"mlflow_run_id": None, "model_file": str(model_file),
+                                                        "model_uri": None, "epochs": 1}))
+    return {"run": run, "uri": uri, "model_file": model_file}
+
+
+def test_register_then_promote_a_local_model_file(untracked_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from imgcls_core.registry import CHAMPION, Registry
+    from jobs.register import main as register
+
+    run, uri = untracked_run["run"], untracked_run["uri"]
+    assert register(["--model", str(untracked_run["model_file"]), "--name", "digits-local"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["mlflow_run_id"] and summary["registered_version"] == "1"  # the summary records the new run
+    assert "registered digits-local v1" in out and f"jobs.promote --summary {run / 'train_summary.json'}" in out
+    version = MlflowClient(uri).get_model_version("digits-local", "1")
+    assert version.run_id == summary["mlflow_run_id"]
+    assert version.tags["imgcls.model_sha256"] and version.tags["imgcls.model_file"] == str(untracked_run["model_file"])
+
+    assert register(["--model", str(untracked_run["model_file"]), "--name", "digits-local"]) == 0
+    assert "found digits-local v1" in capsys.readouterr().out  # one file, one version
+    (run / "train_summary.json").unlink()
+    assert register(["--model", str(untracked_run["model_file"]), "--name", "digits-local"]) == 0
+    assert "registered from the same file" in capsys.readouterr().out  # found by its SHA-256
+
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    assert main(["--summary", str(run / "train_summary.json"), "--model", "digits-local"]) == 0
+    out = capsys.readouterr().out
+    assert "found digits-local v1" in out and "PROMOTED: no champion yet" in out
+    assert str(Registry(uri, "digits-local").alias(CHAMPION).version) == "1"
+    decision = json.loads((run / "promotion.json").read_text())  # train.output_dir of the run's config
+    assert decision["promoted"] and decision["extra"]["imgcls.summary"] == str((run / "train_summary.json").resolve())
+
+
+def test_register_refuses_a_missing_file(tmp_path, capsys):
+    from jobs.register import main as register
+
+    assert register(["--model", str(tmp_path / "model.pt")]) == 1
+    assert "no model file" in capsys.readouterr().err
+
+
+def test_promote_summary_without_a_config_names_the_fix(tmp_path, capsys):
+    (tmp_path / "train_summary.json").write_text(json.dumps({"mlflow_run_id": "r1"}))
+    assert main(["--summary", str(tmp_path / "train_summary.json")]) == 2
+    assert "no config.yaml beside" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The local runner end to end on real digits: accuracy, exact resume, artifacts, prediction parity."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from imgcls_core.config import load_config
 from imgcls_core.engine import load_checkpoint
 from imgcls_core.engine.checkpoint import CheckpointDir
 from imgcls_core.predict import Predictor
-from imgcls_core.runner import train_and_evaluate
+from imgcls_core.runner import SUMMARY_FILE, train_and_evaluate
 
 # Everything that draws random numbers during training is on: shuffling, augmentation,
 # MixUp/CutMix, dropout, and the EMA that follows the weights.
@@ -36,11 +37,15 @@ def test_resume_is_exact_four_epochs_equal_two_plus_two(tiny_config, tmp_path):
     split = tiny_config(*RANDOM_EVERYWHERE, f"train.output_dir={tmp_path / 'split'}")
     first = train_and_evaluate(split, log=lambda _: None, stop_after=2)
     assert [int(m["epoch"]) for m in first.history] == [1, 2]
+    assert first.summary == {} and not (tmp_path / "split" / SUMMARY_FILE).exists()  # not finished yet
     lines = []
     second = train_and_evaluate(split, log=lines.append)
     assert second.resumed_from == 2
     assert any("resuming from epoch 2" in line for line in lines)
     assert [int(m["epoch"]) for m in second.history] == [3, 4]
+    summary = json.loads((tmp_path / "split" / SUMMARY_FILE).read_text())
+    assert summary["epochs"] == 4 and summary["resumed_from"] == 2 and summary["mlflow_run_id"] is None
+    assert summary["model_file"] == str(tmp_path / "split" / "model.pt")
 
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
     assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
@@ -99,6 +104,43 @@ def test_artifacts_and_offline_predictions_agree(tiny_config, digits_root):
     answers = predictor.classify([r["path"] for r in rows], top_k=3)
     assert [a[0]["index"] for a in answers] == [int(r["pred"]) for r in rows]
     assert all(len(a) == 3 and a[0]["probability"] >= a[1]["probability"] for a in answers)
+
+
+def test_tracked_local_run_is_an_mlflow_run_like_a_ray_jobs(tiny_config, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from imgcls_core.data import load_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config("tracking.enabled=true", f"tracking.tracking_uri={uri}", "tracking.experiment=local")
+    result = train_and_evaluate(cfg, log=lambda _: None)
+    summary = json.loads((result.output_dir / SUMMARY_FILE).read_text())
+    run_id = result.mlflow_run_id
+    assert run_id and summary["mlflow_run_id"] == run_id and summary["model_uri"] and summary["epochs"] == 2
+    assert summary["test_acc1"] == pytest.approx(result.test.acc1)
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["imgcls.job"] == "train_local"
+    params = run.data.params
+    assert params["model.name"] == "cnn3" and params["train.epochs"] == "2"
+    assert params["derived.num_train_images"] == str(len(load_dataset(cfg.data).train))
+    assert not any(key.startswith(("serve.", "distill.")) for key in params)
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc1")] == [1, 2]
+    assert run.data.metrics["test/acc1"] == pytest.approx(result.test.acc1)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "class_index.json", "test_metrics.json", "confusion_matrix.png", "predictions.csv",
+            "learning_curves.png"} <= artifacts, artifacts
+
+    def logged_models() -> int:
+        found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run_id}'")
+        return len(found)
+
+    assert logged_models() == 1
+    again = train_and_evaluate(cfg, log=lambda _: None)  # finished: only re-evaluated
+    assert again.history == [] and again.mlflow_run_id == run_id
+    assert logged_models() == 1 and client.get_run(run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
