@@ -96,6 +96,22 @@ def _reliability(r: dict) -> dict[str, float]:
             "replica kill: seconds to full replica count": k["time_to_recover_s"]}
 
 
+def _decode(r: dict) -> dict[str, float]:
+    def ratio(kind: str) -> float:  # median after/before over the photos of one format
+        rows = [x["after_over_before"] for x in r["cost"] if kind in x["images"] and "digits" not in x["images"]]
+        return sorted(rows)[len(rows) // 2]
+
+    digits = {x["images"]: x for x in r["cost"] if x["images"].startswith("digits")}
+    out = {"safe / old decode time, digits PNG (x)": digits["digits 32x32 PNG"]["after_over_before"],
+           "safe / old decode time, photo PNG (x)": ratio(" PNG"),
+           "safe / old decode time, photo JPEG (x)": ratio(" JPEG"),
+           "flavour files with other pixels than before": len(r["identity"]["different"])}
+    if "fuzz" in r:
+        out["fuzz variants decoded in child processes"] = r["fuzz"]["variants"]
+        out["fuzz crashes, hangs, slow decodes or foreign exceptions"] = r["fuzz"]["failures"]
+    return out
+
+
 def _gpu_train(r: dict) -> dict[str, float]:
     out = {"Ray Train (1 worker) / plain loop, img/s (x)": r["ratios"]["ray_train_over_plain"],
            "plain loop img/s": r["plain_images_per_s"], "Ray Train img/s": r["ray_train_images_per_s"]}
@@ -135,6 +151,8 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
     Bench("reliability", "benchmarks and reliability",
           "Serve app soaked at 70% of measured capacity; one of 2 replicas killed under load",
           ("--soak-seconds", "300"), ("--soak-seconds", "30", "--window", "5"), _reliability, minutes=6),
+    Bench("decode", "data", "safe image decoding (Pillow alone) vs the old torchvision path per image; fuzz run",
+          ("--repeats", "5"), ("--repeats", "1", "--digits", "50", "--random-flips", "24"), _decode, minutes=2),
     Bench("gpu_train", "benchmarks and reliability",
           "ResNet-50 224 px, AMP + channels_last: Ray Train (1 GPU worker) vs a plain PyTorch loop vs NVIDIA's figure",
           (), ("--steps", "10", "--warmup", "5", "--repeats", "1"), _gpu_train, gpu=True, minutes=4),

@@ -79,8 +79,8 @@ def calibration_batch(records: SplitRecords, pre: Preprocessing, n: int, *, seed
         raise ValueError(f"calibration needs at least 2 images, got {n}")
     n = min(n, len(records))
     order = np.random.default_rng(seed).permutation(len(records))[:n]
-    transform = Predictor(nn.Identity(), pre).transform
-    return torch.stack([transform(records.load(int(i))) for i in sorted(order)])
+    data = records.dataset(Predictor(nn.Identity(), pre).transform)  # skips a corrupt record
+    return torch.stack([data[int(i)][0] for i in sorted(order)])
 
 
 def images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, *, warmup: int = 3,

@@ -52,8 +52,12 @@ class Predictor:
         return cls(model, pre, device)
 
     def preprocess(self, images: list[bytes | str | Path | torch.Tensor]) -> torch.Tensor:
-        """Decode (bytes/paths) and transform into one float batch; uint8 CHW tensors pass through decode."""
-        tensors = [img if isinstance(img, torch.Tensor) else decode_image(img) for img in images]
+        """Decode (bytes/paths) and transform into one float batch; uint8 CHW tensors pass through decode.
+
+        A file that is not an image raises CorruptImageError naming its path (``images[i]`` for bytes)."""
+        tensors = [img if isinstance(img, torch.Tensor)
+                   else decode_image(img, name=None if isinstance(img, (str, Path)) else f"images[{i}]")
+                   for i, img in enumerate(images)]
         return torch.stack([self.transform(t) for t in tensors])
 
     def evaluate(self, records: SplitRecords, batch_size: int = 256, num_workers: int = 0) -> EvalReport:

@@ -150,6 +150,10 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     files = {"model": save_inference_model(out / "model.pt", final.state_dict(), cfg.to_dict()["model"],
                                            pre, val.metrics("val/"))}
     test = evaluate_to_files(final, loaders.get("test"), splits.test, runtime.device, pre, out, files)
+    # RecordDataset skips corrupt images (counted here with data.num_workers=0; DataLoader
+    # workers count in their own copies, and every skipped file is named in a warning).
+    if skipped := {name: len(ld.dataset.skipped) for name, ld in loaders.items() if ld.dataset.skipped}:
+        log(f"skipped corrupt images (named in the warnings above): {skipped}")
     if logged := read_history(out):
         files["curves"] = plot_learning_curves(logged, out / "learning_curves.png")
     seconds = time.perf_counter() - start

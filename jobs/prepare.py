@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
                         help="of the train files, held out as test when the source has no test/ "
                              "(default 0.1; 0: none)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="skip images of more than N pixels (declared in the header, checked before "
+                             "decoding; default: Pillow's decompression-bomb limit)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the digits split and of the held-out splits (default 0)")
     return parser
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             report = convert_image_folder(
                 args.source, args.out, num_workers=args.workers, shard_size=args.shard_size,
                 seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                max_pixels=args.max_pixels,
             )
             print(report.summary())
             print(f"train on it with: --set data.format=parquet --set data.root={args.out}")

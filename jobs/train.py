@@ -183,12 +183,13 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
     transform = build_train_transform(cfg.data.image_size, pre["mean"], pre["std"], cfg.augment)
     train = (
         ray.data.read_parquet(f"{cfg.data.root}/{cfg.data.train_split}")
-        .select_columns(["image", "label"])
+        .select_columns(["image", "label", "path"])
         # A new order every epoch (the pipeline re-executes per epoch): shuffled shard order
         # here, and a row-level shuffle buffer on each worker (iter_train_batches), instead of
         # a full all-to-all random_shuffle.
         .randomize_block_order()
-        .map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=128, batch_format="numpy")
+        .map_batches(decode_batch, fn_kwargs={"transform": transform, "image_size": cfg.data.image_size},
+                     batch_size=128, batch_format="numpy")
     )
     return {"train": train}
 
@@ -203,14 +204,25 @@ def iter_train_batches(data, batch_size: int):
     return ((b["image"], b["label"]) for b in batches)
 
 
-def decode_batch(batch: dict[str, np.ndarray], transform) -> dict[str, np.ndarray]:
-    """Ray Data task: encoded bytes -> augmented float32 N x 3 x S x S."""
-    from imgcls_core.data import decode_image
+def decode_batch(batch: dict[str, np.ndarray], transform, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: encoded bytes -> augmented float32 N x 3 x S x S (S = image_size).
+
+    A row that does not decode is dropped and printed with its path (in the task's log): the
+    epoch goes on with the others. jobs.prepare already left out every file that did not decode."""
+    from imgcls_core.data import CorruptImageError, decode_image
 
     torch.set_num_threads(1)
     torch.manual_seed(secrets.randbits(63))  # task processes would otherwise repeat one RNG stream
-    images = [transform(decode_image(bytes(b))).numpy() for b in batch["image"]]
-    return {"image": np.stack(images).astype(np.float32), "label": batch["label"].astype(np.int64)}
+    images, kept = [], []
+    for i, (data, path) in enumerate(zip(batch["image"], batch["path"])):
+        try:
+            images.append(transform(decode_image(bytes(data), name=str(path))).numpy())
+        except CorruptImageError as exc:
+            print(f"decode_batch: skipping a corrupt image: {exc}", flush=True)
+            continue
+        kept.append(i)
+    stacked = np.stack(images) if images else np.zeros((0, 3, image_size, image_size))
+    return {"image": stacked.astype(np.float32), "label": batch["label"][kept].astype(np.int64)}
 
 
 def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as: str | None = None,

@@ -5,6 +5,7 @@ from imgcls_core.data.records import (
     CorruptImageError,
     DatasetSplits,
     ImageTooLargeError,
+    SkippedImageWarning,
     SplitRecords,
     decode_image,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "CorruptImageError",
     "DatasetSplits",
     "ImageTooLargeError",
+    "SkippedImageWarning",
     "SplitRecords",
     "build_weighted_sampler",
     "class_weights",

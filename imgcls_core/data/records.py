@@ -1,4 +1,15 @@
-"""Image decoding and in-memory split records (paths, encoded bytes or raw arrays plus labels)."""
+"""Image decoding and in-memory split records (paths, encoded bytes or raw arrays plus labels).
+
+Every path that reads image bytes (prepare, the data sets, Ray Data's decode, ``Predictor``,
+the Serve app) goes through :func:`decode_image`, and :func:`decode_image` decodes with Pillow
+alone. torchvision's native decoders (``torchvision.io``, 0.29.1) crash the process with a
+segmentation fault on any libpng error, e.g. one flipped bit in IDAT (a CRC or zlib checksum):
+there is nothing to catch. Pillow decodes with the same libraries (libjpeg-turbo, zlib, libwebp)
+but raises on bad data, gives bit-identical pixels on good images, and costs 1.1-1.2x the time
+per photo (docs/decoding.md; ``python -m bench.decode``). Untrusted bytes never reach
+``torchvision.io``: validating them with Pillow first is not enough (some PNGs that pass
+Pillow's ``verify()`` and ``load()`` still crash libpng) and costs a second decode.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +18,37 @@ import io
 import json
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    PpmImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as _tv_decode_image
-from torchvision.transforms.v2.functional import to_dtype
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
-# Formats torchvision's native decoders handle; everything else goes through PIL.
-_TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+# The Pillow plugins decode_image may use: the formats the fuzz test covers
+# (tests/unit/data/test_decode_fuzz.py) and PPM/PGM (an ImageFolder extension of
+# torchvision's). JPEG includes MPO (a JPEG with a second picture; format "MPO"). Pillow's
+# other plugins (EPS, PSD, ICO, ...) are less exercised decoders no image folder of ours needs.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+# Importing a plugin registers its decoder; without these imports the first Image.open of a
+# WebP or TIFF file would import all ~45 of Pillow's plugins (~0.2 s).
+_PLUGINS = (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, PpmImagePlugin,
+            TiffImagePlugin, WebPImagePlugin)
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -31,7 +57,20 @@ _MAGIC = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
+# torchvision applied the EXIF orientation to JPEG and PNG only; so does decode_image.
+_EXIF_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 IMBALANCE_RATIO = 3.0
+MAX_SUBSTITUTES = 32  # RecordDataset: corrupt records in a row before it gives up
 
 
 class CorruptImageError(ValueError):
@@ -43,28 +82,52 @@ class ImageTooLargeError(CorruptImageError):
 
 
 def decode_image(
-    src: bytes | bytearray | memoryview | str | Path, *, max_pixels: int | None = None
+    src: bytes | bytearray | memoryview | str | Path,
+    *,
+    max_pixels: int | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Decode encoded image bytes or an image file to a uint8 ``3 x H x W`` RGB tensor.
 
-    JPEG, PNG and WebP use torchvision's decoders; other formats (GIF, BMP, TIFF, ...)
-    fall back to PIL. Grey, grey+alpha, RGBA, palette and CMYK images become RGB (alpha
-    is dropped), 16-bit PNGs are scaled to 8 bits, the EXIF orientation of a photo is
-    applied, and an animated image gives its first frame. Raises :class:`CorruptImageError` for empty, truncated or non-image
-    data and :class:`ImageTooLargeError` when the header declares more than
-    ``max_pixels`` pixels, before the pixels are decoded.
+    JPEG, PNG, GIF, WebP, BMP, TIFF and PPM are decoded by Pillow. Grey, grey+alpha, RGBA,
+    palette and CMYK images become RGB (alpha is dropped), 16-bit grey is scaled to 8 bits
+    (the high byte, as torchvision does), the EXIF orientation of a JPEG or PNG is applied,
+    and an animated image gives its first frame. The tensor is a channels-first view of
+    channels-last memory, as torchvision's decoders return it.
+
+    Raises :class:`CorruptImageError` for empty, truncated, corrupt or non-image data and
+    :class:`ImageTooLargeError` when the header declares more than ``max_pixels`` pixels
+    (default: Pillow's limit of about 179 M), before the pixels are decoded. The message
+    starts with ``name`` (default: the path, for a path) so a log line names the file.
     """
-    data = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+    if isinstance(src, (str, Path)):
+        data = Path(src).read_bytes()
+        name = str(src) if name is None else name
+    else:
+        data = bytes(src)
+    try:
+        return _decode(data, max_pixels)
+    except CorruptImageError as exc:
+        if name is None:
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
+
+
+def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     if not data:
         raise CorruptImageError("empty file")
-    fmt, size = _probe(data, max_pixels)
-    if fmt in _TORCHVISION_FORMATS or fmt is None:
-        image = _decode_torchvision(data, known_format=fmt is not None)
-    else:
-        image = _decode_pil(data)
-    if max_pixels is not None and size is None:
-        _check_pixels(image.shape[-1], image.shape[-2], max_pixels)
-    return image
+    with _open(data, max_pixels) as im:
+        if max_pixels is not None:
+            _check_pixels(*im.size, max_pixels)
+        if im.format == "PNG":
+            _check_png_crcs(data)
+        try:
+            rgb = _to_rgb_array(im)
+        except Image.DecompressionBombError as exc:  # a later frame or tile can be too large
+            raise _too_large(exc, max_pixels) from None
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+            raise CorruptImageError(f"truncated or corrupt image: {_reason(exc)}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -75,33 +138,54 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _probe(data: bytes, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None]:
-    """Format and size from the header alone (PIL opens lazily); (None, None) if PIL can't tell."""
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """The image, opened lazily (header only); CorruptImageError if the header is bad."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, size = im.format, im.size
+        return Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        if found is None:
-            raise ImageTooLargeError(str(exc)) from None
-        limit = max_pixels if max_pixels is not None else 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise ImageTooLargeError(
-            f"image is {int(found[1]):,} pixels, more than the limit of {limit:,}"
-        ) from None
+        raise _too_large(exc, max_pixels) from None
     except UnidentifiedImageError:
         fmt = _sniff(data)
         if fmt is not None:
             raise CorruptImageError(
                 f"truncated or corrupt image: the {fmt} header cannot be read"
             ) from None
-        return None, None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImageError(f"truncated or corrupt image: {exc}") from None
-    if max_pixels is not None:
-        _check_pixels(*size, max_pixels)
-    return fmt, size
+        raise CorruptImageError("not a recognised image format") from None  # nor one of FORMATS
+    except Exception as exc:
+        raise CorruptImageError(f"truncated or corrupt image: {_reason(exc)}") from None
+
+
+def _too_large(exc: Image.DecompressionBombError, max_pixels: int | None) -> ImageTooLargeError:
+    """Pillow's own guard (over 2 x Image.MAX_IMAGE_PIXELS) in our words."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return ImageTooLargeError(str(exc))
+    limit = max_pixels if max_pixels is not None else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return ImageTooLargeError(
+        f"image is {int(found[1]):,} pixels, more than the limit of {limit:,}"
+    )
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """Refuse a PNG chunk whose CRC is wrong, as libpng does: Pillow checks the chunks before
+    the image data only, and would decode an IDAT with a bad CRC. Chunks cut short are left
+    to Pillow, which reports the truncation. zlib.crc32 runs at over 1 GB/s: ~1% of a decode."""
+    view = memoryview(data)
+    pos = 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return
+        if zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
+            ctype = bytes(view[pos + 4:pos + 8]).decode("latin-1")
+            raise CorruptImageError(
+                f"truncated or corrupt image: PNG chunk {ctype!r} at byte {pos} "
+                f"fails its CRC check"
+            )
+        if view[pos + 4:pos + 8] == b"IEND":
+            return
+        pos = end + 4
 
 
 def _sniff(data: bytes) -> str | None:
@@ -114,37 +198,45 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def _decode_torchvision(data: bytes, *, known_format: bool) -> torch.Tensor:
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _reason(exc: Exception) -> str:
+    """Pillow's message; the exception type too when it is not one of Pillow's usual ones."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if text and isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Decode the (first) frame to an ``H x W x 3`` uint8 array."""
+    im.load()
+    fmt = im.format
+    if fmt in _EXIF_FORMATS:
+        method = _TRANSPOSE.get(_orientation(im))
+        if method is not None:
+            im = im.transpose(method)
+    if im.mode.startswith("I;16") or (im.mode == "I" and fmt == "PNG"):
+        grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)  # 16 -> 8 bits
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the same colours; P -> RGB directly would warn about the alpha
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.array(im)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8); 1 when there is none or the EXIF block is unreadable,
+    as with torchvision, which decoded such images as stored."""
+    raw = im.info.get("exif")
+    if not raw:
+        return 1
     try:
-        image = _tv_decode_image(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError) as exc:
-        if not known_format:
-            raise CorruptImageError("not a recognised image format") from None
-        raise CorruptImageError(f"truncated or corrupt image: {_native_reason(exc)}") from None
-    if image.ndim == 4:  # animated image: keep the first frame
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG: scale to 8 bits like every other input
-        image = to_dtype(image, torch.uint8, scale=True)
-    return image
-
-
-def _native_reason(exc: Exception) -> str:
-    """The message of a torchvision C++ error without its source location."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if ".cpp:" in msg:
-        msg = msg.split(".cpp:", 1)[1].partition(", ")[2] or msg
-    return msg
-
-
-def _decode_pil(data: bytes) -> torch.Tensor:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.seek(0)
-            rgb = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImageError(f"truncated or corrupt image: {exc}") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(_ORIENTATION, 1))
+    except Exception:
+        return 1
+    return value if value in _TRANSPOSE else 1
 
 
 @dataclass
@@ -190,7 +282,7 @@ class SplitRecords:
         if self.arrays is not None:
             return torch.from_numpy(self.arrays[index].copy())
         if self.images is not None:
-            return decode_image(self.images[index])
+            return decode_image(self.images[index], name=self.paths[index])
         return decode_image(self.paths[index])
 
     def dataset(self, transform: Transform | None = None) -> RecordDataset:
@@ -227,21 +319,54 @@ class SplitRecords:
         ).tolist()
 
 
+class SkippedImageWarning(UserWarning):
+    """A corrupt record was skipped; the message names the file and why."""
+
+
 class RecordDataset(Dataset):
-    """``(transform(image), label)`` pairs over :class:`SplitRecords`."""
+    """``(transform(image), label)`` pairs over :class:`SplitRecords`.
+
+    A record that does not decode (:class:`CorruptImageError`) is skipped, not fatal: its
+    place is taken by the next record that decodes (index + 1, + 2, ... wrapping around),
+    with that record's label. The length, every batch size and the number of steps per
+    epoch stay as planned, so samplers, ``drop_last``, the LR schedule and mid-epoch
+    resume are unaffected. Each skipped file is warned about once (SkippedImageWarning,
+    naming it) and counted in :attr:`skipped` (``{index: reason}``, this process only: a
+    DataLoader worker counts in its own copy) and is not decoded again. After
+    ``MAX_SUBSTITUTES`` corrupt records in a row it raises: the split is broken, not noisy.
+    """
 
     def __init__(self, records: SplitRecords, transform: Transform | None = None):
         self.records = records
         self.transform = transform
+        self.skipped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.records.load(index)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.records.labels[index]
+        n = len(self.records)
+        for k in range(min(n, MAX_SUBSTITUTES + 1)):
+            i = (index + k) % n
+            if i in self.skipped:
+                continue
+            try:
+                image = self.records.load(i)
+            except CorruptImageError as exc:
+                self._skip(i, exc)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, self.records.labels[i]
+        tries = min(n, MAX_SUBSTITUTES + 1)
+        raise CorruptImageError(
+            f"{tries} records in a row from index {index} ({self.records.paths[index]}) do not "
+            f"decode; check the data (python -m jobs.prepare lists and drops corrupt files)"
+        )
+
+    def _skip(self, index: int, exc: CorruptImageError) -> None:
+        self.skipped[index] = str(exc)
+        warnings.warn(f"skipping a corrupt image: {exc}", SkippedImageWarning, stacklevel=3)
 
 
 @dataclass

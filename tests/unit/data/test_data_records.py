@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 import torch
 from imgdata import encode, random_rgb
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from imgcls_core.data import (
     CorruptImageError,
     DatasetSplits,
     ImageTooLargeError,
+    SkippedImageWarning,
     SplitRecords,
     decode_image,
 )
@@ -160,6 +163,49 @@ def test_corrupt_inputs_raise_with_their_reason(rgb, case, tmp_path):
         decode_image(path)
 
 
+def test_the_message_names_the_file(rgb, tmp_path):
+    path = tmp_path / "cut.png"
+    path.write_bytes(encode(rgb, "PNG")[:60])
+    with pytest.raises(CorruptImageError, match=rf"^{re.escape(str(path))}: truncated or corrupt"):
+        decode_image(path)
+    with pytest.raises(CorruptImageError, match=r"^upload 3: truncated or corrupt image"):
+        decode_image(path.read_bytes(), name="upload 3")
+    with pytest.raises(ImageTooLargeError, match=r"^a.png: image is 20x24"):
+        decode_image(encode(rgb, "PNG"), max_pixels=10, name="a.png")
+
+
+def test_a_png_chunk_with_a_bad_crc_is_refused_even_after_the_header(rgb):
+    data = bytearray(encode(rgb, "PNG"))
+    iend = data.rindex(b"IEND")
+    data[iend + 4] ^= 1  # IEND's CRC: Pillow alone would decode the image
+    with pytest.raises(CorruptImageError, match=r"PNG chunk 'IEND' at byte \d+ fails its CRC"):
+        decode_image(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_like_pillow_does(rgb, fmt, orientation):
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = orientation
+    data = encode(rgb, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(as_hwc(decode_image(data)), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_an_unreadable_exif_block_leaves_the_pixels_as_stored(rgb):
+    data = encode(rgb, "JPEG", quality=95, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff")
+    assert decode_image(data).shape == (3, 24, 20)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX"])
+def test_formats_outside_the_fuzzed_set_are_refused(rgb, fmt):
+    data = encode(rgb, fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would decode it
+    with pytest.raises(CorruptImageError, match="not a recognised image format"):
+        decode_image(data)
+
+
 def test_corrupt_image_error_is_a_value_error():
     assert issubclass(ImageTooLargeError, CorruptImageError) and issubclass(
         CorruptImageError, ValueError
@@ -220,6 +266,52 @@ def test_dataset_works_in_dataloader_workers():
     images, labels = next(iter(loader))
     assert images.shape == (9, 3, 8, 6) and labels.tolist() == records.labels
     assert torch.equal(images[5], records.load(5).float())
+
+
+def _with_corrupt(bad: dict[int, bytes]) -> SplitRecords:
+    records = _records()
+    images = list(records.images)
+    for index, data in bad.items():
+        images[index] = data
+    return SplitRecords(records.classes, records.labels, records.paths, images=images)
+
+
+def test_the_dataset_skips_a_corrupt_record_counts_it_and_warns_once():
+    records = _with_corrupt({4: b"", 8: encode(random_rgb(np.random.default_rng(1)), "PNG")[:50]})
+    ds = records.dataset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, label = ds[4]  # record 5 takes its place
+        assert torch.equal(image, records.load(5)) and label == records.labels[5]
+        image, label = ds[8]  # the last one: wraps around to record 0
+        assert torch.equal(image, records.load(0)) and label == records.labels[0]
+        ds[4]
+        ds[3]
+    assert sorted(ds.skipped) == [4, 8]
+    assert ds.skipped[4] == "img/4.png: empty file"
+    assert ds.skipped[8].startswith("img/8.png: truncated or corrupt image")
+    messages = [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
+    assert messages == ["skipping a corrupt image: img/4.png: empty file",
+                        f"skipping a corrupt image: {ds.skipped[8]}"]  # once per file
+
+
+def test_a_loader_over_corrupt_records_still_gives_full_batches():
+    records = _with_corrupt({1: b"not an image", 2: b"", 7: b"\x89PNG\r\n\x1a\n"})
+    loader = DataLoader(records.dataset(lambda t: t.float()), batch_size=3, num_workers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        batches = list(loader)
+    assert [len(labels) for _, labels in batches] == [3, 3, 3]
+    labels = torch.cat([labels for _, labels in batches]).tolist()
+    assert labels == [records.labels[i] for i in (0, 3, 3, 3, 4, 5, 6, 8, 8)]
+
+
+def test_a_split_of_corrupt_records_is_an_error_not_an_endless_search():
+    records = _with_corrupt({i: b"" for i in range(9)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        with pytest.raises(CorruptImageError, match=r"9 records in a row from index 2 \(img/2"):
+            records.dataset()[2]
 
 
 def test_split_records_from_arrays_and_paths(tmp_path, rgb):
