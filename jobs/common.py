@@ -39,13 +39,20 @@ def job_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple
     """Parse a job's command line: ``(args, cfg, None)`` to go on, or an exit code when the job is
     done already (2 after a bad config, 0 after ``--print-config``)."""
     args = parser.parse_args(argv)
+    cfg, done = config_or_exit(args)
+    return args, cfg, done
+
+
+def config_or_exit(args: argparse.Namespace) -> tuple[Config | None, int | None]:
+    """The config of parsed arguments: ``(cfg, None)`` to go on, or an exit code when the job is
+    done already (2 after a bad config, 0 after ``--print-config``)."""
     cfg = config_from_args(args)
     if cfg is None:
-        return args, None, 2
+        return None, 2
     if args.print_config:
         print(cfg.to_yaml())
-        return args, cfg, 0
-    return args, cfg, None
+        return cfg, 0
+    return cfg, None
 
 
 def is_uri(path: str) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, config_from_args, resolve_config_paths
+from jobs.common import add_config_args, config_or_exit, resolve_config_paths
 from jobs.train import SUMMARY_FILE
 
 ACC_TAG = "test/acc1"
@@ -162,12 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no config.yaml beside {args.summary}; pass --config (or --set data.format=... "
                   f"--set data.root=...): the data the run trained on holds the test split", file=sys.stderr)
             return 2
-    cfg = config_from_args(args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
+    cfg, done = config_or_exit(args)
+    if done is not None:
+        return done
     if args.force and not (args.reason or "").strip():
         print("error: --force needs --reason TEXT (it is recorded on the model version)", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_config_args, config_from_args
+from jobs.common import add_config_args, config_or_exit
 
 SHA_TAG = "imgcls.model_sha256"
 
@@ -108,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.config is None and (model_file.parent / "config.yaml").is_file():
         args.config = str(model_file.parent / "config.yaml")  # what the run trained (and tracked) with
-    cfg = config_from_args(args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
+    cfg, done = config_or_exit(args)
+    if done is not None:
+        return done
     import mlflow
     from mlflow.exceptions import MlflowException
 
