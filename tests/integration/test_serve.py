@@ -472,7 +472,9 @@ SOAK_SECONDS = 40
 
 def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(serve_url, digits_root):
     """Open-loop load at 70% of the app's measured capacity: no errors, p99 of the last third within
-    3x the first third's, replica memory growth under 64 MB."""
+    3x the first third's or under half a second (a queue that builds up at 70% grows past that
+    within seconds; a brief stall of the 2 shared cores gives a few hundred ms), replica memory
+    growth under 64 MB."""
     from bench.reliability import soak
 
     images = [f.read_bytes() for f in sorted((digits_root / "test").glob("*/*.png"))[::5]]
@@ -481,7 +483,8 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
     print("soak:", json.dumps({k: v for k, v in result.items() if k not in ("windows", "replica_rss_mb")}))
     assert result["errors"] == {}, result["errors"]
     assert result["achieved_rate"] >= 0.9 * result["target_rate"], result
-    assert result["p99_drift"] is not None and result["p99_drift"] <= 3.0, result["windows"]
+    assert result["p99_drift"] is not None, result["windows"]
+    assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500, result["windows"]
     assert result["max_rss_growth_mb"] is not None and result["max_rss_growth_mb"] <= 64, result["replica_rss_mb"]
     assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
 
