@@ -44,10 +44,9 @@ from imgcls_core.evaluation import (
     EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
 )
 from imgcls_core.models import build_model
-from imgcls_core.tracking import Tracker, log_training_inputs, log_training_outputs
+from imgcls_core.tracking import SUMMARY_FILE, Tracker, log_training_inputs, log_training_outputs
 
 Log = Callable[[str], None]
-SUMMARY_FILE = "train_summary.json"
 
 
 @dataclass
@@ -189,25 +188,34 @@ def finish_run(cfg: Config, result: RunResult, tracker: Tracker, epochs: int) ->
     out, test = result.output_dir, result.test
     summary_file = out / SUMMARY_FILE
     earlier = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    summary = {
-        "mlflow_run_id": tracker.run_id or earlier.get("mlflow_run_id"), "epochs": epochs,
-        "resumed_from": result.resumed_from, "used_ema": result.used_ema, "val_acc1": result.val.acc1,
-        "test_acc1": test.acc1 if test is not None else None, "model_file": str(result.files["model"]),
-        "model_uri": earlier.get("model_uri"), "registered_version": earlier.get("registered_version"),
-        "seconds": result.seconds, "job": "train_local",
-    }
     logged_before = earlier.get("model_uri") and earlier.get("mlflow_run_id") == tracker.run_id
+    info = None
     if tracker.active and (result.history or not logged_before):
         metrics = {**result.val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {})}
         info = log_training_outputs(tracker, metrics=metrics, step=epochs, files=result.files,
                                     register_as=cfg.tracking.register_as,
                                     extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
-        if info is not None:
-            summary["model_uri"] = info.model_uri
-            summary["registered_version"] = getattr(info, "registered_model_version", None)
+    summary = run_summary(run_id=tracker.run_id or earlier.get("mlflow_run_id"), epochs=epochs,
+                          resumed_from=result.resumed_from, used_ema=result.used_ema, val=result.val, test=test,
+                          model_file=result.files["model"], model=info)
+    if info is None:  # not logged now: what an earlier invocation logged stays true
+        summary.update(model_uri=earlier.get("model_uri"), registered_version=earlier.get("registered_version"))
+    summary.update(seconds=result.seconds, job="train_local")
     tracker.close()
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def run_summary(*, run_id: str | None, epochs: int, resumed_from: int, used_ema: bool, val: EvalReport,
+                test: EvalReport | None, model_file: Path, model=None) -> dict:
+    """The keys of train_summary.json, the same for the local runner and jobs.train's rank 0;
+    ``model`` is the ModelInfo of the run's logged MLflow model, if any."""
+    return {
+        "mlflow_run_id": run_id, "epochs": epochs, "resumed_from": resumed_from, "used_ema": used_ema,
+        "val_acc1": val.acc1, "test_acc1": test.acc1 if test is not None else None, "model_file": str(model_file),
+        "model_uri": model.model_uri if model is not None else None,
+        "registered_version": getattr(model, "registered_model_version", None),
+    }
 
 
 def _maybe_resume(cfg: Config, engine: Engine, checkpoints: CheckpointDir, log: Log) -> int:

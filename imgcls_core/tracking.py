@@ -30,6 +30,9 @@ from typing import Any
 from imgcls_core.config import Config, TrackingConfig
 
 Log = Callable[[str], None]
+# A finished training run's record in its output folder (written by the local runner and by
+# rank 0 of jobs.train; read by jobs.promote --summary, jobs.register and sweeps).
+SUMMARY_FILE = "train_summary.json"
 
 RUN_KEY_TAG = "imgcls.run_key"
 # Without these, an unreachable server stalls each call for minutes of retries.

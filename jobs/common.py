@@ -55,6 +55,13 @@ def config_or_exit(args: argparse.Namespace) -> tuple[Config | None, int | None]
     return cfg, None
 
 
+def config_beside(path: str | Path) -> str | None:
+    """The config.yaml a training run wrote beside ``path`` (its model.pt or train_summary.json),
+    if there is one: what the run trained with, so later steps see the same data and tracking."""
+    config = Path(path).parent / "config.yaml"
+    return str(config) if config.is_file() else None
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
 

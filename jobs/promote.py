@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, config_or_exit, resolve_config_paths
+from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths
 from jobs.train import SUMMARY_FILE
 
 ACC_TAG = "test/acc1"
@@ -71,12 +71,6 @@ def summary_run(summary: Path) -> tuple[str, dict[str, Any]]:
         raise LookupError(f"{summary} names no MLflow run (tracking was off); register the model first: "
                           f"python -m jobs.register --model {model}")
     return run_id, {"imgcls.summary": str(summary.resolve())}
-
-
-def summary_config(summary: str | Path) -> str | None:
-    """The config.yaml the summary's run trained with (beside it), if there is one."""
-    path = Path(summary).parent / "config.yaml"
-    return str(path) if path.is_file() else None
 
 
 def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: float | None = None,
@@ -157,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.summary and not args.config:
-        args.config = summary_config(args.summary)  # the run's own data, test split and tracking server
+        args.config = config_beside(args.summary)  # the run's own data, test split and tracking server
         if args.config is None and not args.overrides:
             print(f"error: no config.yaml beside {args.summary}; pass --config (or --set data.format=... "
                   f"--set data.root=...): the data the run trained on holds the test split", file=sys.stderr)

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_config_args, config_or_exit
+from jobs.common import add_config_args, config_beside, config_or_exit
 
 SHA_TAG = "imgcls.model_sha256"
 
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary_run(model_file: Path) -> tuple[Path | None, dict[str, Any]]:
+def read_summary(model_file: Path) -> tuple[Path | None, dict[str, Any]]:
     """The train_summary.json beside ``model_file`` (None if there is none) and its contents."""
-    from imgcls_core.runner import SUMMARY_FILE
+    from imgcls_core.tracking import SUMMARY_FILE
 
     path = model_file.parent / SUMMARY_FILE
     if not path.is_file():
@@ -65,7 +65,7 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
     from imgcls_core.registry import Registry, register_model_file
 
     model_file = model_file.resolve()
-    summary_file, summary = summary_run(model_file)
+    summary_file, summary = read_summary(model_file)
     run_id = summary.get("mlflow_run_id")
     # the summary describes this file (by name: the run folder may have moved since)
     same_file = Path(summary.get("model_file") or "").name == model_file.name
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if not model_file.is_file():
         print(f"error: no model file {model_file}; train one with python -m jobs.train_local", file=sys.stderr)
         return 1
-    if args.config is None and (model_file.parent / "config.yaml").is_file():
-        args.config = str(model_file.parent / "config.yaml")  # what the run trained (and tracked) with
+    if args.config is None:
+        args.config = config_beside(model_file)  # what the run trained (and tracked) with
     cfg, done = config_or_exit(args)
     if done is not None:
         return done
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, LookupError, ValueError, RuntimeError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    summary, _ = summary_run(model_file)
+    summary, _ = read_summary(model_file)
     promote = f"--summary {summary}" if summary is not None else f"--run-id {version.run_id}"
     print(f"{name} v{version.version} is in the registry at {uri}; test it and make it the champion with:\n"
           f"  python -m jobs.promote {promote} --model {name}")

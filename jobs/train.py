@@ -36,11 +36,10 @@ import numpy as np
 import torch
 
 from imgcls_core.config import Config
+from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.output_dir
 from jobs.common import (
     add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, resolve_path,
 )
-
-SUMMARY_FILE = "train_summary.json"  # written by rank 0 into train.output_dir
 
 
 # --------------------------------------------------------------------------- driver
@@ -503,7 +502,7 @@ def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_con
     from imgcls_core.data.presets import build_eval_transform
     from imgcls_core.engine import save_inference_model
     from imgcls_core.evaluation import plot_learning_curves
-    from imgcls_core.runner import evaluate_to_files, read_history
+    from imgcls_core.runner import evaluate_to_files, read_history, run_summary
     from imgcls_core.tracking import log_training_outputs
 
     final = engine.inference_model(prefer_ema=used_ema)
@@ -518,17 +517,11 @@ def _package(cfg, engine, pre, val, used_ema, data, tracker, out: Path, loop_con
     if history := read_history(out):
         files["curves"] = plot_learning_curves(history, out / "learning_curves.png")
     metrics = {**val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {})}
-    summary: dict[str, Any] = {
-        "mlflow_run_id": tracker.run_id, "epochs": engine.epoch, "resumed_from": resumed_from,
-        "used_ema": used_ema, "val_acc1": val.acc1, "test_acc1": test.acc1 if test is not None else None,
-        "model_file": str(files["model"]), "model_uri": None, "registered_version": None,
-    }
     info = log_training_outputs(tracker, metrics=metrics, step=engine.epoch, files=files,
                                 register_as=loop_config["register_as"],
                                 extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
-    if info is not None:
-        summary["model_uri"] = info.model_uri
-        summary["registered_version"] = getattr(info, "registered_model_version", None)
+    summary = run_summary(run_id=tracker.run_id, epochs=engine.epoch, resumed_from=resumed_from, used_ema=used_ema,
+                          val=val, test=test, model_file=files["model"], model=info)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     tracker.close()
     print(f"[imgcls] done: val top-1 {val.acc1:.4f}" + (f", test top-1 {test.acc1:.4f}" if test else "")

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if done is not None:
         return done
     # heavy imports after the config is known good
-    from imgcls_core.runner import SUMMARY_FILE, train_and_evaluate
+    from imgcls_core.runner import train_and_evaluate
+    from imgcls_core.tracking import SUMMARY_FILE
 
     try:
         # absolute paths in <output_dir>/config.yaml: jobs.promote --summary reads it from anywhere

@@ -143,11 +143,10 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
         parent.log_artifact(file, "space")
 
     param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
-    cluster = ray.cluster_resources()
-    concurrency = concurrent_trials(cfg, cluster, resolve_ingest(cfg))
+    cluster, ingest = ray.cluster_resources(), resolve_ingest(cfg)
+    concurrency = concurrent_trials(cfg, cluster, ingest)
     # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
-    cfg.ray.ingest = fit_to_cluster(cfg, resolve_ingest(cfg), cluster, trials=concurrency,
-                                    trial_cpus=TRIAL_DRIVER_CPU, log=log)
+    cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, trial_cpus=TRIAL_DRIVER_CPU, log=log)
     settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
                 "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
                 "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
