@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     from imgcls_core.config import load_config
     from imgcls_core.data import load_dataset, materialize_digits
     from imgcls_core.engine import load_teacher
-    from imgcls_core.runner import build_loaders, build_preprocessing, train_and_evaluate
+    from imgcls_core.data.loaders import build_loaders
+    from imgcls_core.data.preprocessing import build_preprocessing
+    from imgcls_core.runner import train_and_evaluate
 
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-distill-"))

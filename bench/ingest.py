@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     from imgcls_core.config import load_config
     from imgcls_core.data import convert_image_folder, load_dataset, materialize_digits
     from imgcls_core.data.presets import build_train_transform
-    from jobs.train import build_datasets, iter_train_batches, plan_training
+    from jobs.train import build_datasets, plan_training
+    from jobs.train_worker import iter_train_batches
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
     root = materialize_digits(tmp / "digits")

@@ -154,24 +154,52 @@ def soak(url: str, app: str, images: list[bytes], *, seconds: float, fraction: f
     done.set()
     sampler.join()
 
+    result = {"capacity_images_per_s": cap, "fraction": fraction, "target_rate": rate,
+              **summarize_soak(records, seconds, window_s, memory)}
+
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0f}"
+
+    log(f"soak: {result['sent']} requests, {result['answered']} answered ({result['achieved_rate']:.1f}/s), "
+        f"{sum(result['errors'].values())} errors, p99 {ms(result['p99_first_third_ms'])} -> "
+        f"{ms(result['p99_last_third_ms'])} ms (drift x{result['p99_drift'] or float('nan'):.2f}), replica RSS growth "
+        f"{result['max_rss_growth_mb'] if result['max_rss_growth_mb'] is not None else float('nan'):+.1f} MB")
+    return result
+
+
+def answered(status: str) -> bool:
+    """A 2xx response (status is the HTTP code as text, or the client exception's name)."""
+    return status.isdigit() and 200 <= int(status) < 300
+
+
+def summarize_soak(records: list[tuple[float, float, str]], seconds: float, window_s: float,
+                   memory: dict[int, list[float]] | None = None) -> dict:
+    """The soak's figures from open_loop's ``(sent at s, latency s, status)`` records.
+
+    ``achieved_rate`` is the rate of 2xx answers that arrived within the soak's ``seconds``
+    (sent at + latency), so requests that failed, or that a falling-behind service answered
+    only after the load stopped, do not count; ``sent / seconds`` is only the rate offered.
+    """
+    memory = memory or {}
+    ok = [(at, lat) for at, lat, s in records if answered(s)]
     errors: dict[str, int] = {}
     for _, _, status in records:
-        if status != "200":
+        if not answered(status):
             errors[status] = errors.get(status, 0) + 1
     windows = []
     for k in range(max(1, int(seconds // window_s))):
-        lat = [lat for at, lat, s in records if s == "200" and k * window_s <= at < (k + 1) * window_s]
+        lat = [lat for at, lat in ok if k * window_s <= at < (k + 1) * window_s]
         windows.append({"from_s": k * window_s, "answered": len(lat), "p99_ms": p99_ms(lat)})
     third = max(1, len(windows) // 3)
-    first = [lat for at, lat, s in records if s == "200" and at < third * window_s]
-    last = [lat for at, lat, s in records if s == "200" and at >= seconds - third * window_s]
+    first = [lat for at, lat in ok if at < third * window_s]
+    last = [lat for at, lat in ok if at >= seconds - third * window_s]
     growth = {str(pid): (v[-1] - v[0]) if len(v) >= 2 else None for pid, v in memory.items()}
-    result = {
-        "capacity_images_per_s": cap, "fraction": fraction, "target_rate": rate, "seconds": seconds,
-        "sent": len(records), "achieved_rate": len(records) / seconds,
+    return {
+        "seconds": seconds, "sent": len(records), "answered": len(ok),
+        "achieved_rate": sum(at + lat <= seconds for at, lat in ok) / seconds,
         "errors": errors, "error_fraction": sum(errors.values()) / max(1, len(records)),
         "p50_ms": float(np.percentile([r[1] * 1000 for r in records], 50)) if records else None,
-        "p99_ms": p99_ms([lat for _, lat, s in records if s == "200"]),
+        "p99_ms": p99_ms([lat for _, lat in ok]),
         "p99_first_third_ms": p99_ms(first), "p99_last_third_ms": p99_ms(last),
         "p99_drift": (p99_ms(last) / p99_ms(first)) if first and last else None,
         "windows": windows,
@@ -179,13 +207,6 @@ def soak(url: str, app: str, images: list[bytes], *, seconds: float, fraction: f
         "replica_rss_growth_mb": growth,
         "max_rss_growth_mb": max((g for g in growth.values() if g is not None), default=None),
     }
-    def ms(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.0f}"
-
-    log(f"soak: {result['sent']} requests, {sum(errors.values())} errors, p99 {ms(result['p99_first_third_ms'])} -> "
-        f"{ms(result['p99_last_third_ms'])} ms (drift x{result['p99_drift'] or float('nan'):.2f}), replica RSS growth "
-        f"{result['max_rss_growth_mb'] if result['max_rss_growth_mb'] is not None else float('nan'):+.1f} MB")
-    return result
 
 
 def kill_replica_under_load(url: str, app: str, images: list[bytes], *, rate: float, kill_at_s: float = 3.0,

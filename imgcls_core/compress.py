@@ -53,7 +53,8 @@ from torch.nn.utils import prune as torch_prune
 
 from imgcls_core.config import Config
 from imgcls_core.data import DatasetSplits, SplitRecords
-from imgcls_core.engine.checkpoint import Preprocessing, load_checkpoint, save_inference_model
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.engine.checkpoint import load_checkpoint, save_inference_model
 from imgcls_core.export import METADATA_KEY, OnnxModule, export_onnx, file_size_mb, load_eager
 from imgcls_core.predict import Predictor
 
@@ -432,7 +433,7 @@ def finetune(model: nn.Module, pre: Preprocessing, cfg: Config, splits: DatasetS
     from imgcls_core.engine.fit import fit
     from imgcls_core.engine.loop import Engine
     from imgcls_core.engine.runtime import setup_runtime
-    from imgcls_core.runner import build_loaders
+    from imgcls_core.data.loaders import build_loaders
 
     if epochs <= 0:
         return model
@@ -442,7 +443,7 @@ def finetune(model: nn.Module, pre: Preprocessing, cfg: Config, splits: DatasetS
     tcfg.optim = replace(tcfg.optim, lr=lr, ref_batch_size=0, schedule="cosine", warmup_epochs=0.0)
     tcfg.augment = replace(tcfg.augment, mixup_alpha=0.0, cutmix_alpha=0.0)
     runtime = setup_runtime(tcfg.train)
-    loaders = build_loaders(tcfg, splits, pre)
+    loaders = build_loaders(tcfg, splits, pre, which=("train", "val"))
     engine = Engine(tcfg, model, runtime, len(loaders["train"]))
 
     def report(metrics: dict[str, float], _ckpt: Path | None) -> None:

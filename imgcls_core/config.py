@@ -6,6 +6,9 @@ what was expected. Command lines override single values with dotted keys::
 
     cfg = load_config("configs/digits.yaml", overrides=["optim.lr=0.2"])
 
+:func:`set_dotted` is the one place that sets a dotted key in a config dict
+(overrides and Ray Tune samples alike).
+
 Dicts exist only at process boundaries (Ray's ``train_loop_config``, MLflow
 params): ``cfg.to_dict()`` there, ``Config.from_dict(d)`` on the other side.
 """
@@ -13,6 +16,7 @@ params): ``cfg.to_dict()`` there, ``Config.from_dict(d)`` on the other side.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -287,21 +291,52 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults) and apply ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    """Read a YAML file (or start from defaults) and apply ``key.sub=value`` overrides.
+
+    A file that cannot be used (missing, a folder, unreadable, not UTF-8, not valid YAML, not a
+    mapping) raises :class:`ConfigError` with a one-line message naming it.
+    """
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides or []:
         apply_override(data, item)
     return Config.from_dict(data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, not yet checked against the schema."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:  # permission denied, an I/O error, a dangling link, ...
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:  # an empty file (or only comments): the defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None and isinstance(getattr(exc, "position", None), int):  # a ReaderError
+        return f"{problem} (character {exc.position})"
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -309,16 +344,54 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_problem(exc)}") from None
+    set_dotted(data, key.strip(), value)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, schema: type | None = None) -> None:
+    """Set the dotted config key ``key`` (``optim.lr``; any depth) to ``value`` in ``data``, a
+    config in its dict form (``Config.to_dict()``, a YAML file's mapping), in place.
+
+    Every part of the key is checked against ``schema`` (default :class:`Config`), so a
+    misspelt section or key fails here with a :class:`ConfigError` that names it, the close
+    matches and the allowed names. Missing sections are created. The value itself is checked
+    later, by ``Config.from_dict``. Command-line overrides (:func:`apply_override`) and
+    Ray Tune samples (``tune_spaces.apply_sample_dict``) both set keys through this function.
+    """
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"config key {key!r} must look like section.key")
+    cls: Any = Config if schema is None else schema
+    node = data
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(_unknown_key(_join(where, part), list(fields), where))
+        if depth == len(parts) - 1:
+            break
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key {key!r}: {_join(where, part)!r} is a value, not a section")
+        child = node.get(part)
+        if child is None:  # absent, or a section left empty in a YAML file
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{_join(where, part)}: expected a mapping, got {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _unknown_key(key: str, allowed: list[str], prefix: str) -> str:
+    """``unknown config key 'optim.lrr' (did you mean 'lr'?); allowed keys in optim: ...``."""
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return (f"unknown config key {key!r}{hint}; allowed keys{' in ' + prefix if prefix else ''}: "
+            f"{', '.join(allowed)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -326,13 +399,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted((k for k in data if k not in names), key=str)  # a YAML key can be a number
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key '{where}{unknown[0]}'; allowed keys"
-            f"{' in ' + prefix if prefix else ''}: {', '.join(names)}"
-        )
+        raise ConfigError(_unknown_key(_join(prefix, str(unknown[0])), names, prefix))
     kwargs = {name: _coerce(hints[name], data[name], _join(prefix, name)) for name in names if name in data}
     return cls(**kwargs)
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgcls_core.engine.checkpoint import Preprocessing, load_checkpoint
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.engine.checkpoint import load_checkpoint
 from imgcls_core.predict import rebuild_model
 
 DEFAULT_OPSET = 18

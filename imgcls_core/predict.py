@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from imgcls_core.config import ModelConfig
 from imgcls_core.data import SplitRecords, decode_image
 from imgcls_core.data.presets import build_eval_transform
-from imgcls_core.engine.checkpoint import Preprocessing, load_checkpoint
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.engine.checkpoint import load_checkpoint
 from imgcls_core.evaluation import EvalReport, compute_metrics, predict
 from imgcls_core.models import build_model
 

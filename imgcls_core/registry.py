@@ -6,6 +6,11 @@ already holds it: one run, one version), points ``challenger`` at it, and moves
 ``margin``, both measured on the same test split in the same call. ``force``
 moves it regardless and records the reason on the version. Every decision is
 written as tags on the challenger's version, so the registry is its own log.
+
+A registry that answers "no such alias/version/model" and a registry that does not
+answer at all are told apart: :meth:`Registry.alias` returns None only for the
+first, and raises the MlflowException of the second, so a tracking server that is
+down never looks like "no champion yet".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,12 @@ class Decision:
         return asdict(self)
 
 
+def is_missing(exc: BaseException) -> bool:
+    """Whether an MLflow error says that what was asked for does not exist (a registered model,
+    version, run or alias), as opposed to the tracking server or store failing."""
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 def should_promote(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
     """The gate: promote when there is no champion or the challenger wins by at least ``margin``."""
     if champion is None:
@@ -79,6 +91,46 @@ def should_promote(challenger: float, champion: float | None, margin: float) -> 
     if challenger >= champion + margin:
         return True, f"beats the champion by {challenger - champion:+.4f} (>= margin {margin:+.4f})"
     return False, f"does not beat the champion by the margin ({challenger - champion:+.4f} < {margin:+.4f})"
+
+
+def gate_champion(registry: Registry, version: str, challenger_acc1: float, *, evaluate: Callable[[Any], float],
+                  margin: float, force_reason: str | None = None, log: Callable[[str], None] = print,
+                  attempts: int = 3) -> tuple[bool, str, Any, float | None]:
+    """Decide whether ``version`` (test top-1 ``challenger_acc1``) becomes ``champion`` and move the
+    alias if so: ``(promoted, reason, the champion decided against or None, its top-1)``.
+
+    ``evaluate(model_version)`` is the champion's test top-1 on the same split. No champion
+    (no alias, no registered model) makes ``version`` the first one; a registry that fails raises
+    and leaves the champion where it is. Right before the move the champion is read again: if
+    another promotion moved it meanwhile, the decision is made again against the new champion
+    (``attempts`` times at most, then RuntimeError), so a promotion never overwrites a champion
+    it was not compared with."""
+    version = str(version)
+    champion = registry.alias(CHAMPION)
+    for _ in range(attempts):
+        same = champion is not None and str(champion.version) == version
+        champion_acc1 = evaluate(champion) if champion is not None and not same else None
+        if same:
+            promoted, reason = False, "it is the champion already"
+        elif force_reason:
+            promoted, reason = True, f"forced: {force_reason}"
+        else:
+            promoted, reason = should_promote(challenger_acc1, champion_acc1, margin)
+        if not promoted:
+            return False, reason, champion, champion_acc1
+        expected = str(champion.version) if champion is not None else None
+        moved, now = registry.set_alias_if(CHAMPION, version, expected)
+        if moved:
+            return True, reason, champion, champion_acc1
+        log(f"{registry.name}: the champion changed while this promotion decided (it was {_named(champion)}, "
+            f"it is {_named(now)}); deciding again against {_named(now)}")
+        champion = now
+    raise RuntimeError(f"the champion of {registry.name!r} changed {attempts} times while this promotion decided "
+                       f"(now {_named(champion)}); it was left there: run the promotion again")
+
+
+def _named(version) -> str:
+    return f"v{version.version}" if version is not None else "no champion"
 
 
 class Registry:
@@ -104,7 +156,9 @@ class Registry:
         model = self.logged_model(run_id)
         try:
             self.client.get_registered_model(self.name)
-        except MlflowException:
+        except MlflowException as exc:
+            if not is_missing(exc):
+                raise
             self.client.create_registered_model(self.name, description="imgcls image classifier")
         version = self.client.create_model_version(self.name, model.artifact_location, run_id=run_id,
                                                    tags={SOURCE_RUN_TAG: run_id, **_strings(tags)},
@@ -130,13 +184,63 @@ class Registry:
         return version
 
     def alias(self, alias: str):
+        """The version ``alias`` points at; None when the model or the alias does not exist. A
+        registry that fails (unreachable, erroring) raises its MlflowException."""
         try:
             return self.client.get_model_version_by_alias(self.name, alias)
-        except MlflowException:
+        except MlflowException as exc:
+            if is_missing(exc):
+                return None
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            # A SQL store reports a missing alias as an invalid parameter: ask the model itself.
+            try:
+                aliases = self.client.get_registered_model(self.name).aliases
+            except MlflowException as again:
+                if is_missing(again):
+                    return None
+                raise
+            if alias in aliases:
+                raise
             return None
+
+    def version(self, version: str | int):
+        """Version ``version``, or LookupError when the model has no such version (a registry that
+        fails raises its MlflowException)."""
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as exc:
+            if is_missing(exc):
+                raise LookupError(f"registered model {self.name!r} has no version {version}") from None
+            raise
+
+    def resolve(self, alias: str | None, version: str | int | None):
+        """The version to use: ``version`` if given, else the one ``alias`` (default champion)
+        points at; LookupError when there is none."""
+        if version is not None:
+            return self.version(version)
+        alias = alias or CHAMPION
+        found = self.alias(alias)
+        if found is None:
+            raise LookupError(f"registered model {self.name!r} has no version with alias {alias!r}; "
+                              f"promote one first (python -m jobs.promote) or name a version")
+        return found
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def set_alias_if(self, alias: str, version: str, expected: str | None) -> tuple[bool, Any]:
+        """Point ``alias`` at ``version`` only if it still points at ``expected`` (None: nowhere),
+        re-read right before the move: ``(True, None)`` when moved, else ``(False, the version it
+        points at now or None)`` with the alias left alone.
+
+        MLflow has no compare-and-set: the re-read narrows the race with a concurrent promotion
+        to the two calls here, it does not close it."""
+        now = self.alias(alias)
+        if (str(now.version) if now is not None else None) != (str(expected) if expected is not None else None):
+            return False, now
+        self.set_alias(alias, version)
+        return True, None
 
     def tag(self, version: str, tags: dict[str, Any]) -> None:
         for key, value in _strings(tags).items():
@@ -167,14 +271,28 @@ def register_model_file(tracking_uri: str | None, name: str, model_file: str | P
     Returns the new model version; it gets no alias (``jobs.promote`` or
     :meth:`Registry.set_alias` decide that).
     """
-    from imgcls_core.config import TrackingConfig
-    from imgcls_core.tracking import Tracker
+    import mlflow
 
-    tracker = Tracker(TrackingConfig(enabled=True, tracking_uri=tracking_uri, experiment=experiment),
-                      log=lambda _line: None)
-    tracker.start(run_name=run_name)
-    if tracker.log_model(model_file) is None:
-        raise RuntimeError(f"could not log {model_file} to {tracking_uri}: {'; '.join(tracker.lost)}")
-    tracker.close()
-    version, _ = Registry(tracking_uri, name).register(tracker.run_id, tags or {})
+    from imgcls_core.packaging import log_model
+
+    registry = Registry(tracking_uri, name)
+    client = registry.client
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    try:
+        mlflow.set_tracking_uri(client.tracking_uri)  # log_model's fluent calls go there too
+        log_model(run_id, model_file)
+    except BaseException:
+        _end_run_quietly(client, run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+    version, _ = registry.register(run_id, tags or {})
     return version
+
+
+def _end_run_quietly(client, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status=status)
+    except MlflowException:
+        pass  # the error being raised says why

@@ -110,20 +110,6 @@ class ServedModel:
         self.classify(self.preprocess(torch.zeros(3, size, size, dtype=torch.uint8))[None], top_k=1)
 
 
-def resolve_version(registry: Registry, alias: str | None, version: str | None):
-    """The model version to serve: ``version`` if pinned, else the one ``alias`` points at."""
-    if version is not None:
-        try:
-            return registry.client.get_model_version(registry.name, str(version))
-        except Exception as exc:  # MlflowException: no such model or version
-            raise LookupError(f"registered model {registry.name!r} has no version {version}") from exc
-    found = registry.alias(alias or "champion")
-    if found is None:
-        raise LookupError(f"registered model {registry.name!r} has no version with alias {alias!r}; "
-                          f"promote one first (python -m jobs.promote) or pin serve.version")
-    return found
-
-
 def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",
                       version: str | None = None, device: str = "cpu", backend: str = "torch",
                       threads: int = 0) -> ServedModel:
@@ -134,7 +120,7 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
     if backend not in BACKENDS:
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     registry = Registry(tracking_uri, name)
-    mv = resolve_version(registry, alias, version)
+    mv = registry.resolve(alias, version)  # LookupError when there is none; MLflow's error when failing
     with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
         if backend == "onnx":
             predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads)

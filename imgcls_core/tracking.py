@@ -2,11 +2,16 @@
 
 Every call goes through :class:`Tracker`, which talks to the tracking server
 with an explicit run id (no global "active run", so a restarted worker can
-continue the same run). When the server cannot be reached, the call is
-remembered instead of raised: metrics are buffered and delivered on the next
-successful call, and whatever could not be delivered by :meth:`Tracker.close`
-is listed in :attr:`Tracker.lost` and printed, so a job says precisely what
-was not logged.
+continue the same run). When the server cannot be reached (or its store fails),
+the call is remembered instead of raised: metrics are buffered and delivered on
+the next successful call, and whatever could not be delivered by
+:meth:`Tracker.close` is listed in :attr:`Tracker.lost` and printed, so a job
+says precisely what was not logged. Only such failures are remembered (see
+:func:`is_tracking_failure`): a bug in the caller raises as usual.
+
+The exception is the model registry: a job asked to register its model
+(``register_as``) must not end as if it had, so a registration that fails raises
+:class:`RegistrationError`.
 
 A run is found again by its *run key* (a tag, e.g. the Ray run's storage
 path and name): re-running a job with the same key continues the same run.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +51,80 @@ _CLIENT_DEFAULTS = {
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
+class RegistrationError(RuntimeError):
+    """The model could not be added to the model registry although the job asked for it."""
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the tracking server or store failing (unreachable, timing out, erroring:
+    an MlflowException, a network or I/O error) rather than a bug in the caller (a TypeError, a
+    local file that is not there, ...)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False  # a wrong local path: the caller's mistake
+    failures: list[type[BaseException]] = [MlflowException, OSError]  # requests' errors are OSErrors
+    for module, name in (("urllib3.exceptions", "HTTPError"), ("botocore.exceptions", "BotoCoreError"),
+                         ("botocore.exceptions", "ClientError")):
+        loaded = sys.modules.get(module)  # only a loaded module can have raised it
+        if loaded is not None and isinstance(getattr(loaded, name, None), type):
+            failures.append(getattr(loaded, name))
+    return isinstance(exc, tuple(failures))
+
+
+_UNREACHABLE = re.compile(r"Max retries exceeded|Failed to establish a new connection|Connection refused|"
+                          r"timed out|Name or service not known|name resolution|Connection reset|"
+                          r"Remote end closed connection|Connection aborted", re.IGNORECASE)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server did not answer (refused, timed out, unknown host,
+    only error responses), as opposed to answering that a request was wrong."""
+    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(_UNREACHABLE.search(str(exc)))
+
+
+def describe_tracking_error(exc: BaseException, tracking_uri: str | None = None) -> str:
+    """One line for an MLflow failure: ``MLflow at <uri> is unreachable (<cause>; N tries); ...``
+    for a server that did not answer, else ``MLflow at <uri>: <first line of the message>``. The
+    server is the one the error names, else ``tracking_uri``, else MLFLOW_TRACKING_URI."""
+    text = str(exc)
+    uri = _server_of(text) or tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _default_tracking_uri()
+    if not is_unreachable(exc):
+        return f"MLflow at {uri}: {_first_line(text) or type(exc).__name__}"
+    cause = (re.search(r"\[Errno -?\d+\] [^'\")(]+", text) or re.search(r"Read timed out|timed out", text)
+             or re.search(r"ResponseError\('([^']+)'", text))
+    if cause is not None:
+        reason = (cause.group(1) if cause.groups() else cause.group(0)).strip()
+    else:
+        reason = _first_line(text) or type(exc).__name__
+    state = ("is failing" if "error responses" in reason else "did not answer" if "timed out" in reason
+             else "is unreachable")
+    tries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or 7) + 1
+    return (f"MLflow at {uri} {state} ({reason}; {tries} tries); check tracking.tracking_uri or "
+            f"MLFLOW_TRACKING_URI and that the server is up")
+
+
+def _server_of(text: str) -> str | None:
+    match = re.search(r"API request to (https?://[^/\s]+)", text)
+    if match:
+        return match.group(1)
+    match = re.search(r"host='([^']+)', port=(\d+)", text)
+    return f"http://{match.group(1)}:{match.group(2)}" if match else None
+
+
+def _default_tracking_uri() -> str:
+    tracking = sys.modules.get("mlflow.tracking")  # not imported: nothing talked to MLflow
+    try:
+        return tracking.get_tracking_uri() if tracking is not None else "the default tracking URI"
+    except Exception:  # noqa: BLE001 - only for a message
+        return "the default tracking URI"
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = next((item.strip() for item in text.splitlines() if item.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class Tracker:
     """One MLflow run, or a no-op when tracking is off or the server is unreachable."""
 
@@ -57,10 +138,12 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.lost: list[str] = []
+        self.last_error: str | None = None  # the latest tracking failure, for messages
         self._pending: list[tuple[dict[str, float], int, int]] = []  # (values, step, timestamp ms)
         self._warned = False
         self._failed_since_flush = False
         self._retry_at = 0.0  # time.monotonic() before which buffered metrics are not re-sent
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,8 +187,10 @@ class Tracker:
                 )
                 self.run_id = run.info.run_id
                 self.log(f"MLflow: started run {self.run_id} in experiment {self.cfg.experiment!r}")
-        except Exception as exc:  # noqa: BLE001 - any client/server failure disables tracking
-            self.client, self.run_id = None, None
+        except Exception as exc:
+            if not is_tracking_failure(exc):
+                raise
+            self.client, self.run_id = None, None  # a server or store that fails disables tracking
             self._lose(f"the whole run (tracking server {uri or 'default'} unreachable: {_short(exc)})")
         return self
 
@@ -116,7 +201,11 @@ class Tracker:
         return self.client.create_experiment(self.cfg.experiment)
 
     def close(self, status: str = "FINISHED") -> list[str]:
-        """Flush buffered metrics, end the run, and print what was not logged."""
+        """Flush buffered metrics, end the run, and print what was not logged. Only the first
+        call ends the run (a later one cannot turn a FAILED run FINISHED)."""
+        if self._closed:
+            return self.lost
+        self._closed = True
         if self.active:
             self._flush(force=True)
             self._call("run status", lambda: self.client.set_terminated(self.run_id, status=status))
@@ -165,7 +254,9 @@ class Tracker:
             batch = [Metric(_metric_key(k), v, when, step) for k, v in values.items()]
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
+                if not is_tracking_failure(exc):
+                    raise
                 self._warn(exc)
                 self._failed_since_flush = True
                 self._retry_at = time.monotonic() + self.retry_after_s
@@ -197,8 +288,17 @@ class Tracker:
 
     def log_model(self, model_file: str | Path, *, register_as: str | None = None,
                   extra_metadata: dict | None = None):
-        """Log ``model_file`` as this run's MLflow model (see imgcls_core.packaging); None on failure."""
+        """Log ``model_file`` as this run's MLflow model (see imgcls_core.packaging): its ModelInfo,
+        or None when tracking is off or logging failed (then listed in :attr:`lost`).
+
+        With ``register_as`` the logged model also becomes a version of that registered model
+        (``info.registered_model_version``); when it cannot (tracking off or unreachable, the
+        model not logged, the registry failing) this raises :class:`RegistrationError`."""
         if not self.active:
+            if register_as:
+                why = ("tracking is off (tracking.enabled=false)" if not self.cfg.enabled
+                       else f"no MLflow run ({'; '.join(self.lost) or 'tracking did not start'})")
+                raise RegistrationError(f"the model was not registered as {register_as!r}: {why}")
             return None
 
         def log():
@@ -207,10 +307,29 @@ class Tracker:
             from imgcls_core.packaging import log_model
 
             mlflow.set_tracking_uri(self.client.tracking_uri)
-            return log_model(self.run_id, model_file, register_as=register_as, extra_metadata=extra_metadata)
+            return log_model(self.run_id, model_file, extra_metadata=extra_metadata)
 
-        what = "model" + (f" (and its registration as {register_as!r})" if register_as else "")
-        return self._call(what, log)
+        info = self._call("model", log)
+        if register_as is None:
+            return info
+        if info is None:
+            raise RegistrationError(f"the model was not registered as {register_as!r}: logging it to run "
+                                    f"{self.run_id} failed ({self.last_error})")
+        import mlflow
+
+        try:
+            version = mlflow.register_model(info.model_uri, register_as)
+        except Exception as exc:
+            if not is_tracking_failure(exc):
+                raise
+            raise RegistrationError(f"the model was logged to run {self.run_id} but registering it as "
+                                    f"{register_as!r} failed: "
+                                    f"{describe_tracking_error(exc, mlflow.get_registry_uri())}") from exc
+        if version.status not in ("READY", None):
+            raise RegistrationError(f"registered model {register_as!r} v{version.version} is {version.status}")
+        info.registered_model_version = version.version
+        self.log(f"MLflow: registered the model as {register_as!r} v{version.version}")
+        return info
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (anything that talks to MLflow); on failure record ``what`` as not logged."""
@@ -221,14 +340,19 @@ class Tracker:
     # ------------------------------------------------------------------ failures
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; when the tracking server or store fails, None with ``what`` recorded as lost
+        (logging must never stop training). Any other exception is a bug and propagates."""
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+        except Exception as exc:
+            if not is_tracking_failure(exc):
+                raise
             self._warn(exc)
             self._lose(what)
             return None
 
     def _warn(self, exc: Exception) -> None:
+        self.last_error = _short(exc)
         if not self._warned:
             self.log(f"MLflow: tracking server error, training goes on without it: {_short(exc)}")
             self._warned = True
@@ -260,14 +384,26 @@ def log_training_outputs(
 ):
     """After training: final ``metrics`` at ``step``, every file of ``files`` but ``files["model"]``
     as an artifact, and ``files["model"]`` as the run's MLflow model (registered as
-    ``register_as`` when given). The ModelInfo, or None when tracking is off or it failed."""
-    if not tracker.active:
+    ``register_as`` when given). The ModelInfo, or None when tracking is off or it failed.
+
+    A registration that was asked for and failed raises :class:`RegistrationError` (naming the
+    model file, which stays where it is, and how to register it later) after everything else was
+    logged and the run ended FAILED: a job that was to register its model must not succeed
+    without it."""
+    if tracker.active:
+        tracker.log_metrics(metrics, step=step)
+        for key, path in files.items():
+            if key != "model":
+                tracker.log_artifact(path)
+    elif not register_as:
         return None
-    tracker.log_metrics(metrics, step=step)
-    for key, path in files.items():
-        if key != "model":
-            tracker.log_artifact(path)
-    return tracker.log_model(files["model"], register_as=register_as, extra_metadata=extra_metadata)
+    try:
+        return tracker.log_model(files["model"], register_as=register_as, extra_metadata=extra_metadata)
+    except RegistrationError as exc:
+        tracker.set_tags({"imgcls.registration_error": str(exc)[:5000]})
+        tracker.close(status="FAILED")
+        raise RegistrationError(f"{exc}; the model file {files['model']} is kept: register it with "
+                                f"`python -m jobs.register --model {files['model']} --name {register_as}`") from exc
 
 
 def _param_value(value: Any) -> str:

@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"imgcls: unknown step {step!r}; choose from {', '.join(STEPS)} (imgcls --help)", file=sys.stderr)
         return 2
-    job = importlib.import_module(f"jobs.{module}")
-    return job.main(rest)
+    from jobs.common import run_main
+
+    # The step's main() reports its own failures; this reports one that stops it from loading
+    # (a package missing from this environment, say) in the same one line.
+    return run_main(lambda: importlib.import_module(f"jobs.{module}").main(rest), what=f"imgcls {step}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""What every Ray job shares: config flags, path resolution, connecting to Ray."""
+"""What every Ray job shares: config flags, path resolution, connecting to Ray, and how a job
+ends (:func:`run_main`: one exit-code policy and one ``error: ...`` line for every job)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from imgcls_core.config import Config, ConfigError, load_config
+from imgcls_core.tracking import describe_tracking_error, is_unreachable
 
 # Relative paths in a config are resolved against this directory when it is set.
 # `ray job submit --working-dir .` runs the job in a copy of the repository that
@@ -128,7 +133,14 @@ def init_ray(address: str | None = None, log=print, **kwargs) -> None:
         return
     if os.environ.get(API_SERVER_ENV) and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}}
-    ray.init(address=ray_init_address(address, log), **kwargs)
+    address = ray_init_address(address, log)
+    # A Ray instance started here inherits this process's environment: its workers (the training
+    # tracker, Serve replicas) keep MLflow's retries rather than the driver's fail-fast settings.
+    driver_only = {key: os.environ.pop(key) for key, value in _fail_fast_set.items() if os.environ.get(key) == value}
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        os.environ.update(driver_only)
 
 
 # Ray Data's read and decode tasks each ask for one CPU, which must lie outside the Train
@@ -178,3 +190,171 @@ def fit_to_cluster(cfg: Config, ingest: str, cluster: dict[str, float], *, trial
     raise ResourceError(
         f"{numbers}, so the job would wait forever: set ray.ingest=dataloader, {fewer}lower ray.num_workers or "
         f"ray.cpus_per_worker, or start the head with more --num-cpus")
+
+
+# --------------------------------------------------------------------------- how a job ends
+
+#: Set (to anything) to have a job print the full traceback after its one-line error.
+TRACEBACK_ENV = "IMGCLS_TRACEBACK"
+
+# MLflow's HTTP client defaults (7 retries, backoff factor 2, a 120 s timeout: see
+# mlflow/environment_variables.py) keep a job waiting about 4.5 minutes on a tracking server
+# that is down before it fails. A job's driver uses these instead, wherever the user has not
+# set them: 2 tries, the second at once (urllib3 sleeps 0-1 s before a first retry), so a
+# refused connection fails in about a second and a server that accepts nothing or answers
+# nothing in at most 2 x 10 + 1 = 21 s; one retry still rides out a dropped connection, and
+# 10 s per request leaves room for artifact uploads through a proxying server. Training
+# workers keep the Tracker's own settings (imgcls_core.tracking), and ride out longer outages
+# by buffering metrics, not by waiting inside one request.
+FAIL_FAST_MLFLOW = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_fail_fast_set: dict[str, str] = {}  # what fail_fast_mlflow() set in this process (init_ray leaves it out)
+
+
+def fail_fast_mlflow() -> dict[str, str]:
+    """Make this process's MLflow client give up on an unreachable tracking server within 30 s
+    (see FAIL_FAST_MLFLOW); a value already in the environment (the user's) is kept. Returns
+    what this call set. For a job's driver: :func:`init_ray` keeps it out of a Ray instance
+    it starts."""
+    set_now = {key: value for key, value in FAIL_FAST_MLFLOW.items() if key not in os.environ}
+    os.environ.update(set_now)
+    _fail_fast_set.update(set_now)
+    return set_now
+
+
+def run_main(body: Callable[[], int | None], *, what: str, tracking_uri: str | None = None) -> int:
+    """Run a job's ``body`` and turn how it ended into the job's exit status and at most one
+    ``error: ...`` line on stderr, the same for every job:
+
+    - ``body()`` returns None: 0; an int: that int.
+    - a bad config (:class:`imgcls_core.config.ConfigError`, ``tune_spaces.SpaceError``):
+      ``error: bad config: <message>``, 2.
+    - MLflow failing (``MlflowException``, or a connection error raised inside MLflow's client):
+      ``error: <what> failed: MLflow at <tracking uri> is unreachable (...)`` or
+      ``... MLflow at <tracking uri>: <message>``, 1.
+    - anything else (``FileNotFoundError``, ``LookupError``, ``ValueError``, ``RuntimeError``,
+      ``OSError``: their message; other exceptions: their type and message):
+      ``error: <what> failed: <message>``, 1. An error Ray wraps (a failed Train worker or Ray
+      task) is reported as the worker's own error, and only its message's first line (the last
+      ``SomeError: ...`` line of a traceback Ray put into the message).
+    - Ctrl-C: ``error: <what> interrupted``, 130.
+
+    ``what`` names the job's work ("training", "promotion"); ``tracking_uri`` is the server named
+    when an MLflow error does not say which (default: MLFLOW_TRACKING_URI). With $IMGCLS_TRACEBACK
+    set the traceback follows the line. MLflow is made to fail fast first (:func:`fail_fast_mlflow`).
+    Use it as ``return run_main(lambda: _body(args, cfg), what="training")``."""
+    mine = fail_fast_mlflow()
+    try:
+        result = body()
+    except KeyboardInterrupt:
+        print(f"error: {what} interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place a job's failure becomes its exit status
+        code, line = describe_failure(exc, what=what, tracking_uri=tracking_uri)
+        print(line, file=sys.stderr)
+        if os.environ.get(TRACEBACK_ENV):
+            traceback.print_exception(exc)
+        return code
+    finally:
+        _restore_mlflow_settings(mine)  # a caller in the same process (a test, imgcls) gets its own back
+    return 0 if result is None else int(result)
+
+
+def _restore_mlflow_settings(mine: dict[str, str]) -> None:
+    for key, value in mine.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+        _fail_fast_set.pop(key, None)
+
+
+def describe_failure(exc: BaseException, *, what: str, tracking_uri: str | None = None) -> tuple[int, str]:
+    """``(exit status, "error: ..." line)`` for an exception that ended a job (see :func:`run_main`)."""
+    exc = unwrap_ray_error(exc)
+    if isinstance(exc, _config_errors()):
+        return 2, f"error: bad config: {one_line(exc)}"
+    failing = mlflow_failure(exc)
+    if failing is not None:
+        return 1, f"error: {what} failed: {describe_tracking_error(failing, tracking_uri)}"
+    known = (FileNotFoundError, LookupError, ValueError, RuntimeError, OSError)
+    message = one_line(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {one_line(exc)}"
+    quiet = isinstance(exc, known) or os.environ.get(TRACEBACK_ENV)
+    hint = "" if quiet else f" ({TRACEBACK_ENV}=1 shows the traceback)"
+    return 1, f"error: {what} failed: {message}{hint}"
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [ConfigError]
+    spaces = sys.modules.get("tune_spaces")  # only a job that loaded a search space can raise its error
+    if spaces is not None and hasattr(spaces, "SpaceError"):
+        found.append(spaces.SpaceError)
+    return tuple(found)
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The error under Ray's wrappers: a Train worker group's (lowest rank's) or controller's
+    failure, a Ray task's cause; ``exc`` itself when Ray did not wrap it."""
+    for _ in range(8):
+        failures = getattr(exc, "worker_failures", None)
+        controller = getattr(exc, "controller_failure", None)
+        cause = getattr(exc, "cause", None) if type(exc).__module__.startswith("ray.") else None
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+        elif isinstance(controller, BaseException):
+            exc = controller
+        elif isinstance(cause, BaseException) and cause is not exc:
+            exc = cause
+        else:
+            break
+    return exc
+
+
+def mlflow_failure(exc: BaseException) -> BaseException | None:
+    """The MLflow error that ended a job: ``exc`` when it is one, else, for a LookupError, an
+    unreachable server among its causes (a registry call that did not answer is no "not found")."""
+    if _is_mlflow_error(exc):
+        return exc
+    if not isinstance(exc, LookupError):
+        return None  # other errors that chain an MLflow one say more than it does (RegistrationError)
+    seen, inner = {id(exc)}, exc.__cause__ or exc.__context__
+    while inner is not None and id(inner) not in seen:
+        if _is_mlflow_error(inner) and is_unreachable(inner):
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def _is_mlflow_error(exc: BaseException) -> bool:
+    exceptions = sys.modules.get("mlflow.exceptions")  # not imported: MLflow cannot have raised it
+    if exceptions is not None and isinstance(exc, exceptions.MlflowException):
+        return True
+    requests = sys.modules.get("requests.exceptions")
+    network = (ConnectionError, TimeoutError, *((requests.RequestException,) if requests is not None else ()))
+    return isinstance(exc, network) and _raised_in_mlflow(exc)
+
+
+def _raised_in_mlflow(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("mlflow."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure)\b[^:]*: ")
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of ``exc``'s message; for a message that carries a traceback (Ray puts the
+    worker's into it), the last ``SomeError: ...`` line of it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(lines) > 1 and any(item.startswith("Traceback (most recent call last)") for item in lines):
+        line = next((item for item in reversed(lines) if _ERROR_LINE.match(item)), line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."

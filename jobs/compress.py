@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config, resolve_config_paths, resolve_path
+from jobs.common import add_config_args, job_config, resolve_config_paths, resolve_path, run_main
 
 METHODS = ("static", "dynamic", "prune-unstructured", "prune-structured")
 TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "prune-unstructured": "prune_unstructured",
@@ -50,10 +50,9 @@ def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
             raise FileNotFoundError(f"--model-file {path} does not exist")
         return path, None, None
     from imgcls_core.registry import Registry
-    from imgcls_core.serving import resolve_version
 
     registry = Registry(cfg.tracking.tracking_uri, args.model)
-    version = resolve_version(registry, args.alias, args.version)
+    version = registry.resolve(args.alias, args.version)  # a registry that fails raises: never "no such alias"
     log(f"{args.model} v{version.version} (run {version.run_id})")
     return registry.model_file(version.version), registry, version
 
@@ -167,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     args.alias = args.alias or ("champion" if args.version is None else None)
-    try:
+
+    def body() -> None:
         run(cfg, args)
-    except (FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body, what="compression", tracking_uri=cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

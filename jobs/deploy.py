@@ -22,7 +22,8 @@ import argparse
 import sys
 import time
 
-from jobs.common import add_config_args, init_ray, job_config
+from imgcls_core.config import Config
+from jobs.common import add_config_args, init_ray, job_config, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg, done = job_config(build_parser(), argv)
     if done is not None:
         return done
+    return run_main(lambda: deploy(args, cfg), what="deployment", tracking_uri=cfg.tracking.tracking_uri)
+
+
+def deploy(args: argparse.Namespace, cfg: Config) -> int:
+    """Deploy (or delete) the application and wait for it to answer; the exit status."""
     import os
 
     import ray
     from ray import serve
 
-    from imgcls_core.config import ConfigError
     from serve.app import application, resolve_settings
     from serve.client import Client, EndpointError, format_predictions
 
@@ -62,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     builder_args = {"config": args.config, "overrides": args.overrides}
     if args.model:
         builder_args["model_name"] = args.model
-    try:
-        settings = resolve_settings(builder_args)
-    except ConfigError as exc:
-        print(f"error: bad config: {exc}", file=sys.stderr)
-        return 2
+    settings = resolve_settings(builder_args)  # a ConfigError: exit 2
     started = time.perf_counter()
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"deploying {args.name!r}: {settings['model_name']}@{cfg.serve.alias} from "
@@ -74,15 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.run(application(settings), name=args.name, route_prefix=args.route_prefix)
     except RuntimeError as exc:
-        print(f"error: the application did not start: {exc}", file=sys.stderr)
-        return 1
+        raise RuntimeError(f"the application did not start: {exc}") from exc
     url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
     client = Client(url, token=os.environ.get(cfg.serve.token_env))
     deadline = time.monotonic() + args.wait_s
     while not client.ready():
         if time.monotonic() > deadline:
-            print(f"error: {url}/readyz did not answer within {args.wait_s:.0f} s", file=sys.stderr)
-            return 1
+            raise TimeoutError(f"{url}/readyz did not answer within {args.wait_s:.0f} s")
         time.sleep(1)
     info = client.model()
     print(f"serving {info['name']} v{info['version']} at {url}/v1/predict "
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(format_predictions(client.predict(args.predict)))
         except EndpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            raise RuntimeError(f"classifying {len(args.predict)} image(s) failed: {exc}") from exc
     if own_instance:
         serve_until_interrupted()
     return 0

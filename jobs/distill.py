@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.distill.teacher:
         print("error: bad config: distill.teacher is not set (use --teacher URI)", file=sys.stderr)
         return 2
-    return run_job(cfg, args, run_distillation, "distillation")
+    return run_job(cfg, args, run_distillation, "distillation")  # jobs.common.run_main's exit codes and errors
+
 
 if __name__ == "__main__":
     # Run the imported module, not __main__: the worker loop must travel by reference (see jobs/train.py).

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config, resolve_config_paths
+from jobs.common import add_config_args, job_config, resolve_config_paths, run_main
 
 
 def check_batch(cfg: Config, model_file: Path, images: int) -> torch.Tensor:
@@ -56,14 +56,13 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
     ``<out>/export.json``. Raises ExportError when a parity check fails."""
     from imgcls_core.export import export_model, file_size_mb
     from imgcls_core.registry import Registry
-    from imgcls_core.serving import resolve_version
 
     cfg = resolve_config_paths(cfg)
     registry = mv = None
     work = Path(tempfile.mkdtemp(prefix="imgcls-export-"))
     if model_file is None:
         registry = Registry(cfg.tracking.tracking_uri, model_name)
-        mv = resolve_version(registry, alias, version)
+        mv = registry.resolve(alias, version)  # a registry that fails raises: never "no such alias"
         model_path = registry.model_file(mv.version, work / "download")
         source = f"models:/{model_name}/{mv.version}" + (f" (@{alias})" if version is None else "")
     else:
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from imgcls_core.export import FORMATS, MAX_OPSET, MIN_OPSET, ExportError
+    from imgcls_core.export import FORMATS, MAX_OPSET, MIN_OPSET
 
     parser = build_parser()
     args, cfg, done = job_config(parser, argv)
@@ -137,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.tolerance <= 0 or args.check_images < 2:
         print("error: --tolerance must be > 0 and --check-images >= 2", file=sys.stderr)
         return 2
-    try:
+
+    def body() -> None:
         export_job(cfg, model_name=None if args.model_file else (args.model or cfg.tracking.register_as or "imgcls"),
                    alias=args.alias, version=args.version, model_file=args.model_file, formats=formats,
                    opset=args.opset, tolerance=args.tolerance, check_images=args.check_images, out=args.out)
-    except (ExportError, FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body, what="export", tracking_uri=cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from jobs.common import mlflow_failure, run_main
+
 COLUMNS = ["path", "label", "probability", "top_k", "error"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -140,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return run_main(lambda: predict(args, tracking_uri), what="prediction", tracking_uri=tracking_uri)
+
+
+def predict(args: argparse.Namespace, tracking_uri: str | None) -> int:
+    """Classify every image the arguments name and write the CSV; the exit status."""
     paths = find_images(args.inputs)
     if not paths:
-        print(f"error: no image files in {' '.join(args.inputs)}", file=sys.stderr)
-        return 1
+        raise FileNotFoundError(f"no image files in {' '.join(args.inputs)}")
     try:
-        predictor, source = load_predictor(args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                                           args.device)
-    except Exception as exc:  # noqa: BLE001 - LookupError, MlflowException, a corrupt file: one line
-        print(f"error: cannot load the model {args.model}: {exc}", file=sys.stderr)
-        return 1
+        predictor, source = load_predictor(args.model, tracking_uri, args.device)
+    except Exception as exc:
+        if mlflow_failure(exc) is not None:
+            raise  # reported as MLflow's failure, with the server it could not reach
+        # LookupError, a corrupt or foreign file, ...: one line that names the model
+        raise RuntimeError(f"cannot load the model {args.model}: {exc}") from exc
     classified = errors = 0
     with _output(args.out) as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.common import run_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -66,28 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in fractions.items():
         if not 0.0 <= value < 1.0:
             parser.error(f"{flag} must be in [0, 1), got {value}")
+    return run_main(lambda: prepare(args), what="data preparation")
+
+
+def prepare(args: argparse.Namespace) -> None:
     from imgcls_core.data import (
         convert_image_folder,
         materialize_digits,
     )  # heavy imports after parsing
 
-    try:
-        if args.digits:
-            root = materialize_digits(args.digits, seed=args.seed)
-            print(f"digits ready in {root}")
-            args.source, args.out = (root, args.shards) if args.shards else (None, None)
-        if args.source:
-            report = convert_image_folder(
-                args.source, args.out, num_workers=args.workers, shard_size=args.shard_size,
-                seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                max_pixels=args.max_pixels,
-            )
-            print(report.summary())
-            print(f"train on it with: --set data.format=parquet --set data.root={args.out}")
-    except (ValueError, OSError, RuntimeError) as exc:  # FileNotFoundError is an OSError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if args.digits:
+        root = materialize_digits(args.digits, seed=args.seed)
+        print(f"digits ready in {root}")
+        args.source, args.out = (root, args.shards) if args.shards else (None, None)
+    if args.source:
+        report = convert_image_folder(
+            args.source, args.out, num_workers=args.workers, shard_size=args.shard_size,
+            seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+            max_pixels=args.max_pixels,
+        )
+        print(report.summary())
+        print(f"train on it with: --set data.format=parquet --set data.root={args.out}")
 
 
 if __name__ == "__main__":

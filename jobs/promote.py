@@ -17,7 +17,11 @@ gets the ``challenger`` alias. ``champion`` moves to it only if its test top-1
 beats the champion's by ``tracking.promote_margin`` (``--margin``), both models
 evaluated on the same test split; ``--force --reason`` moves it anyway and
 records the reason. The comparison is printed and written to
-``<train.output_dir>/promotion.json``.
+``<train.output_dir>/promotion.json``. No ``champion`` alias yet makes the
+candidate the first champion; a registry that fails (the tracking server down)
+fails the job and leaves ``champion`` alone. Right before moving it the champion
+is read again: when another promotion moved it meanwhile, the decision is made
+again against the new champion.
 
 Exit status: 0 when the decision was made (promoted or not), 1 on failure, 2 on bad arguments.
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths
+from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths, run_main
 from jobs.train import SUMMARY_FILE
 
 ACC_TAG = "test/acc1"
@@ -78,7 +82,7 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
     """Register the candidate, evaluate it and the champion on the test split, and move the aliases."""
     from imgcls_core.data import load_dataset, materialize_digits
     from imgcls_core.predict import Predictor
-    from imgcls_core.registry import CHALLENGER, CHAMPION, Decision, Registry, should_promote
+    from imgcls_core.registry import CHALLENGER, CHAMPION, Decision, Registry, gate_champion
 
     cfg = resolve_config_paths(cfg)
     margin = cfg.tracking.promote_margin if margin is None else margin
@@ -105,18 +109,12 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
 
     challenger_acc = test_acc1(version)
     registry.set_alias(CHALLENGER, number)
-    champion = registry.alias(CHAMPION)
-    same = champion is not None and str(champion.version) == number
-    champion_acc = test_acc1(champion) if champion is not None and not same else None
-    if same:
-        promoted, reason = False, "it is the champion already"
-    elif force_reason:
-        promoted, reason = True, f"forced: {force_reason}"
-    else:
-        promoted, reason = should_promote(challenger_acc, champion_acc, margin)
-    if promoted:
-        registry.set_alias(CHAMPION, number)
+    promoted, reason, champion, champion_acc = gate_champion(
+        registry, number, challenger_acc, evaluate=test_acc1, margin=margin, force_reason=force_reason, log=log)
     after = registry.alias(CHAMPION)
+    if promoted and (after is None or str(after.version) != number):
+        log(f"warning: {model_name}'s champion is {f'v{after.version}' if after else 'unset'} now: another "
+            f"promotion moved it right after this one")
     decision = Decision(model_name, number, run_id, challenger_acc,
                         str(champion.version) if champion is not None else None, champion_acc,
                         margin, promoted, reason, created, str(after.version) if after else None,
@@ -165,15 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.reason and not args.force:
         print("error: --reason goes with --force", file=sys.stderr)
         return 2
-    from mlflow.exceptions import MlflowException  # e.g. a run id that is not in this tracking server
 
-    try:
+    def body() -> None:
         promote(cfg, model_name=args.model or cfg.tracking.register_as or "imgcls", run_id=args.run_id,
                 margin=args.margin, force_reason=args.reason if args.force else None, summary=args.summary)
-    except (FileNotFoundError, LookupError, ValueError, RuntimeError, MlflowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body, what="promotion", tracking_uri=cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_config_args, config_beside, config_or_exit
+from jobs.common import add_config_args, config_beside, config_or_exit, run_main
 
 SHA_TAG = "imgcls.model_sha256"
 
@@ -62,7 +62,7 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
     from the same bytes before, else a new run's."""
     from mlflow.exceptions import MlflowException
 
-    from imgcls_core.registry import Registry, register_model_file
+    from imgcls_core.registry import Registry, is_missing, register_model_file
 
     model_file = model_file.resolve()
     summary_file, summary = read_summary(model_file)
@@ -79,6 +79,8 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
                 f"run {run_id}")
             return version
         except (MlflowException, LookupError) as exc:
+            if isinstance(exc, MlflowException) and not is_missing(exc):
+                raise  # the registry failing, not a run this tracking server lacks
             log(f"training run {run_id} (from {summary_file}) is not usable here ({str(exc)[:200]}); "
                 f"logging {model_file.name} as a new run")
     same_bytes = registry.client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
@@ -103,29 +105,26 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model_file = Path(args.model)
-    if not model_file.is_file():
-        print(f"error: no model file {model_file}; train one with python -m jobs.train_local", file=sys.stderr)
-        return 1
-    if args.config is None:
+    if args.config is None and model_file.is_file():
         args.config = config_beside(model_file)  # what the run trained (and tracked) with
     cfg, done = config_or_exit(args)
     if done is not None:
         return done
-    import mlflow
-    from mlflow.exceptions import MlflowException
 
-    uri = cfg.tracking.tracking_uri or mlflow.get_tracking_uri()
-    name = args.name or cfg.tracking.register_as or "imgcls"
-    try:
+    def body() -> None:
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no model file {model_file}; train one with python -m jobs.train_local")
+        import mlflow
+
+        uri = cfg.tracking.tracking_uri or mlflow.get_tracking_uri()
+        name = args.name or cfg.tracking.register_as or "imgcls"
         version = register(model_file, name, uri, cfg.tracking.experiment)
-    except (FileNotFoundError, LookupError, ValueError, RuntimeError, MlflowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    summary, _ = read_summary(model_file)
-    promote = f"--summary {summary}" if summary is not None else f"--run-id {version.run_id}"
-    print(f"{name} v{version.version} is in the registry at {uri}; test it and make it the champion with:\n"
-          f"  python -m jobs.promote {promote} --model {name}")
-    return 0
+        summary, _ = read_summary(model_file)
+        promote = f"--summary {summary}" if summary is not None else f"--run-id {version.run_id}"
+        print(f"{name} v{version.version} is in the registry at {uri}; test it and make it the champion with:\n"
+              f"  python -m jobs.promote {promote} --model {name}")
+
+    return run_main(body, what="registration", tracking_uri=cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.common import BASE_DIR_ENV, dashboard_address
+from jobs.common import BASE_DIR_ENV, dashboard_address, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 PASS_ON = ("MLFLOW_TRACKING_URI",)
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.submission_id:
         command += ["--submission-id", args.submission_id]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    return subprocess.run([*command, "--", *entrypoint], env=env).returncode
+    # `ray job submit` prints its own errors; a missing `ray` command or Ctrl-C get run_main's line.
+    return run_main(lambda: subprocess.run([*command, "--", *entrypoint], env=env).returncode,
+                    what="submission")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_config_args, job_config, resolve_config_paths
+from imgcls_core.config import Config
+from jobs.common import add_config_args, job_config, resolve_config_paths, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg, done = job_config(build_parser(), argv)
     if done is not None:
         return done
+    return run_main(lambda: train(cfg, args), what="training", tracking_uri=cfg.tracking.tracking_uri)
+
+
+def train(cfg: Config, args: argparse.Namespace) -> int:
+    """Train, evaluate and report; the exit status."""
     # heavy imports after the config is known good
     from imgcls_core.runner import train_and_evaluate
     from imgcls_core.tracking import SUMMARY_FILE
 
-    try:
-        # absolute paths in <output_dir>/config.yaml: jobs.promote --summary reads it from anywhere
-        result = train_and_evaluate(resolve_config_paths(cfg), stop_after=args.stop_after)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    # absolute paths in <output_dir>/config.yaml: jobs.promote --summary reads it from anywhere
+    result = train_and_evaluate(resolve_config_paths(cfg), stop_after=args.stop_after)
     if result.summary:
         run = f"MLflow run {result.mlflow_run_id}; " if result.mlflow_run_id else ""
         print(f"done: {run}model {result.files['model']}; summary {result.output_dir / SUMMARY_FILE}")

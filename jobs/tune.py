@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, job_config, resolve_config_paths
+from jobs.common import (
+    INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, run_main,
+)
 from jobs.train import SUMMARY_FILE, resolve_ingest
 from tune_spaces import plain
 
@@ -47,15 +49,14 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float], ingest: str = "dat
 
 
 def trial_config(sweep: dict[str, Any], sample: dict[str, Any], trial: str) -> Config:
-    """The base config with a trial's sample applied, its own output folder, run name and checkpoint budget."""
-    from tune_spaces import apply_sample
+    """The base config with a trial's sample applied, its own output folder, run name and checkpoint
+    budget: the sweep's config dict is parsed (and validated) once per trial, here."""
+    from tune_spaces import apply_sample_dict
 
-    cfg = apply_sample(Config.from_dict(sweep["config"]), sample)
-    cfg.ray.name = f"{sweep['name']}-{trial}"
-    cfg.train.output_dir = str(Path(sweep["output_dir"]) / trial)
-    cfg.train.keep_checkpoints = 1
-    cfg.tracking.run_name = trial
-    return cfg
+    return Config.from_dict(apply_sample_dict(sweep["config"], {
+        **sample, "ray.name": f"{sweep['name']}-{trial}", "train.output_dir": str(Path(sweep["output_dir"]) / trial),
+        "train.keep_checkpoints": 1, "tracking.run_name": trial,
+    }))
 
 
 PBT_TIME = "pbt/epoch"
@@ -116,8 +117,31 @@ def _checkpoint_epoch(checkpoint) -> int:
         return int(json.loads((Path(directory) / "metrics.json").read_text()).get("epoch", 0))
 
 
-def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
-    """Run (or resume) the sweep on the connected Ray cluster; returns the best trial's summary."""
+def check_sweep_data(cfg: Config) -> None:
+    """Fail, before Ray or any trial starts, when the data every trial would train on is not there:
+    data.root and the splits the config reads (the training split; with Ray Data ingest the
+    validation split too), loaded as a trial's driver loads them. Raises FileNotFoundError or
+    ValueError with the reason."""
+    from imgcls_core.data import load_dataset
+
+    cfg = resolve_config_paths(Config.from_dict(cfg.to_dict()))
+    if is_uri(cfg.data.root):
+        return  # remote data: each trial's driver checks what it can read
+    if cfg.data.format != "digits" and not Path(cfg.data.root).is_dir():
+        raise FileNotFoundError(f"data.root {cfg.data.root} does not exist, so every trial would fail; prepare the "
+                                f"data (python -m jobs.prepare) or set data.root")
+    if resolve_ingest(cfg) == "ray_data" and not (Path(cfg.data.root) / cfg.data.val_split).is_dir():
+        raise ValueError(f"ray.ingest=ray_data needs a validation split in the shards "
+                         f"({cfg.data.root}/{cfg.data.val_split}); give the source a {cfg.data.val_split}/ folder "
+                         f"before converting, or use ray.ingest=dataloader")
+    load_dataset(cfg.data)  # digits are written here once, as a trial would
+
+
+def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, Any]:
+    """Run (or resume) the sweep on the connected Ray cluster; returns the best trial's summary.
+
+    The search space and the data are checked before any trial starts (``check_data=False``:
+    the caller did). Once the sweep's MLflow run started, any error ends it FAILED."""
     import ray
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -128,6 +152,9 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
     cfg = resolve_config_paths(cfg)
     space = load_space(cfg.tune.space, cfg)  # fails here, before any trial, on a bad space
     mutations = space.mutations(cfg.tune.pbt_mutate) if cfg.tune.scheduler == "pbt" else {}
+    param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
+    if check_data:
+        check_sweep_data(cfg)
     sweep = cfg.tune.name or f"{cfg.ray.name or Path(cfg.train.output_dir).name}-sweep"
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,77 +162,81 @@ def run_sweep(cfg: Config, *, log=print) -> dict[str, Any]:
 
     parent = Tracker(cfg.tracking, log=log).start(run_key=f"sweep:{cfg.ray.storage_path}/{sweep}", run_name=sweep,
                                                   tags={"imgcls.job": "tune"})
-    parent.log_params({"sweep.name": sweep, "sweep.space": cfg.tune.space, "sweep.scheduler": cfg.tune.scheduler,
-                       "sweep.search": cfg.tune.search, "sweep.num_samples": cfg.tune.num_samples,
-                       "sweep.metric": cfg.tune.metric, "sweep.epochs": cfg.train.epochs,
-                       **_scheduler_params(cfg), **space.params()})
-    for file in space.files:
-        parent.log_artifact(file, "space")
+    try:
+        parent.log_params({"sweep.name": sweep, "sweep.space": cfg.tune.space, "sweep.scheduler": cfg.tune.scheduler,
+                           "sweep.search": cfg.tune.search, "sweep.num_samples": cfg.tune.num_samples,
+                           "sweep.metric": cfg.tune.metric, "sweep.epochs": cfg.train.epochs,
+                           **_scheduler_params(cfg), **space.params()})
+        for file in space.files:
+            parent.log_artifact(file, "space")
 
-    param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
-    cluster, ingest = ray.cluster_resources(), resolve_ingest(cfg)
-    concurrency = concurrent_trials(cfg, cluster, ingest)
-    # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
-    cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, trial_cpus=TRIAL_DRIVER_CPU, log=log)
-    settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
-                "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
-                "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
-                "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
-    log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
-        f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time")
-    # The trial function only drives its TorchTrainer, which reserves the workers' resources itself.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), {"CPU": TRIAL_DRIVER_CPU})
-    path = f"{cfg.ray.storage_path}/{sweep}"
-    started = time.perf_counter()
-    if tune.Tuner.can_restore(path):
-        log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
-                                        # (an explicit search_alg ignores max_concurrent_trials: give it its own)
-                                        search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                                         max_concurrent=concurrency)
-                                        if cfg.tune.seed is not None else None,
-                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
-                                        reuse_actors=False),
-            run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-        )
-    results = tuner.fit()
-    seconds = time.perf_counter() - started
+        cluster, ingest = ray.cluster_resources(), resolve_ingest(cfg)
+        concurrency = concurrent_trials(cfg, cluster, ingest)
+        # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
+        cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, trial_cpus=TRIAL_DRIVER_CPU, log=log)
+        settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
+                    "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
+                    "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
+                    "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
+        log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
+            f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time")
+        # The trial function only drives its TorchTrainer, which reserves the workers' resources itself.
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), {"CPU": TRIAL_DRIVER_CPU})
+        path = f"{cfg.ray.storage_path}/{sweep}"
+        started = time.perf_counter()
+        if tune.Tuner.can_restore(path):
+            log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
+                                            # (an explicit search_alg ignores max_concurrent_trials: give it its own)
+                                            search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                                             max_concurrent=concurrency)
+                                            if cfg.tune.seed is not None else None,
+                                            num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                                            reuse_actors=False),
+                run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            )
+        results = tuner.fit()
+        seconds = time.perf_counter() - started
 
-    table = results.get_dataframe()
-    table.to_csv(out / "sweep_results.csv", index=False)
-    best = _best_result(results, cfg, out / "trials")
-    best_sample = {k: plain(v) for k, v in best.config.items()}
-    best_trial = _trial_dir(out / "trials", best).name
-    best_cfg = apply_sample(Config.from_dict(cfg.to_dict()), best_sample)
-    (out / "best_config.yaml").write_text(best_cfg.to_yaml())
-    histories = {Path(r.path).name: r.metrics_dataframe for r in results if r.metrics_dataframe is not None}
-    plot = _plot_sweep(histories, table, cfg.tune.metric, list(space.dists), out / "sweep_curves.png")
-    for file in (out / "sweep_results.csv", out / "best_config.yaml", plot):
-        parent.log_artifact(file)
-    epochs_run = int(sum(_epochs(r) for r in results))
-    exploits = int(sum(r.metrics_dataframe.get("pbt/exploited", 0).sum() for r in results
-                       if r.metrics_dataframe is not None and "pbt/exploited" in r.metrics_dataframe))
-    best_value = best.metrics.get(cfg.tune.metric)
-    parent.log_metrics({f"best/{cfg.tune.metric}": best_value or 0.0, "trials": len(results),
-                        "errored_trials": results.num_errors, "epochs_run": epochs_run, "pbt_exploits": exploits,
-                        "sweep_seconds": seconds}, step=0)
-    summary = {"sweep": sweep, "trials": len(results), "errors": results.num_errors, "epochs_run": epochs_run,
-               "epochs_without_stopping": len(results) * cfg.train.epochs, "pbt_exploits": exploits,
-               "seconds": round(seconds, 1), "best_metric": best_value, "best_sample": best_sample,
-               "best_trial": best_trial, "best_output_dir": str(out / "trials" / best_trial),
-               "best_config": str(out / "best_config.yaml"), "parent_run_id": parent.run_id,
-               "results": str(out / "sweep_results.csv")}
-    (out / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    parent.log_artifact(out / "sweep_summary.json")
-    parent.close(status="FINISHED" if results.num_errors == 0 else "FAILED")
-    log(f"sweep {sweep}: {len(results)} trial(s), {results.num_errors} failed, {epochs_run} epochs in "
-        f"{seconds:.0f} s; best {cfg.tune.metric} {best_value} ({summary['best_trial']})")
-    return summary
+        table = results.get_dataframe()
+        table.to_csv(out / "sweep_results.csv", index=False)
+        best = _best_result(results, cfg, out / "trials")
+        best_sample = {k: plain(v) for k, v in best.config.items()}
+        best_trial = _trial_dir(out / "trials", best).name
+        best_cfg = apply_sample(cfg, best_sample)
+        (out / "best_config.yaml").write_text(best_cfg.to_yaml())
+        histories = {Path(r.path).name: r.metrics_dataframe for r in results if r.metrics_dataframe is not None}
+        plot = _plot_sweep(histories, table, cfg.tune.metric, list(space.dists), out / "sweep_curves.png")
+        for file in (out / "sweep_results.csv", out / "best_config.yaml", plot):
+            parent.log_artifact(file)
+        epochs_run = int(sum(_epochs(r) for r in results))
+        exploits = int(sum(r.metrics_dataframe.get("pbt/exploited", 0).sum() for r in results
+                           if r.metrics_dataframe is not None and "pbt/exploited" in r.metrics_dataframe))
+        best_value = best.metrics.get(cfg.tune.metric)
+        parent.log_metrics({f"best/{cfg.tune.metric}": best_value or 0.0, "trials": len(results),
+                            "errored_trials": results.num_errors, "epochs_run": epochs_run, "pbt_exploits": exploits,
+                            "sweep_seconds": seconds}, step=0)
+        summary = {"sweep": sweep, "trials": len(results), "errors": results.num_errors, "epochs_run": epochs_run,
+                   "epochs_without_stopping": len(results) * cfg.train.epochs, "pbt_exploits": exploits,
+                   "seconds": round(seconds, 1), "best_metric": best_value, "best_sample": best_sample,
+                   "best_trial": best_trial, "best_output_dir": str(out / "trials" / best_trial),
+                   "best_config": str(out / "best_config.yaml"), "parent_run_id": parent.run_id,
+                   "results": str(out / "sweep_results.csv")}
+        (out / "sweep_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        parent.log_artifact(out / "sweep_summary.json")
+        parent.close(status="FINISHED" if results.num_errors == 0 else "FAILED")
+        log(f"sweep {sweep}: {len(results)} trial(s), {results.num_errors} failed, {epochs_run} epochs in "
+            f"{seconds:.0f} s; best {cfg.tune.metric} {best_value} ({summary['best_trial']})")
+        return summary
+    except BaseException as exc:
+        # Whatever ends the sweep early ends its MLflow run too, rather than leaving it RUNNING.
+        parent.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def _scheduler(cfg: Config, mutations: dict[str, Any]):
@@ -332,26 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tune_spaces import SpaceError
-
     args, cfg, done = job_config(build_parser(), argv)
     if done is not None:
         return done
-    try:
+
+    def body() -> int:
         from tune_spaces import load_space
 
-        load_space(cfg.tune.space, cfg)  # a bad space fails before Ray starts
-    except SpaceError as exc:
-        print(f"error: bad search space: {exc}", file=sys.stderr)
-        return 2
-    init_ray(args.address)
-    try:
-        summary = run_sweep(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=1, default=str))
-    return 0 if summary["errors"] == 0 else 1
+        load_space(cfg.tune.space, cfg)  # a bad space (exit 2) and missing data (exit 1) fail before Ray starts
+        check_sweep_data(cfg)
+        init_ray(args.address)
+        summary = run_sweep(cfg, check_data=False)
+        print(json.dumps(summary, indent=1, default=str))
+        return 0 if summary["errors"] == 0 else 1  # a trial that errored fails the sweep
+
+    return run_main(body, what="sweep", tracking_uri=cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ it, so a bad space fails before any trial starts, naming the key.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from imgcls_core.config import Config, ConfigError
+from imgcls_core.config import Config, ConfigError, set_dotted
 
 SPACES_DIR = Path(__file__).resolve().parent
 LISTS = ("choice", "grid")
@@ -85,13 +86,20 @@ class SearchSpace:
 
 def apply_sample(base: Config, sample: dict[str, Any]) -> Config:
     """The base config with a trial's sampled values (dotted keys) applied and validated."""
-    data = base.to_dict()
+    return Config.from_dict(apply_sample_dict(base.to_dict(), sample))
+
+
+def apply_sample_dict(data: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` (a config in its dict form, as a sweep passes it to its trials) with
+    ``sample``'s dotted keys set, numpy scalars as Python numbers; ``data`` is not changed.
+
+    Not validated: a trial adds its own keys (output folder, run name) to the sample and parses
+    the result once with ``Config.from_dict``. An unknown key raises ConfigError naming it.
+    """
+    out = copy.deepcopy(data)
     for key, value in sample.items():
-        section, _, name = key.partition(".")
-        if section not in data or name not in data[section]:
-            raise ConfigError(f"unknown config key {key!r}")
-        data[section][name] = plain(value)
-    return Config.from_dict(data)
+        set_dotted(out, key, plain(value))
+    return out
 
 
 def clip(sample: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from imgcls_core.data.shards import (
     write_shards,
 )
 from imgcls_core.data.sources import (
+    UnsafePickleError,
     build_weighted_sampler,
     class_weights,
     load_dataset,
@@ -33,6 +34,7 @@ __all__ = [
     "ImageTooLargeError",
     "SkippedImageWarning",
     "SplitRecords",
+    "UnsafePickleError",
     "build_weighted_sampler",
     "class_weights",
     "compute_mean_std",

@@ -278,12 +278,20 @@ class SplitRecords:
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        """Record ``index`` as a uint8 ``3 x H x W`` RGB tensor."""
+        """Record ``index`` as a uint8 ``3 x H x W`` RGB tensor.
+
+        Raises :class:`CorruptImageError` naming the record when it does not decode or, for a
+        file on disk, when the file cannot be read."""
         if self.arrays is not None:
             return torch.from_numpy(self.arrays[index].copy())
         if self.images is not None:
             return decode_image(self.images[index], name=self.paths[index])
-        return decode_image(self.paths[index])
+        path = self.paths[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:  # removed, unreadable, an I/O error: the file is lost to this run
+            raise CorruptImageError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        return decode_image(data, name=path)
 
     def dataset(self, transform: Transform | None = None) -> RecordDataset:
         """A map-style Dataset of ``(transform(uint8 CHW image), label)``; picklable."""
@@ -326,29 +334,48 @@ class SkippedImageWarning(UserWarning):
 class RecordDataset(Dataset):
     """``(transform(image), label)`` pairs over :class:`SplitRecords`.
 
-    A record that does not decode (:class:`CorruptImageError`) is skipped, not fatal: its
-    place is taken by the next record that decodes (index + 1, + 2, ... wrapping around),
-    with that record's label. The length, every batch size and the number of steps per
-    epoch stay as planned, so samplers, ``drop_last``, the LR schedule and mid-epoch
-    resume are unaffected. Each skipped file is warned about once (SkippedImageWarning,
-    naming it) and counted in :attr:`skipped` (``{index: reason}``, this process only: a
-    DataLoader worker counts in its own copy) and is not decoded again. After
+    A record that does not decode (:class:`CorruptImageError`; for a file on disk, also one
+    that can no longer be read) is skipped, not fatal: its place is taken by the next record
+    that decodes (index + 1, + 2, ... wrapping around), with that record's label. The length,
+    every batch size and the number of steps per epoch stay as planned, so samplers,
+    ``drop_last``, the LR schedule and mid-epoch resume are unaffected. After
     ``MAX_SUBSTITUTES`` corrupt records in a row it raises: the split is broken, not noisy.
+
+    Each skipped file is warned about (SkippedImageWarning, naming it) and not decoded again.
+    Two counts: :attr:`skipped` (``{index: reason}``) holds what this process skipped; a
+    DataLoader worker fills its own copy, which the main process never sees.
+    :attr:`skipped_count` counts the distinct records skipped by this dataset *and* every
+    DataLoader worker copy of it (forked or spawned), read from one flag per record in shared
+    memory; the flags also keep later epochs' fresh workers from decoding and warning again.
+    A copy made with ``pickle`` or ``copy`` counts on its own.
     """
 
     def __init__(self, records: SplitRecords, transform: Transform | None = None):
         self.records = records
         self.transform = transform
         self.skipped: dict[int, str] = {}
+        flags = torch.zeros(len(records), dtype=torch.bool)
+        try:
+            flags.share_memory_()  # inherited by forked workers, passed by handle to spawned ones
+        except RuntimeError:  # no shared memory here: skipped_count then covers this process only
+            pass
+        self._skipped_flags = flags
+        self._flags_view: np.ndarray | None = None  # numpy view of the flags: cheaper to index
+
+    @property
+    def skipped_count(self) -> int:
+        """Distinct records skipped so far by this dataset and its DataLoader workers."""
+        return int(self._skipped_flags.sum())
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.records)
+        flags = self._flags()
         for k in range(min(n, MAX_SUBSTITUTES + 1)):
             i = (index + k) % n
-            if i in self.skipped:
+            if i in self.skipped or flags[i]:
                 continue
             try:
                 image = self.records.load(i)
@@ -364,9 +391,20 @@ class RecordDataset(Dataset):
             f"decode; check the data (python -m jobs.prepare lists and drops corrupt files)"
         )
 
+    def _flags(self) -> np.ndarray:
+        if self._flags_view is None:
+            self._flags_view = self._skipped_flags.numpy()
+        return self._flags_view
+
     def _skip(self, index: int, exc: CorruptImageError) -> None:
         self.skipped[index] = str(exc)
+        self._flags()[index] = True
         warnings.warn(f"skipping a corrupt image: {exc}", SkippedImageWarning, stacklevel=3)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_flags_view"] = None  # a numpy array would travel as a private copy of the flags
+        return state
 
 
 @dataclass

@@ -58,6 +58,7 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
         train, val, test = _load_parquet(root, cfg)
     else:
         train, val, test = _load_imagefolder(root, cfg)
+    _check_classes(root, cfg, train, {cfg.val_split: val, cfg.test_split: test})
     if val is None:
         if not 0.0 < cfg.val_fraction < 1.0:
             raise ValueError(
@@ -73,6 +74,34 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
                 f"the {name} split of {root} has no images (expected {_LAYOUTS[cfg.format]})"
             )
     return DatasetSplits(train, val, test, list(train.classes))
+
+
+def _check_classes(
+    root: Path, cfg: DataConfig, train: SplitRecords, others: dict[str, SplitRecords | None]
+) -> None:
+    """Refuse a training split of fewer than two classes (a classifier would learn to answer
+    the one class and report 100% accuracy) and val/test images of classes that train has
+    none of (they can never be predicted right)."""
+    counts = train.class_counts()
+    present = [c for c, n in zip(train.classes, counts) if n]
+    where = root / cfg.train_split if cfg.format in ("imagefolder", "digits", "parquet") else root
+    if len(present) < 2:
+        found = f"only class {present[0]!r}" if present else "no labelled images"
+        raise ValueError(
+            f"the training split in {where} has {found} ({len(train)} images); a classifier "
+            f"needs images of at least 2 classes (expected {_LAYOUTS[cfg.format]})"
+        )
+    for split, records in others.items():
+        if records is None:
+            continue
+        unseen = [c for c, n, t in zip(records.classes, records.class_counts(), counts) if n and not t]
+        if unseen:
+            shown = ", ".join(repr(c) for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+            raise ValueError(
+                f"the {split} split of {root} has images of {len(unseen)} class(es) that the "
+                f"training split in {where} has none of: {shown}; a model trained on it can "
+                "never predict them. Add training images of these classes or remove them"
+            )
 
 
 def stratified_split(
@@ -229,14 +258,18 @@ def _load_cifar(root: Path, fmt: str) -> tuple[SplitRecords, SplitRecords | None
         raise FileNotFoundError(
             f"{folder} is missing {missing}; data.format={fmt} expects {_LAYOUTS[fmt]}"
         )
-    classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+    names = _unpickle(folder / meta_file, names_key)[names_key]
+    classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in names]
 
     def records(files: list[str], split: str) -> SplitRecords:
         arrays, labels = [], []
         for name in files:
-            batch = _unpickle(folder / name)
-            arrays.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(int(label) for label in batch[label_key])
+            batch = _unpickle(folder / name, "data", label_key)
+            try:
+                arrays.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(label) for label in batch[label_key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{folder / name}: not a CIFAR python batch: {exc}") from None
         data = np.concatenate(arrays)
         paths = [f"{fmt}/{split}/{i}" for i in range(len(labels))]
         return SplitRecords(classes, labels, paths, arrays=data)
@@ -245,7 +278,78 @@ def _load_cifar(root: Path, fmt: str) -> tuple[SplitRecords, SplitRecords | None
     return records(train_files, "train"), test
 
 
-def _unpickle(path: Path) -> dict:
-    with path.open("rb") as fh:
-        raw = pickle.load(fh, encoding="latin1")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+def _unpickle(path: Path, *keys: str) -> dict:
+    """A CIFAR python batch holding ``keys``, read with :class:`_BatchUnpickler` (no code from
+    the file runs); its keys as text."""
+    try:
+        with path.open("rb") as fh:
+            raw = _BatchUnpickler(fh, encoding="latin1").load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(
+            f"{path}: refusing to load: {exc}. A CIFAR batch holds only lists, numbers, text and "
+            "numpy arrays; this file is not one, or has been tampered with"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{path}: not a readable CIFAR python batch ({type(exc).__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch: it holds a {type(raw).__name__}, not a dict")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"{path}: not a CIFAR python batch: no {missing} (it holds {sorted(map(str, batch))})")
+    return batch
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asks for a function or class that loading a data batch never needs."""
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What a protocol 0-2 pickle written by Python 3 calls to rebuild ``bytes``
+    (``_codecs.encode(text, "latin1")``), and nothing else ``_codecs.encode`` could do."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise UnsafePickleError(f"_codecs.encode with {type(text).__name__} and {encoding!r}")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args) -> np.dtype:
+    """numpy.dtype, refusing object dtypes (their arrays hold arbitrary pickled objects)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise UnsafePickleError(f"a numpy array of Python objects (dtype {dtype})")
+    return dtype
+
+
+def _numpy_picklers() -> dict[tuple[str, str], object]:
+    """The globals numpy arrays, dtypes and scalars pickle through, under the module names of
+    numpy 1 (``numpy.core``: the real CIFAR files, pickled by Python 2) and numpy 2 (``numpy._core``)."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray, numeric
+    found: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype}
+    for package in ("numpy.core", "numpy._core"):
+        found[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct  # protocols 0-4
+        found[(f"{package}.multiarray", "scalar")] = multiarray.scalar  # a numpy number
+        found[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return found
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, str, bytes, numbers and numpy arrays, nothing else.
+
+    ``pickle.load`` calls whatever function a file names (``os.system`` included) while it
+    loads: a downloaded "CIFAR batch" could run any code. Here every global a pickle asks for
+    must be one of the numpy constructors a real batch uses (``numpy.core.multiarray
+    ._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``), their numpy 2 and protocol 5
+    counterparts, or ``_codecs.encode`` for latin-1 (Python 3's protocol 2 ``bytes``); any other
+    raises :class:`UnsafePickleError` before anything is called.
+    """
+
+    ALLOWED = {**_numpy_picklers(), ("_codecs", "encode"): _latin1_bytes}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"the pickle calls {module}.{name}") from None

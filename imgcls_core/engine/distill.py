@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls_core.engine.checkpoint import Preprocessing
+from imgcls_core.data.preprocessing import Preprocessing
 
 REGISTRY_SCHEME = "models:/"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")

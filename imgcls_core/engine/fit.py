@@ -1,24 +1,25 @@
 """The epoch driver shared by the local runner and the Ray Train worker.
 
-``fit`` trains, validates and checkpoints; what happens to each epoch's
-metrics and checkpoint directory is the caller's ``report(metrics, ckpt_dir)``:
-the local runner moves the directory into ``<output_dir>/checkpoints``, a Ray
-job passes it to ``ray.train.report``. ``fit`` deletes whatever is left of the
-directory after ``report`` returns.
+``fit`` trains, validates and decides when a checkpoint is due; what happens to
+each epoch's metrics and checkpoint is the caller's ``report(metrics, write)``.
+``write(directory)`` writes the checkpoint into a folder of the caller's
+choosing (rank 0 only; ``None`` when no checkpoint is due or on other ranks):
+the run session (imgcls_core.engine.session) stages it beside its final place
+locally, or in a folder a Ray job hands to ``ray.train.report``.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from imgcls_core.engine.checkpoint import Preprocessing, save_checkpoint
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.engine.checkpoint import save_checkpoint
 from imgcls_core.engine.loop import Batch, Engine
 
-Report = Callable[[dict[str, float], Path | None], None]
+WriteCheckpoint = Callable[[Path], None]
+Report = Callable[[dict[str, float], WriteCheckpoint | None], None]
 StepCallback = Callable[[dict[str, float]], None]
 
 
@@ -57,12 +58,11 @@ def fit(
         if engine.rank != 0:
             report(metrics, None)
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f"imgcls-ckpt-{engine.epoch:04d}-"))
-        try:
-            save_checkpoint(tmp, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
-            report(metrics, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(directory: Path) -> None:
+            save_checkpoint(directory, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
+
+        report(metrics, write)
 
     def step_hook(step_metrics: dict[str, float]) -> None:
         if on_step is not None:

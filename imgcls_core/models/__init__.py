@@ -13,7 +13,7 @@ after each ``model.train()`` so frozen BatchNorm layers keep their statistics.
 """
 
 from imgcls_core.models import cnn, resnet  # noqa: F401 - importing registers the models
-from imgcls_core.models.registry import (
+from imgcls_core.models.catalog import (
     build_model,
     create_model,
     list_models,

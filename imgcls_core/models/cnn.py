@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imgcls_core.models.registry import register_model
+from imgcls_core.models.catalog import register_model
 from imgcls_core.models.resnet import scale_channels
 
 BLOCK_CHANNELS = (32, 64, 128)

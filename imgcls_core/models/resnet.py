@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from imgcls_core.models.registry import register_model
+from imgcls_core.models.catalog import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
 

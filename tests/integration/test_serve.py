@@ -482,6 +482,8 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
                   headers=AUTH)
     print("soak:", json.dumps({k: v for k, v in result.items() if k not in ("windows", "replica_rss_mb")}))
     assert result["errors"] == {}, result["errors"]
+    # 2xx answers that arrived during the soak, per second: the load was served, not only sent.
+    assert result["answered"] == result["sent"] > 0, result
     assert result["achieved_rate"] >= 0.9 * result["target_rate"], result
     assert result["p99_drift"] is not None, result["windows"]
     assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500, result["windows"]

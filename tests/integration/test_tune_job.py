@@ -153,13 +153,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     finished = next(trials.glob("*/train_summary.json")).parent
+    packaged = (finished / "train_summary.json").stat().st_mtime_ns
     time.sleep(2)  # let Ray notice the driver is gone and release its trials' resources
 
     cfg = load_config(None, args)
     summary = run_sweep(cfg)
     assert summary["trials"] == 2 and summary["errors"] == 0, summary
-    # The finished trial was not trained again: its log holds one run of its one epoch.
-    assert (finished / "train.log").read_text().count("epoch 1/1 ") == 1
+    # The finished trial was not run again. A re-run would resume from the trial's last checkpoint
+    # with nothing left to train (no second "epoch 1/1" line), so look for what any start leaves:
+    # each start of its workers logs the model line, a resumed one "resuming from epoch", and a
+    # run that reaches the end packages the model again (train_summary.json).
+    log_text = (finished / "train.log").read_text()
+    assert log_text.count("epoch 1/1 ") == 1, log_text
+    assert log_text.count(" model=") == 1 and "resuming from epoch" not in log_text, log_text
+    assert len((finished / "history.jsonl").read_text().splitlines()) == 1
+    assert (finished / "train_summary.json").stat().st_mtime_ns == packaged, "the finished trial was packaged again"
     summaries = [json.loads(p.read_text()) for p in trials.glob("*/train_summary.json")]
     assert len(summaries) == 2
 

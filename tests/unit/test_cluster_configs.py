@@ -223,12 +223,98 @@ def test_every_container_requests_resources_and_keeps_token_auth(manifests):
                     assert mount["name"] in volumes, f"{where}: mounts undeclared volume {mount['name']}"
 
 
-def test_no_secret_is_written_into_a_manifest(manifests):
-    for name, docs in manifests.items():
-        for doc in docs:
-            assert doc["kind"] != "Secret", f"{name}: Secrets are created with kubectl, never committed"
-    text = "\n".join(p.read_text() for p in KUBERAY.glob("*.yaml"))
-    assert not re.search(r"(?i)(token|password)\s*:\s*['\"]?[A-Za-z0-9+/=_-]{16,}", text)
+# Names of variables that hold secrets; a manifest gives them `valueFrom: {secretKeyRef: ...}`.
+SECRET_NAME = re.compile(r"(?i)(token|passw(or)?d|secret|credential|api_?key|access_?key|private_?key)")
+LONG_SECRET = re.compile(r"(?i)(token|password)\s*:\s*['\"]?[A-Za-z0-9+/=_-]{16,}")
+URL_CREDENTIALS = re.compile(r"://[^/\s:@'\"]+:[^/\s@'\"]+@")  # scheme://user:password@host
+EMBEDDED_YAML = ("serveConfigV2", "runtimeEnvYAML")  # YAML documents held in a string field
+
+
+def secrets_in(folder: Path) -> list[str]:
+    """Where the manifests in ``folder`` write a secret out: a Secret object, a secret-named
+    env entry with a literal ``value`` (a k8s container's env, or a Ray runtime_env's env_vars,
+    also inside serveConfigV2), a long token or password, or a password in a URL."""
+    found = []
+    for path in sorted(folder.glob("*.yaml")):
+        text = path.read_text()
+        for doc in yaml.safe_load_all(text):
+            if not isinstance(doc, dict):
+                continue
+            if doc.get("kind") == "Secret":
+                found.append(f"{path.name}: a Secret (create it with kubectl, never commit it)")
+            found += [f"{path.name}: {where}" for where in _literal_secrets(doc, doc.get("kind", "?"))]
+        found += [f"{path.name}: {m.group(0)[:24]}..." for m in LONG_SECRET.finditer(text)]
+        found += [f"{path.name}: a password in the URL {m.group(0)}" for m in URL_CREDENTIALS.finditer(text)]
+    return found
+
+
+def _literal_secrets(node, where: str):
+    if isinstance(node, dict):
+        name = node.get("name")
+        if isinstance(name, str) and SECRET_NAME.search(name) and node.get("value") not in (None, ""):
+            yield f"{where}: env {name} has a literal value (use valueFrom.secretKeyRef)"
+        for key, value in node.items():
+            if key == "env_vars" and isinstance(value, dict):
+                yield from (f"{where}.env_vars: {var} has a literal value" for var, v in value.items()
+                            if SECRET_NAME.search(str(var)) and v not in (None, ""))
+            if key in EMBEDDED_YAML and isinstance(value, str):
+                value = yaml.safe_load(value)
+            yield from _literal_secrets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _literal_secrets(item, f"{where}[{i}]")
+
+
+def test_no_secret_is_written_into_a_manifest():
+    assert secrets_in(KUBERAY) == []
+
+
+@pytest.mark.parametrize(
+    ("planted", "finding"),
+    [
+        ("- name: MLFLOW_TRACKING_TOKEN\n  value: abc123", "env MLFLOW_TRACKING_TOKEN has a literal value"),
+        ("- {name: DB_PASSWORD, value: 'hunter2'}", "env DB_PASSWORD has a literal value"),
+        ("- {name: MLFLOW_TRACKING_URI, value: 'https://me:hunter2@mlflow:5000'}",
+         "a password in the URL ://me:hunter2@"),
+        ("- name: RAY_AUTH_TOKEN\n  value: 0123456789abcdef0123", "env RAY_AUTH_TOKEN has a literal value"),
+    ],
+    ids=["value", "flow-style", "url", "long-token"],
+)
+def test_the_secret_check_finds_a_planted_secret(tmp_path, planted, finding):
+    """The check above on a copy of the manifests with one secret planted in a container's env."""
+    import textwrap
+
+    for path in KUBERAY.glob("*.yaml"):
+        (tmp_path / path.name).write_text(path.read_text())
+    head = textwrap.dedent("""\
+        apiVersion: ray.io/v1
+        kind: RayCluster
+        metadata: {name: planted}
+        spec:
+          headGroupSpec:
+            template:
+              spec:
+                containers:
+                  - name: ray-head
+                    env:
+        """)
+    allowed = "- name: MLFLOW_TRACKING_TOKEN\n  valueFrom: {secretKeyRef: {name: mlflow-token, key: token}}"
+    (tmp_path / "planted.yaml").write_text(head + textwrap.indent(allowed, " " * 14) + "\n")
+    assert secrets_in(tmp_path) == []  # a secretKeyRef is how a secret gets in
+    (tmp_path / "planted.yaml").write_text(head + textwrap.indent(planted, " " * 14) + "\n")
+    findings = secrets_in(tmp_path)
+    assert any(finding in line for line in findings), findings
+
+
+def test_the_secret_check_looks_into_runtime_env_vars_of_a_serve_config(tmp_path):
+    service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    serve_config["applications"][0].setdefault("runtime_env", {})["env_vars"] = {"IMGCLS_SERVE_TOKEN": "abc123"}
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(serve_config)
+    (tmp_path / "rayservice.yaml").write_text(yaml.safe_dump(service))
+    assert secrets_in(tmp_path) == [
+        "rayservice.yaml: RayService.spec.serveConfigV2.applications[0].runtime_env.env_vars: "
+        "IMGCLS_SERVE_TOKEN has a literal value"]
 
 
 def test_one_image_everywhere_built_by_the_dockerfile(manifests, image_workdir):

@@ -1,6 +1,8 @@
 import pytest
 
-from imgcls_core.config import Config, ConfigError, apply_override, load_config
+from dataclasses import dataclass, field
+
+from imgcls_core.config import Config, ConfigError, apply_override, load_config, set_dotted
 
 
 def test_defaults_build_and_round_trip_through_a_dict():
@@ -67,6 +69,146 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
+
+
+def _unreadable(tmp_path, monkeypatch):
+    """A file the process may not read (as root, chmod 000 does not stop a read: it is simulated)."""
+    import os
+    from pathlib import Path
+
+    path = tmp_path / "secret.yaml"
+    path.write_text("optim:\n  lr: 0.2\n")
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return path
+
+
+# name -> (what to put there, the message expected)
+UNUSABLE_FILES = {
+    "missing": (None, "does not exist"),
+    "directory": ("dir", "is a directory, not a file"),
+    "no-permission": ("unreadable", "cannot be read: Permission denied"),
+    "bad-yaml": (b"optim:\n  lr: [0.1\ntrain: {epochs: 3\n", r"not valid YAML: expected ',' or ']', but got ':' \(line 3, column 6\)"),
+    "tab": (b"optim:\n\tlr: 0.1\n", r"is not valid YAML: found character '\\t' .*\(line 2, column 1\)"),
+    "python-tag": (b"!!python/object/apply:os.system [echo hi]\n", "is not valid YAML: could not determine"),
+    "control-char": (b"optim:\n  lr: \x00\n", r"is not valid YAML: .*\(character 13\)"),
+    "list": (b"- optim\n- train\n", "must hold a mapping of sections, got list"),
+    "scalar": (b"just text\n", "must hold a mapping of sections, got str"),
+    "latin1": (b"optim:\n  name: \xe9t\xe9\n", r"is not UTF-8 text \(byte 0xe9 at offset 15\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE_FILES))
+def test_an_unusable_config_file_is_one_config_error_line_naming_it(tmp_path, monkeypatch, case):
+    content, message = UNUSABLE_FILES[case]
+    if content is None:
+        path = tmp_path / "missing.yaml"
+    elif content == "dir":
+        path = tmp_path
+    elif content == "unreadable":
+        path = _unreadable(tmp_path, monkeypatch)
+    else:
+        path = _write(tmp_path, content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert text.startswith(f"config file {path} ") and "\n" not in text, text
+    error = caught.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), "a chained traceback"
+
+
+def test_a_job_reports_an_unusable_config_file_in_one_line(tmp_path, capsys):
+    import argparse
+
+    from jobs.common import config_from_args
+
+    assert config_from_args(argparse.Namespace(config=str(tmp_path), overrides=[])) is None
+    assert capsys.readouterr().err == f"error: bad config: config file {tmp_path} is a directory, not a file\n"
+
+
+def test_an_empty_file_means_the_defaults_and_numeric_keys_are_named(tmp_path):
+    assert load_config(_write(tmp_path, b"# nothing set\n")) == Config()
+    with pytest.raises(ConfigError, match=r"unknown config key '1'.*allowed keys: data, augment"):
+        load_config(_write(tmp_path, b"1: x\noptim: {}\n"))
+
+
+def _write(tmp_path, data: bytes):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    return path
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+def test_set_dotted_sets_checks_and_creates_sections():
+    data = {"optim": {"lr": 0.1}, "train": None}  # a section left empty in a YAML file is None
+    set_dotted(data, "optim.name", "adamw")
+    set_dotted(data, "train.epochs", 3)
+    set_dotted(data, "serve.top_k", 2)
+    assert data == {"optim": {"lr": 0.1, "name": "adamw"}, "train": {"epochs": 3}, "serve": {"top_k": 2}}
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer' \(did you mean 'optim'\?\); "
+                                          r"allowed keys: data, augment, model, optim"):
+        set_dotted(data, "optimizer.lr", 0.1)
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean 'lr'\?\); "
+                                          r"allowed keys in optim: name, lr,"):
+        set_dotted(data, "optim.lrr", 0.1)
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.xyz'; allowed keys in optim"):
+        set_dotted(data, "optim.xyz", 0.1)  # no close match: no suggestion
+    with pytest.raises(ConfigError, match=r"config key 'optim.lr.max': 'optim.lr' is a value, not a section"):
+        set_dotted(data, "optim.lr.max", 0.1)
+    with pytest.raises(ConfigError, match=r"config key 'optim..lr' must look like section.key"):
+        set_dotted(data, "optim..lr", 0.1)
+    with pytest.raises(ConfigError, match=r"optim: expected a mapping, got 3"):
+        set_dotted({"optim": 3}, "optim.lr", 0.1)
+    assert data["optim"] == {"lr": 0.1, "name": "adamw"}  # failed calls change nothing
+
+
+@dataclass
+class _Leaf:
+    size: int = 1
+
+
+@dataclass
+class _Branch:
+    leaf: _Leaf = field(default_factory=_Leaf)
+    name: str = "b"
+
+
+@dataclass
+class _Root:
+    branch: _Branch = field(default_factory=_Branch)
+
+
+def test_set_dotted_walks_sections_of_any_depth():
+    data: dict = {}
+    set_dotted(data, "branch.leaf.size", 4, schema=_Root)
+    set_dotted(data, "branch.name", "x", schema=_Root)
+    assert data == {"branch": {"leaf": {"size": 4}, "name": "x"}}
+    with pytest.raises(ConfigError, match=r"unknown config key 'branch.leaf.sise' \(did you mean 'size'\?\); "
+                                          r"allowed keys in branch.leaf: size"):
+        set_dotted(data, "branch.leaf.sise", 4, schema=_Root)
+    with pytest.raises(ConfigError, match=r"'branch.name' is a value, not a section"):
+        set_dotted(data, "branch.name.first", "x", schema=_Root)
+
+
+def test_overrides_and_tune_samples_share_the_dotted_key_errors():
+    from tune_spaces import apply_sample
+
+    with pytest.raises(ConfigError) as override:
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError) as sample:
+        apply_sample(Config(), {"optim.lrr": 0.1})
+    assert str(override.value) == str(sample.value)
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in str(sample.value)
 
 
 def test_shipped_configs_load():

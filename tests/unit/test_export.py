@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from imgcls_core.config import ModelConfig
-from imgcls_core.engine.checkpoint import Preprocessing, save_inference_model
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.engine.checkpoint import save_inference_model
 from imgcls_core.export import (ExportError, OnnxModule, check_parity, export_model, export_onnx, load_eager,
                                 load_torchscript, onnx_preprocessing)
 from imgcls_core.models import build_model

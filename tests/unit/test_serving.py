@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from imgcls_core.config import ModelConfig
-from imgcls_core.engine.checkpoint import Preprocessing
+from imgcls_core.data.preprocessing import Preprocessing
 from imgcls_core.models import build_model
 from imgcls_core.predict import Predictor
 from imgcls_core.serving import BatchStats, RequestError, ServedModel, decode_upload, resolve_device

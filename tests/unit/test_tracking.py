@@ -77,3 +77,28 @@ def test_metrics_that_fail_are_retried_then_reported_lost(tmp_path):
     tracker.log_metrics({"loss": 0.5}, step=3)
     lost = tracker.close()
     assert "metrics of steps [3]" in lost
+
+
+def test_training_outputs_register_the_model_once_asked(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from imgcls_core.config import load_config
+    from imgcls_core.engine.checkpoint import Preprocessing, save_inference_model
+    from imgcls_core.models import build_model
+    from imgcls_core.registry import Registry
+    from imgcls_core.tracking import log_training_outputs
+
+    cfg = load_config(None, ["model.name=cnn3", "model.width=0.25"])
+    pre = Preprocessing(32, [0.5] * 3, [0.25] * 3, 1.0, [str(i) for i in range(10)])
+    model = save_inference_model(tmp_path / "model.pt", build_model(cfg.model, 10, 32).state_dict(),
+                                 cfg.to_dict()["model"], pre)
+    lines: list[str] = []
+    tracker = Tracker(sqlite_cfg(tmp_path), log=lines.append).start(run_key="r")
+    info = log_training_outputs(tracker, metrics={"test/acc1": 0.5}, step=1, files={"model": model},
+                                register_as="digits")
+    tracker.close()
+    assert str(info.registered_model_version) == "1" and "MLflow: registered the model as 'digits' v1" in lines
+    uri = sqlite_cfg(tmp_path).tracking_uri
+    version = MlflowClient(uri).get_model_version("digits", "1")
+    assert version.run_id == tracker.run_id  # jobs.promote finds it by its run
+    assert Registry(uri, "digits").version_for_run(tracker.run_id).version == version.version

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from imgcls_core.config import Config, load_config
-from tune_spaces import SpaceError, apply_sample, load_space
+from imgcls_core.config import ConfigError
+from tune_spaces import SpaceError, apply_sample, apply_sample_dict, load_space
 
 
 @pytest.mark.parametrize("name", ["lr_schedules", "augmentation", "default"])
@@ -56,6 +59,32 @@ def test_ray_param_space_and_sample_application(tmp_path):
 
     cfg = apply_sample(Config(), {"optim.lr": np.float64(0.05), "optim.name": "adamw"})
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float) and cfg.optim.name == "adamw"
+
+
+def test_a_sample_applies_to_the_sweeps_config_dict_for_one_parse(monkeypatch):
+    """A trial adds its sample and its own keys to the sweep's config dict, then parses it once."""
+    import numpy as np
+
+    import imgcls_core.config as config_module
+
+    sweep = load_config(None, ["train.epochs=3"]).to_dict()
+    before = copy.deepcopy(sweep)
+    data = apply_sample_dict(sweep, {"optim.lr": np.float32(0.25), "augment.strength": np.float64(0.5),
+                                     "train.output_dir": "/runs/t0", "tracking.run_name": "t0"})
+    assert sweep == before  # the sweep's dict is shared by every trial: it is copied, not changed
+    assert type(data["optim"]["lr"]) is float and data["augment"]["strength"] == 0.5
+    validations = []
+    monkeypatch.setattr(config_module, "validate", lambda cfg: validations.append(cfg))
+    cfg = Config.from_dict(data)
+    assert len(validations) == 1
+    monkeypatch.undo()
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.train.output_dir, cfg.tracking.run_name) == (0.25, 3, "/runs/t0", "t0")
+    with pytest.raises(ConfigError, match=r"unknown config key 'augment.strenght' \(did you mean 'strength'\?\)"):
+        apply_sample_dict(sweep, {"augment.strenght": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown config key 'augmentation' \(did you mean 'augment'\?\)"):
+        apply_sample(Config(), {"augmentation.strength": 0.5})
+    with pytest.raises(ConfigError, match=r"augment.strength: 1.5 is out of range"):
+        apply_sample(Config(), {"augment.strength": 1.5})  # the Config form validates
 
 
 def test_tune_job_refuses_a_bad_space_before_starting_ray(tmp_path, capsys):

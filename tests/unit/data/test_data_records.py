@@ -8,6 +8,7 @@ import re
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +313,80 @@ def test_a_split_of_corrupt_records_is_an_error_not_an_endless_search():
         warnings.simplefilter("ignore", SkippedImageWarning)
         with pytest.raises(CorruptImageError, match=r"9 records in a row from index 2 \(img/2"):
             records.dataset()[2]
+
+
+def _crop(image: torch.Tensor) -> torch.Tensor:
+    """The images of make_image_folder differ in size; a module-level function pickles for spawn."""
+    return image[:, :8, :6].float()
+
+
+def _corrupt_image_folder(image_folder):
+    """An ImageFolder (read from disk every epoch, not Parquet) with three bad train files."""
+    from imgcls_core.config import DataConfig
+    from imgcls_core.data import load_dataset
+
+    root = image_folder({"train": {"a": 8, "b": 8}, "val": {"a": 2, "b": 2}})
+    bad = {
+        root / "train" / "a" / "train_002.png": b"",  # empty
+        root / "train" / "b" / "train_003.jpg": b"\xff\xd8\xff\xe0 not really a JPEG",
+        root / "train" / "b" / "train_004.png": encode(random_rgb(np.random.default_rng(1)), "PNG")[:60],
+    }
+    for path, data in bad.items():
+        assert path.is_file()
+        path.write_bytes(data)
+    splits = load_dataset(DataConfig(format="imagefolder", root=str(root)))
+    return splits.train, {splits.train.paths.index(str(path)) for path in bad}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_files_in_an_image_folder_do_not_stop_training_and_are_counted(image_folder, num_workers):
+    """Two epochs through a real DataLoader, as the runner builds it: every batch full, and the
+    main process knows how many files were skipped even when DataLoader workers skipped them."""
+    records, bad = _corrupt_image_folder(image_folder)
+    dataset = records.dataset(_crop)
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=num_workers, drop_last=False,
+                        generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedImageWarning)
+        for epoch in range(2):
+            sizes = [len(labels) for _, labels in loader]
+            assert sizes == [4, 4, 4, 4], f"epoch {epoch}: {sizes}"
+            assert dataset.skipped_count == 3, f"epoch {epoch}"
+    warned = [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
+    if num_workers == 0:
+        assert sorted(dataset.skipped) == sorted(bad)
+        assert sorted(warned) == sorted(f"skipping a corrupt image: {dataset.skipped[i]}" for i in bad)
+        assert all(records.paths[i] in dataset.skipped[i] for i in bad)
+    else:
+        assert dataset.skipped == {} and warned == []  # workers warn on their own stderr, in their copies
+
+
+def test_workers_started_with_spawn_count_their_skips_too(image_folder):
+    records, bad = _corrupt_image_folder(image_folder)
+    dataset = records.dataset(_crop)
+    loader = DataLoader(dataset, batch_size=16, num_workers=1, multiprocessing_context="spawn")
+    (images, labels), = list(loader)
+    assert len(labels) == 16 and dataset.skipped_count == len(bad) == 3
+
+
+def test_a_file_removed_during_training_is_skipped_not_fatal(image_folder):
+    records, _ = _corrupt_image_folder(image_folder)
+    Path(records.paths[5]).unlink()  # after the split was listed
+    dataset = records.dataset(_crop)
+    with pytest.warns(SkippedImageWarning, match=rf"{re.escape(records.paths[5])}: cannot be read: No such file"):
+        image, label = dataset[5]
+    assert torch.equal(image, _crop(records.load(6))) and label == records.labels[6]
+    assert dataset.skipped_count == 1 and list(dataset.skipped) == [5]
+
+
+def test_copies_of_a_dataset_count_on_their_own():
+    records = _with_corrupt({4: b""})
+    dataset = records.dataset()
+    clone = pickle.loads(pickle.dumps(dataset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        clone[4]
+    assert (clone.skipped_count, dataset.skipped_count) == (1, 0)
 
 
 def test_split_records_from_arrays_and_paths(tmp_path, rgb):

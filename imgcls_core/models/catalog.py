@@ -1,4 +1,5 @@
-"""Model registry and factory: models are built by name, never imported directly.
+"""The architecture catalog: models are built by name, never imported directly (the MLflow model
+registry is imgcls_core.registry).
 
 A model is a function ``fn(num_classes, **options) -> nn.Module`` decorated
 with :func:`register_model`; its name is the function's name (timm's seam)::

@@ -8,7 +8,7 @@ from torch import nn
 
 from imgcls_core.config import ModelConfig
 from imgcls_core.models import build_model, create_model, list_models, model_options, register_model
-from imgcls_core.models.registry import _MODELS
+from imgcls_core.models.catalog import _MODELS
 
 NUM_CLASSES = 7
 

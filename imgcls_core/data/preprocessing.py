@@ -1,0 +1,47 @@
+"""How a model's input is made from an image: size, normalization, eval crop, class names.
+
+:class:`Preprocessing` is decided once per run (from the config and the training split) and
+travels with the weights in every checkpoint and ``model.pt``, so the server, the offline
+predictor and the exports preprocess exactly as training evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from imgcls_core.config import Config
+from imgcls_core.data.records import DatasetSplits, SplitRecords
+from imgcls_core.data.stats import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
+
+
+@dataclass
+class Preprocessing:
+    """What a server needs to turn image bytes into this model's input; travels with the weights."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    crop_ratio: float
+    classes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(**data)
+
+
+def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
+    """ImageNet statistics for pretrained backbones, else statistics of the training split."""
+    mode = cfg.data.normalization
+    if mode == "imagenet" or (mode == "auto" and cfg.model.pretrained):
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return compute_mean_std(train, cfg.data.image_size, seed=cfg.data.seed)
+
+
+def build_preprocessing(cfg: Config, splits: DatasetSplits) -> Preprocessing:
+    """How this run turns images into model input (input size, mean/std, eval crop, class names)."""
+    mean, std = resolve_normalization(cfg, splits.train)
+    return Preprocessing(cfg.data.image_size, mean, std, cfg.augment.eval_crop_ratio, list(splits.classes))

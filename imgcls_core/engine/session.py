@@ -1,0 +1,293 @@
+"""One training run's lifecycle, owned in one place.
+
+A :class:`TrainingSession` takes a built engine and the run's data and does
+everything a run is made of: resuming from a checkpoint, the epochs (through
+:func:`imgcls_core.engine.fit.fit`), the epoch line, ``history.jsonl``, MLflow
+metrics, checkpoint commits, the EMA-or-raw choice, the final model
+(``model.pt``), the test evaluation and its artifacts, the MLflow model and
+``train_summary.json``. Whatever is added to a run is added here once.
+
+Where it runs is the host's business (:class:`RunHost`). The local runner
+(imgcls_core.runner) commits checkpoints into ``<output_dir>/checkpoints``; a
+Ray Train worker (jobs.train_worker) hands them to ``ray.train.report``. Only
+rank 0 writes files and logs to MLflow; every rank trains and evaluates (the
+metrics are all-reduced).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch.utils.data import DataLoader
+
+from imgcls_core.config import Config
+from imgcls_core.data.preprocessing import Preprocessing
+from imgcls_core.data.records import SplitRecords
+from imgcls_core.engine.checkpoint import check_same_model, save_inference_model
+from imgcls_core.engine.fit import StepCallback, WriteCheckpoint, fit
+from imgcls_core.engine.loop import Batch, Engine
+from imgcls_core.evaluation import (
+    EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
+)
+from imgcls_core.tracking import SUMMARY_FILE, RegistrationError, Tracker, log_training_outputs
+
+HISTORY_FILE = "history.jsonl"
+
+
+class RunHost(Protocol):
+    """What a session needs from where it runs."""
+
+    rank: int
+
+    def save(self, metrics: dict[str, float], write: WriteCheckpoint | None) -> None:
+        """Report an epoch's (or a mid-epoch point's) metrics, with a checkpoint when ``write`` is
+        given: ``write(folder)`` writes it into a folder the host then commits."""
+
+    def log(self, message: str) -> None:
+        """A line for the user (rank 0's is shown; others may drop it)."""
+
+
+@dataclass
+class RunData:
+    """The batches a session trains and evaluates on.
+
+    ``train``/``val`` are re-iterable or factories (``train(epoch)``, ``val()``), as ``fit`` takes
+    them. ``test`` builds the test split's loader on demand (rank 0 only, after training); ``None``
+    when the data set has no test split. ``datasets`` are the Dataset objects whose ``skipped_count``
+    counts the corrupt images passed over (Ray Data's decode tasks drop and print their own)."""
+
+    train: Callable[[int], Iterable[Batch]] | Iterable[Batch]
+    val: Callable[[], Iterable[Batch]] | Iterable[Batch]
+    test: Callable[[], DataLoader] | None = None
+    test_records: SplitRecords | None = None
+    datasets: list[Any] = field(default_factory=list)
+
+    def val_batches(self) -> Iterable[Batch]:
+        return self.val() if callable(self.val) else self.val
+
+    def skipped_images(self) -> int:
+        """Corrupt records passed over, counted across this process and its DataLoader workers."""
+        return sum(int(getattr(ds, "skipped_count", 0)) for ds in self.datasets)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    history: list[dict[str, float]]
+    test: EvalReport | None
+    val: EvalReport | None
+    used_ema: bool
+    seconds: float
+    resumed_from: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    summary: dict = field(default_factory=dict)  # train_summary.json (empty until every epoch ran)
+
+
+class TrainingSession:
+    """A run from its first (or resumed) epoch to its summary; see the module docstring."""
+
+    def __init__(self, cfg: Config, pre: Preprocessing, engine: Engine, data: RunData, host: RunHost, *,
+                 job: str, register_as: str | None = None):
+        self.cfg, self.pre, self.engine, self.data, self.host = cfg, pre, engine, data, host
+        self.job, self.register_as = job, register_as
+        self.out = Path(cfg.train.output_dir)
+        self.resumed_from = 0
+        self.checkpoint_run_id: str | None = None  # the MLflow run a resumed checkpoint belongs to
+        params = sum(p.numel() for p in engine.model.parameters())
+        self.log(f"model={cfg.model.name} params={params:,} {engine.describe()}")
+
+    @property
+    def is_writer(self) -> bool:
+        return self.host.rank == 0
+
+    def log(self, message: str) -> None:
+        self.host.log(message)
+
+    # ------------------------------------------------------------------ starting point
+
+    def resume(self, state: dict[str, Any] | None, where: str | Path | None) -> int:
+        """Continue from a checkpoint of this run (``None``: start at epoch 0); the epoch reached."""
+        if state is None:
+            return 0
+        check_same_model(state, self.cfg.to_dict(), str(where))
+        self.engine.load_state_dict(state)
+        self.checkpoint_run_id = state.get("extra", {}).get("mlflow_run_id")
+        self.resumed_from = self.engine.epoch
+        e = self.engine
+        self.log(f"resuming from epoch {e.epoch}" + (f", step {e.epoch_step} of epoch {e.epoch + 1}" if e.epoch_step
+                                                      else "") + f" (checkpoint {where})")
+        if self.is_writer:
+            self._trim_history(e.epoch)
+        return e.epoch
+
+    def adopt(self, state: dict[str, Any], where: str | Path) -> None:
+        """Start from another run's checkpoint (e.g. PBT's exploit): its weights and epoch, this
+        run's hyperparameters and MLflow run."""
+        check_same_model(state, self.cfg.to_dict(), str(where))
+        self.engine.adopt_state(state)
+        self.log(f"starting from epoch {self.engine.epoch} of {where} with lr={self.cfg.optim.lr:.4g} "
+                 f"augment.strength={self.cfg.augment.strength:.3g}")
+
+    def _trim_history(self, epoch: int) -> None:
+        """Drop history lines past the resumed epoch: a crash after an epoch's line was written but
+        before its checkpoint was committed re-runs that epoch, and it must be listed once."""
+        rows = read_history(self.out)
+        kept = [row for row in rows if int(row.get("epoch", 0)) <= epoch]
+        if len(kept) != len(rows):
+            (self.out / HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, tracker: Tracker, *, stop_after: int | None = None,
+            on_step: StepCallback | None = None) -> RunResult:
+        """Train the remaining epochs, then (once every epoch ran) package and evaluate the model.
+
+        ``tracker`` is this run's MLflow run on rank 0 (inactive elsewhere or with tracking off); the
+        session ends it: KILLED when ``stop_after`` stopped the run early (the next run with this
+        output_dir resumes it), FINISHED after packaging."""
+        start = time.perf_counter()
+        cfg, engine = self.cfg, self.engine
+        if engine.epoch >= cfg.train.epochs:
+            self.log(f"run already finished all {cfg.train.epochs} epochs; evaluating its model again")
+        history = fit(engine, self.data.train, self.data.val, self.pre, self._reporter(tracker), stop_after=stop_after,
+                      on_step=on_step, extra={"mlflow_run_id": tracker.run_id or self.checkpoint_run_id})
+        if engine.epoch < cfg.train.epochs:
+            self.log(f"stopped after epoch {engine.epoch} of {cfg.train.epochs}; run again with the same "
+                     f"train.output_dir (and ray.name) to resume")
+            tracker.close(status="KILLED")
+            return RunResult(self.out, history, None, None, False, time.perf_counter() - start, self.resumed_from,
+                             mlflow_run_id=tracker.run_id)
+        return self._finish(tracker, history, start)
+
+    def _reporter(self, tracker: Tracker):
+        epochs = self.cfg.train.epochs
+
+        def report(metrics: dict[str, float], write: WriteCheckpoint | None) -> None:
+            if metrics.get("mid_epoch"):
+                self.host.save(metrics, write)
+                self.log(f"mid-epoch checkpoint: epoch {int(metrics['epoch']) + 1}, step {int(metrics['epoch_step'])}")
+                return
+            if self.is_writer:
+                tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+                with (self.out / HISTORY_FILE).open("a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+            self.host.save(metrics, write)
+            self.log(epoch_line(metrics, epochs))
+
+        return report
+
+    def _finish(self, tracker: Tracker, history: list[dict[str, float]], start: float) -> RunResult:
+        """Every rank: the final validation (raw and EMA weights; the better one is the model).
+        Rank 0: model.pt, test evaluation and artifacts, the MLflow model, train_summary.json."""
+        engine, pre = self.engine, self.pre
+        val = engine.evaluate(self.data.val_batches(), pre.classes)
+        used_ema = False
+        if engine.ema is not None:
+            ema_val = engine.evaluate(self.data.val_batches(), pre.classes, use_ema=True)
+            used_ema = ema_val.acc1 >= val.acc1  # whichever generalizes better on val
+            val = ema_val if used_ema else val
+        result = RunResult(self.out, history, None, val, used_ema, 0.0, self.resumed_from,
+                           mlflow_run_id=tracker.run_id)
+        if not self.is_writer:
+            tracker.close()
+            result.seconds = time.perf_counter() - start
+            return result
+
+        final = engine.inference_model(prefer_ema=used_ema)
+        files = result.files
+        files["model"] = save_inference_model(self.out / "model.pt", final.state_dict(), self.cfg.to_dict()["model"],
+                                              pre, val.metrics("val/"))
+        if self.data.test is not None:
+            result.test = evaluate_to_files(final, self.data.test(), self.data.test_records, engine.runtime.device,
+                                            pre, self.out, files)
+            self.log(result.test.summary())
+        # Corrupt images are skipped, named in a SkippedImageWarning each, and counted here
+        # (DataLoader workers included; Ray Data's decode tasks print theirs in the task logs).
+        skipped = self.data.skipped_images()
+        if skipped:
+            self.log(f"skipped {skipped} corrupt image(s) (named in the warnings above)")
+        if rows := read_history(self.out):
+            files["curves"] = plot_learning_curves(rows, self.out / "learning_curves.png")
+        result.seconds = time.perf_counter() - start
+        result.summary = self._summarize(tracker, result, skipped)
+        test = result.test
+        self.log(f"done: val top-1 {val.acc1:.4f}" + (f", test top-1 {test.acc1:.4f} (n={test.n})" if test else "")
+                 + f" in {result.seconds:.1f}s; model {files['model']}"
+                 + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
+        return result
+
+    def _summarize(self, tracker: Tracker, result: RunResult, skipped: int) -> dict:
+        """Log the outcome to MLflow (once: a finished run that is only evaluated again does not log
+        its model again), end the MLflow run and write train_summary.json."""
+        summary_file = self.out / SUMMARY_FILE
+        earlier = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        logged_before = earlier.get("model_uri") and earlier.get("mlflow_run_id") == tracker.run_id
+        test = result.test
+        info, failure = None, None
+        if (tracker.active and (result.history or not logged_before)) or (self.register_as and not tracker.active):
+            metrics = {**result.val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {}),
+                       "data/skipped_images": float(skipped)}
+            try:
+                info = log_training_outputs(tracker, metrics=metrics, step=self.engine.epoch, files=result.files,
+                                            register_as=self.register_as,
+                                            extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
+            except RegistrationError as exc:
+                failure = exc  # the summary is still written (registered_version: null), then the run fails
+        summary = {
+            "job": self.job, "mlflow_run_id": tracker.run_id or earlier.get("mlflow_run_id"),
+            "epochs": self.engine.epoch, "resumed_from": result.resumed_from, "used_ema": result.used_ema,
+            "val_acc1": result.val.acc1, "test_acc1": test.acc1 if test is not None else None,
+            "skipped_images": skipped, "model_file": str(result.files["model"]),
+            "model_uri": info.model_uri if info is not None else earlier.get("model_uri"),
+            "registered_version": (getattr(info, "registered_model_version", None) if info is not None
+                                   else earlier.get("registered_version")),
+            "seconds": result.seconds,
+        }
+        if failure is not None:
+            summary["registration_error"] = str(failure)
+        tracker.close()
+        tmp = summary_file.with_name(summary_file.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(summary_file)
+        if failure is not None:
+            raise failure
+        return summary
+
+
+def read_history(out: Path) -> list[dict[str, float]]:
+    """The per-epoch metrics a run wrote to ``<output_dir>/history.jsonl``."""
+    path = Path(out) / HISTORY_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport:
+    """Evaluate on a held-out split and write test_metrics.json, test_report.txt,
+    confusion_matrix.png and predictions.csv into ``out`` (paths recorded in ``files``)."""
+    preds = predict(model, loader, device)
+    report = compute_metrics(preds.logits, preds.labels, pre.classes)
+    files["test_metrics"] = out / "test_metrics.json"
+    files["test_metrics"].write_text(json.dumps(report.to_dict(), indent=1))
+    files["test_report"] = out / "test_report.txt"
+    files["test_report"].write_text(report.summary() + "\n")
+    files["confusion"] = plot_confusion_matrix(report.confusion, pre.classes, out / "confusion_matrix.png")
+    files["predictions"] = out / "predictions.csv"
+    write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes,
+                      paths=records.paths if records is not None else None)
+    return report
+
+
+def epoch_line(m: dict[str, float], epochs: int) -> str:
+    """The line printed after each epoch."""
+    ema = f"  val_ema/acc1 {m['val_ema/acc1']:.4f}" if "val_ema/acc1" in m else ""
+    return (
+        f"epoch {int(m['epoch'])}/{epochs}  train/loss {m['train/loss']:.4f}  train/acc1 {m['train/acc1']:.4f}  "
+        f"val/loss {m['val/loss']:.4f}  val/acc1 {m['val/acc1']:.4f}{ema}  lr {m['lr']:.4g}  "
+        f"{m['train/images_per_s']:.0f} img/s  {m['train/epoch_s']:.1f}s"
+    )

@@ -1,0 +1,118 @@
+"""The run lifecycle (imgcls_core.engine.session) on real digits: one owner, any host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from imgcls_core.engine.session import HISTORY_FILE, read_history
+from imgcls_core.runner import SUMMARY_FILE, train_and_evaluate
+
+
+class RecordingHost:
+    """A host that keeps what the session hands it (as a Ray worker would pass it on)."""
+
+    def __init__(self, rank: int = 0):
+        self.rank, self.lines, self.reports = rank, [], []
+
+    def save(self, metrics, write):
+        self.reports.append((dict(metrics), write is not None))
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def _session(cfg, host):
+    from imgcls_core.data import load_dataset
+    from imgcls_core.data.loaders import build_loaders
+    from imgcls_core.data.preprocessing import build_preprocessing
+    from imgcls_core.engine import Engine, setup_runtime
+    from imgcls_core.engine.session import RunData, TrainingSession
+    from imgcls_core.models import build_model
+
+    splits = load_dataset(cfg.data)
+    pre = build_preprocessing(cfg, splits)
+    loaders = build_loaders(cfg, splits, pre, which=("train", "val"))  # no test split asked for: none built
+    assert set(loaders) == {"train", "val"}
+    engine = Engine(cfg, build_model(cfg.model, len(pre.classes), cfg.data.image_size), setup_runtime(cfg.train),
+                    len(loaders["train"]), rank=host.rank)  # world_size 1: nothing to all-reduce
+    data = RunData(train=loaders["train"], val=loaders["val"])
+    return TrainingSession(cfg, pre, engine, data, host, job="test")
+
+
+def test_a_non_writing_rank_trains_and_reports_but_writes_nothing(tiny_config, tmp_path):
+    from imgcls_core.tracking import Tracker
+
+    cfg = tiny_config("train.epochs=2", f"train.output_dir={tmp_path / 'rank1'}")
+    host = RecordingHost(rank=1)
+    result = _session(cfg, host).run(Tracker(cfg.tracking))
+    assert [int(m["epoch"]) for m, _ in host.reports] == [1, 2]
+    assert not any(has_checkpoint for _, has_checkpoint in host.reports)  # rank 0 alone writes checkpoints
+    assert result.val is not None and result.summary == {} and result.files == {}
+    assert not (tmp_path / "rank1").exists() or not any((tmp_path / "rank1").iterdir())
+
+
+def test_rank_zero_writes_the_same_files_as_the_local_runner(tiny_config, tmp_path):
+    from imgcls_core.tracking import Tracker
+
+    cfg = tiny_config("train.epochs=2", "train.ema_decay=0.9", f"train.output_dir={tmp_path / 'rank0'}")
+    host = RecordingHost(rank=0)
+    (tmp_path / "rank0").mkdir()
+    result = _session(cfg, host).run(Tracker(cfg.tracking))
+    assert [has_checkpoint for _, has_checkpoint in host.reports] == [True, True]
+    assert [int(row["epoch"]) for row in read_history(tmp_path / "rank0")] == [1, 2]
+    summary = json.loads((tmp_path / "rank0" / SUMMARY_FILE).read_text())
+    assert summary["job"] == "test" and summary["epochs"] == 2 and summary["skipped_images"] == 0
+    assert summary["used_ema"] == result.used_ema and summary["test_acc1"] is None  # no test split asked for
+    # The epoch line is one definition: the EMA's figure is in it wherever the run is hosted.
+    assert sum("val_ema/acc1" in line for line in host.lines) == 2
+
+
+def test_resume_drops_history_lines_of_epochs_that_were_not_checkpointed(tiny_config):
+    cfg = tiny_config("train.epochs=2")
+    train_and_evaluate(cfg, log=lambda _: None, stop_after=1)
+    out = tiny_config().train.output_dir
+    history = f"{out}/{HISTORY_FILE}"
+    rows = read_history(out)
+    # A crash after epoch 2's line was written but before its checkpoint was committed:
+    with open(history, "a") as fh:
+        fh.write(json.dumps({**rows[0], "epoch": 2}) + "\n")
+    result = train_and_evaluate(cfg, log=lambda _: None)
+    assert result.resumed_from == 1
+    assert [int(row["epoch"]) for row in read_history(out)] == [1, 2]
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_at_once(tiny_config):
+    from imgcls_core.engine.rundir import OutputDirInUse
+
+    out = tiny_config().train.output_dir
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from imgcls_core.engine.rundir import lock_output_dir\n"
+         f"lock = lock_output_dir({out!r}).__enter__(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(OutputDirInUse, match=f"{out} is in use by another run .*pid {holder.pid}"):
+            train_and_evaluate(tiny_config("train.epochs=1"), log=lambda _: None)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train_and_evaluate(tiny_config("train.epochs=1"), log=lambda _: None)  # the OS freed the lock
+    assert result.summary["epochs"] == 1
+
+
+def test_weighted_sampler_is_refused_under_ray_train_with_the_alternative(tmp_path):
+    from imgcls_core.config import load_config
+    from jobs.train import plan_training
+
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.balance=weighted_sampler"])
+    with pytest.raises(ValueError, match="weighted_sampler is not available under Ray Train.*weighted_loss"):
+        plan_training(cfg, log=lambda _: None)
