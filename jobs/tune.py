@@ -80,6 +80,11 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     trial = ray.tune.get_context().get_trial_name()
     cfg = trial_config(sweep, clip(config, sweep["bounds"]), trial)
     run_key = f"{sweep['storage']}/{sweep['name']}/{trial}"  # one MLflow child run per trial, across restarts
+    if (last := finished_trial_metrics(cfg)) is not None:
+        # It finished, but the sweep's driver died before Tune recorded that: report its last
+        # epoch again rather than start its workers (nothing is left to train).
+        ray.tune.report(last)
+        return
     if sweep["scheduler"] != "pbt":
         plan = plan_training(cfg, log=lambda m: None, run_key=run_key)
         start_tracking(plan, parent_run_id=sweep["parent_run_id"])
@@ -110,6 +115,19 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if metrics["epoch"] >= cfg.train.epochs:
             return
         start, exploited = None, 0  # the Train run resumes from its own checkpoint from here on
+
+
+def finished_trial_metrics(cfg: Config) -> dict[str, float] | None:
+    """The last epoch's metrics of a trial whose run already finished every epoch (its
+    train_summary.json says so), else None."""
+    from imgcls_core.engine.session import read_history
+
+    out = Path(cfg.train.output_dir)
+    summary = out / SUMMARY_FILE
+    if not summary.is_file() or json.loads(summary.read_text()).get("epochs", 0) < cfg.train.epochs:
+        return None
+    rows = read_history(out)
+    return {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))} if rows else None
 
 
 def _checkpoint_epoch(checkpoint) -> int:
