@@ -217,8 +217,9 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
                   init_checkpoint=None):
     """The TorchTrainer of a plan. ``init_checkpoint`` (a ray.train.Checkpoint, e.g. the one Tune's
     PBT hands a trial) is where the workers start when the run has no checkpoint of its own: they
-    take its weights under this plan's hyperparameters. ``register_as`` defaults to
-    ``tracking.register_as``."""
+    take its weights under this plan's hyperparameters. ``register_as``: the registered model name
+    for the final model (jobs.train passes ``--register`` or ``tracking.register_as``; a sweep's
+    trials register nothing: jobs.promote registers the one it promotes)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -229,7 +230,7 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
     loop_config = {
         "config": cfg.to_dict(), "preprocessing": plan.preprocessing, "ingest": plan.ingest,
         "num_train": plan.num_train, "mlflow_run_id": plan.mlflow_run_id, "run_key": plan.run_key,
-        "stop_after": stop_after, "register_as": register_as or cfg.tracking.register_as,
+        "stop_after": stop_after, "register_as": register_as,
         "inject_kill": inject_kill, "init_checkpoint": init_checkpoint, "teacher": plan.teacher,
         "job": "distill" if plan.teacher else "train",
     }
