@@ -38,3 +38,36 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **result}, indent=1))
     print(f"results: {path}")
     return path
+
+
+def start_local_ray(cpus: int) -> None:
+    """A fresh local Ray instance with ``cpus`` logical CPUs and its dashboard, for the sweep
+    benchmarks. The dashboard serves the state API that Ray Train's placement-group cleaner asks,
+    from the workers, before it frees the workers of a trial a scheduler stopped;
+    RAY_API_SERVER_ADDRESS points it at this instance rather than at whichever
+    /tmp/ray/ray_current_cluster names."""
+    import ray
+
+    from bench.serve_throughput import free_port
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    dashboard = free_port()
+    ray.init(address="local", num_cpus=cpus, configure_logging=False, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=dashboard,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+
+
+def sweep_overrides(root: Path, out: Path, name: str, *, epochs: int, samples: int, scheduler: str,
+                    seed: int = 0) -> list[str]:
+    """A seeded random search over tune_spaces/lr_schedules.yaml with a small CNN on the digits,
+    one worker per trial: the sweep benchmarks' common config."""
+    return [
+        "data.format=imagefolder", f"data.root={root}", "data.batch_size=32",
+        "model.name=cnn3", "model.width=0.5", "augment.strength=0",
+        f"train.epochs={epochs}", "train.log_every=1000", "train.seed=0",
+        f"train.output_dir={out}", f"ray.storage_path={out.parent / 'results'}",
+        f"ray.name={name}", "ray.num_workers=1", "ray.ingest=dataloader",
+        "tune.space=lr_schedules", f"tune.num_samples={samples}", f"tune.scheduler={scheduler}",
+        "tune.grace_period=1", "tune.reduction_factor=2", f"tune.seed={seed}",
+    ]

@@ -138,6 +138,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           lambda r: {"epochs trained, ASHA / FIFO (x)": r["ratios"]["epochs_asha_over_fifo"],
                      "best val top-1, ASHA / FIFO (x)": r["ratios"]["best_acc_asha_over_fifo"],
                      "wall time, ASHA / FIFO (x)": r["ratios"]["seconds_asha_over_fifo"]}, minutes=9),
+    Bench("trial_startup", "sweeps", "per-trial start-up: one-worker trials in the trial's process vs on a TorchTrainer",
+          ("--trials", "4", "--rounds", "3"), ("--trials", "2", "--rounds", "1"),
+          lambda r: {"per-trial start-up, in the trial (s)": r["medians"]["in_trial"]["startup_s"],
+                     "per-trial start-up, TorchTrainer (s)": r["medians"]["torch_trainer"]["startup_s"],
+                     "wall per trial, TorchTrainer / in the trial (x)":
+                         r["ratios"]["per_trial_wall_torch_trainer_over_in_trial"]}, minutes=6),
     Bench("serve_throughput", "inference service",
           "Ray Serve app (batching) vs a naive one-image FastAPI server vs in-process forward, ResNet-18 1/4 width",
           ("--seconds", "8"), ("--seconds", "2", "--concurrency", "1", "8"), _serve, minutes=3),

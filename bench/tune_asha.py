@@ -3,8 +3,8 @@
     python -m bench.tune_asha [--samples 8] [--epochs 4] [--seed 0]
 
 Both sweeps draw the same trials (the same seeded random search over
-tune_spaces/lr_schedules.yaml) and train each with jobs.train's TorchTrainer
-(1 worker, a small CNN). Prints the epochs each sweep trained, the best
+tune_spaces/lr_schedules.yaml) and train each as jobs.tune does (a small CNN,
+one worker, in the trial's own process). Prints the epochs each sweep trained, the best
 validation top-1 each reached and the wall time, and the ratios ASHA/FIFO:
 how much compute ASHA saves and what it costs in accuracy.
 """
@@ -12,12 +12,11 @@ how much compute ASHA saves and what it costs in accuracy.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import save
+from bench.common import save, start_local_ray, sweep_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,31 +35,14 @@ def main(argv: list[str] | None = None) -> dict:
     from imgcls_core.data import materialize_digits
     from jobs.tune import run_sweep
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-tune-"))
     root = materialize_digits(tmp / "digits")
-    # The dashboard serves the state API that Ray Train's placement-group cleaner asks, from the
-    # workers, before it frees the workers of a trial ASHA stopped; RAY_API_SERVER_ADDRESS points it
-    # at this instance rather than at whichever /tmp/ray/ray_current_cluster names.
-    from bench.serve_throughput import free_port
-
-    dashboard = free_port()
-    ray.init(address="local", num_cpus=args.cpus, configure_logging=False, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+    start_local_ray(args.cpus)
     results = {}
     try:
         for scheduler in (args.first, "fifo" if args.first == "asha" else "asha"):
-            cfg = load_config(None, [
-                "data.format=imagefolder", f"data.root={root}", "data.batch_size=32",
-                "model.name=cnn3", "model.width=0.5", "augment.strength=0",
-                f"train.epochs={args.epochs}", "train.log_every=1000", "train.seed=0",
-                f"train.output_dir={tmp / scheduler}", f"ray.storage_path={tmp / 'results'}",
-                f"ray.name={scheduler}", "ray.num_workers=1", "ray.ingest=dataloader",
-                "tune.space=lr_schedules", f"tune.num_samples={args.samples}", f"tune.scheduler={scheduler}",
-                "tune.grace_period=1", "tune.reduction_factor=2", f"tune.seed={args.seed}",
-            ])
+            cfg = load_config(None, sweep_overrides(root, tmp / scheduler, scheduler, epochs=args.epochs,
+                                                    samples=args.samples, scheduler=scheduler, seed=args.seed))
             started = time.perf_counter()
             summary = run_sweep(cfg, log=lambda m: print(f"[{scheduler}] {m}", flush=True))
             results[scheduler] = {"epochs": summary["epochs_run"], "best_val_acc1": summary["best_metric"],

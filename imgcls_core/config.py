@@ -198,6 +198,9 @@ class TuneConfig:
     quantile_fraction: float = 0.25  # PBT: the bottom fraction copies the top fraction's checkpoints
     pbt_synch: bool = False  # PBT: wait for every trial at each perturbation point (deterministic, slower)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
+    # One-worker ASHA/FIFO trials train in the trial's own process (no worker group to start);
+    # false: every trial on its own TorchTrainer, as multi-worker and PBT trials always are.
+    in_trial: bool = True
     seed: int | None = None  # seeds the random search: the same seed draws the same trials
     name: str | None = None  # sweep name under ray.storage_path; None = "<ray.name>-sweep"
 

@@ -29,18 +29,18 @@ from tqdm.auto import tqdm
 from imgcls_core.config import Config
 from imgcls_core.data import DatasetSplits, class_weights, load_dataset
 from imgcls_core.data.loaders import build_loaders
-from imgcls_core.data.preprocessing import build_preprocessing
+from imgcls_core.data.preprocessing import Preprocessing, build_preprocessing
 from imgcls_core.data.presets import build_batch_mix
 from imgcls_core.engine.checkpoint import CheckpointDir
 from imgcls_core.engine.fit import WriteCheckpoint
 from imgcls_core.engine.loop import Engine
 from imgcls_core.engine.rundir import lock_output_dir
 from imgcls_core.engine.runtime import setup_runtime
-from imgcls_core.engine.session import RunData, RunResult, TrainingSession
+from imgcls_core.engine.session import RunData, RunHost, RunResult, TrainingSession
 from imgcls_core.models import build_model
 from imgcls_core.tracking import SUMMARY_FILE, Tracker, log_training_inputs
 
-__all__ = ["SUMMARY_FILE", "RunResult", "train_and_evaluate"]
+__all__ = ["SUMMARY_FILE", "RunResult", "build_session", "train_and_evaluate"]
 
 Log = Callable[[str], None]
 
@@ -62,25 +62,13 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     """Train (resuming from ``output_dir`` when there is a checkpoint), then evaluate on test."""
     out = Path(cfg.train.output_dir)
     with lock_output_dir(out):
-        runtime = setup_runtime(cfg.train)
-        splits = load_dataset(cfg.data)
-        log(splits.summary())
-        pre = build_preprocessing(cfg, splits)
-        loaders = build_loaders(cfg, splits, pre)
-        num_classes = len(splits.classes)
-        model = build_model(cfg.model, num_classes, cfg.data.image_size)
-        weights = class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None
-        engine = Engine(cfg, model, runtime, len(loaders["train"]), class_weights=weights,
-                        batch_mix=build_batch_mix(cfg.augment, num_classes))
-        (out / "config.yaml").write_text(cfg.to_yaml())
         checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-        data = RunData(train=loaders["train"], val=loaders["val"],
-                       test=(lambda: loaders["test"]) if "test" in loaders else None, test_records=splits.test,
-                       datasets=[loader.dataset for loader in loaders.values()])
-        session = TrainingSession(cfg, pre, engine, data, LocalHost(checkpoints, log), job="train_local",
-                                  register_as=cfg.tracking.register_as)
+        session, splits = build_session(cfg, LocalHost(checkpoints, log), job="train_local",
+                                        register_as=cfg.tracking.register_as)
+        (out / "config.yaml").write_text(cfg.to_yaml())
         if cfg.train.resume:
-            session.resume(*(checkpoints.load_latest(map_location=runtime.device, log=log) or (None, None)))
+            session.resume(*(checkpoints.load_latest(map_location=session.engine.runtime.device, log=log)
+                             or (None, None)))
         elif checkpoints.latest() is not None:
             log(f"train.resume is false: ignoring checkpoints in {checkpoints.root} and starting from scratch")
         tracker = start_tracking(cfg, splits, out, log)
@@ -90,6 +78,26 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
         except BaseException:
             tracker.close(status="FAILED")
             raise
+
+
+def build_session(cfg: Config, host: RunHost, *, job: str, register_as: str | None = None,
+                  pre: Preprocessing | None = None) -> tuple[TrainingSession, DatasetSplits]:
+    """A training session in this process over DataLoaders of the config's data (the local runner's,
+    and a one-worker sweep trial's, which passes the preprocessing its driver computed)."""
+    runtime = setup_runtime(cfg.train)
+    splits = load_dataset(cfg.data)
+    host.log(splits.summary())
+    pre = pre or build_preprocessing(cfg, splits)
+    loaders = build_loaders(cfg, splits, pre)
+    num_classes = len(splits.classes)
+    model = build_model(cfg.model, num_classes, cfg.data.image_size)
+    weights = class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None
+    engine = Engine(cfg, model, runtime, len(loaders["train"]), class_weights=weights,
+                    batch_mix=build_batch_mix(cfg.augment, num_classes))
+    data = RunData(train=loaders["train"], val=loaders["val"],
+                   test=(lambda: loaders["test"]) if "test" in loaders else None, test_records=splits.test,
+                   datasets=[loader.dataset for loader in loaders.values()])
+    return TrainingSession(cfg, pre, engine, data, host, job=job, register_as=register_as), splits
 
 
 def start_tracking(cfg: Config, splits: DatasetSplits, out: Path, log: Log) -> Tracker:

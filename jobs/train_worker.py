@@ -27,21 +27,23 @@ SHUFFLE_BUFFER_ROWS = 2048
 
 
 class RayTrainHost:
-    """Runs a session in a Ray Train worker."""
+    """Runs a session in a Ray Train worker (``api``: ``ray.train``, the default) or, for a sweep's
+    one-worker trial, in the Tune trial itself (``api``: ``ray.tune``): metrics and checkpoints go
+    to ``api.report``."""
 
-    def __init__(self, rank: int, out: Path):
-        self.rank, self.out = rank, out
-
-    def save(self, metrics: dict[str, float], write) -> None:
+    def __init__(self, rank: int, out: Path, api=None):
         import ray.train
 
+        self.rank, self.out, self.api = rank, out, api or ray.train
+
+    def save(self, metrics: dict[str, float], write) -> None:
         if write is None:
-            ray.train.report(metrics)
+            self.api.report(metrics)
             return
-        # Ray copies the folder into the run's storage and registers it once every rank reported.
+        # Ray copies the folder into the run's storage (a Train run registers it once every rank reported).
         with tempfile.TemporaryDirectory(prefix="imgcls-ckpt-") as folder:
             write(Path(folder))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(folder))
 
     def log(self, message: str) -> None:
         """Rank 0's lines go to the job's output and <output_dir>/train.log; other ranks stay quiet."""

@@ -4,8 +4,10 @@
         --set tune.space=default --set tune.num_samples=8 [--set tune.scheduler=asha]
 
 The search space is a file in tune_spaces/ (validated before any trial starts).
-Each trial samples it, applies the sample to the config and runs its own
-TorchTrainer, whose metrics reach Tune through TuneReportCallback; ASHA stops
+Each trial samples it, applies the sample to the config and trains: a trial
+of one worker (ASHA/FIFO) in its own process (the same training session as a
+Train worker, no worker group to start), otherwise on its own TorchTrainer,
+whose metrics reach Tune through TuneReportCallback; ASHA stops
 weak trials early by ``epoch``; PBT (``tune.scheduler=pbt``) trains
 ``tune.perturbation_interval`` epochs at a time and lets weak trials continue
 from a strong trial's checkpoint with perturbed ``tune.pbt_mutate`` values. MLflow holds one parent run per sweep (space,
@@ -41,11 +43,27 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float], ingest: str = "dat
     a CPU for each trial's Ray Data tasks with that ingest."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPU
+    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker + (0.0 if trains_in_trial(cfg) else TRIAL_DRIVER_CPU)
     fits = [cluster.get("CPU", 1) / (per_trial + (INGEST_CPUS if ingest == "ray_data" else 0.0))]
     if cfg.ray.use_gpu:
         fits.append(cluster.get("GPU", 0) / max(cfg.ray.num_workers * cfg.ray.gpus_per_worker, 1e-9))
     return max(1, int(min(fits)))
+
+
+def trains_in_trial(cfg: Config) -> bool:
+    """Whether a trial trains in its own process rather than through a TorchTrainer: a one-worker
+    trial (ASHA/FIFO) has nothing to distribute, and a worker group's start (a Train controller, a
+    placement group, a worker actor, a process group) would cost every trial several seconds. PBT
+    trials keep the TorchTrainer, which restarts from an exploited checkpoint in stretches."""
+    return cfg.tune.in_trial and cfg.ray.num_workers == 1 and cfg.tune.scheduler != "pbt"
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What Tune reserves for one trial's function: the one worker's CPU (and GPU) when it trains
+    in the trial, else a sliver to drive its TorchTrainer, which reserves the workers itself."""
+    if not trains_in_trial(cfg):
+        return {"CPU": TRIAL_DRIVER_CPU}
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
 
 
 def trial_config(sweep: dict[str, Any], sample: dict[str, Any], trial: str) -> Config:
@@ -88,7 +106,10 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     if sweep["scheduler"] != "pbt":
         plan = plan_training(cfg, log=lambda m: None, run_key=run_key)
         start_tracking(plan, parent_run_id=sweep["parent_run_id"])
-        build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+        if trains_in_trial(cfg):
+            train_in_trial(plan)
+        else:
+            build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
         return
 
     start = ray.tune.get_checkpoint()  # None, this trial's own last one, or (exploit) a stronger trial's
@@ -115,6 +136,30 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if metrics["epoch"] >= cfg.train.epochs:
             return
         start, exploited = None, 0  # the Train run resumes from its own checkpoint from here on
+
+
+def train_in_trial(plan) -> None:
+    """A one-worker trial's run in the trial's own process: the core's training session over
+    DataLoaders, hosted like a Train worker but reporting metrics and checkpoints to Tune, and
+    resuming from the checkpoint Tune hands back after a restart."""
+    import ray.tune
+    import torch
+
+    from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.runner import build_session
+    from imgcls_core.tracking import Tracker
+    from jobs.train_worker import RayTrainHost, restore_checkpoint
+
+    cfg = plan.cfg
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    host = RayTrainHost(0, Path(cfg.train.output_dir), api=ray.tune)
+    session, _splits = build_session(cfg, host, job="train", pre=Preprocessing.from_dict(plan.preprocessing))
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is not None:
+        session.resume(*restore_checkpoint(checkpoint, session.engine.runtime.device, host.log))
+    tracker = Tracker(cfg.tracking, log=host.log).start(run_id=session.checkpoint_run_id or plan.mlflow_run_id,
+                                                        run_key=plan.run_key)
+    session.run(tracker)
 
 
 def finished_trial_metrics(cfg: Config) -> dict[str, float] | None:
@@ -188,18 +233,21 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         for file in space.files:
             parent.log_artifact(file, "space")
 
+        if trains_in_trial(cfg):
+            cfg.ray.ingest = "dataloader"  # the trial's own process reads the data
         cluster, ingest = ray.cluster_resources(), resolve_ingest(cfg)
         concurrency = concurrent_trials(cfg, cluster, ingest)
         # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
-        cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, trial_cpus=TRIAL_DRIVER_CPU, log=log)
+        cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, log=log,
+                                        trial_cpus=0.0 if trains_in_trial(cfg) else TRIAL_DRIVER_CPU)
         settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
                     "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
                     "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
                     "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
         log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
-            f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time")
-        # The trial function only drives its TorchTrainer, which reserves the workers' resources itself.
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), {"CPU": TRIAL_DRIVER_CPU})
+            f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time, "
+            + ("each training in its trial's process" if trains_in_trial(cfg) else "each on a TorchTrainer"))
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
         path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()
         if tune.Tuner.can_restore(path):

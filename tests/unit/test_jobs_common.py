@@ -179,6 +179,17 @@ def test_workers_that_do_not_fit_are_refused_unless_the_cluster_autoscales():
 def test_sweep_concurrency_leaves_a_cpu_per_trial_for_ray_data():
     from jobs.tune import concurrent_trials
 
-    cfg = _ray_cfg("ray.num_workers=1")
+    cfg = _ray_cfg("ray.num_workers=1", "tune.in_trial=false")  # each trial drives a TorchTrainer
     assert concurrent_trials(cfg, {"CPU": 4.0}, "dataloader") == 3  # 1.1 CPU a trial
     assert concurrent_trials(cfg, {"CPU": 4.0}, "ray_data") == 1  # 2.1 CPU a trial
+
+
+def test_one_worker_trials_train_in_the_trial_and_reserve_the_workers_resources():
+    from jobs.tune import concurrent_trials, trains_in_trial, trial_resources
+
+    cfg = _ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=2")
+    assert trains_in_trial(cfg) and trial_resources(cfg) == {"CPU": 2.0}
+    assert concurrent_trials(cfg, {"CPU": 4.0}, "dataloader") == 2  # no driver sliver on top
+    for other in ("ray.num_workers=2", "tune.scheduler=pbt", "tune.in_trial=false"):
+        assert not trains_in_trial(_ray_cfg("ray.num_workers=1", other)), other
+        assert trial_resources(_ray_cfg("ray.num_workers=1", other)) == {"CPU": 0.1}
