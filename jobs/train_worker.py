@@ -100,7 +100,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = Tracker(cfg.tracking, log=host.log)
     if rank == 0:
-        tracker.start(run_id=session.checkpoint_run_id or loop_config["mlflow_run_id"], run_key=loop_config["run_key"])
+        # The run the driver found (by run key) or created in this tracking store; the checkpoint's
+        # only when the driver had none (its server was down), e.g. a store that was replaced.
+        tracker.start(run_id=loop_config["mlflow_run_id"] or session.checkpoint_run_id, run_key=loop_config["run_key"])
     session.run(tracker, stop_after=loop_config["stop_after"],
                 on_step=_fault_injector(loop_config.get("inject_kill"), engine, rank))
 

@@ -157,7 +157,7 @@ def train_in_trial(plan) -> None:
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is not None:
         session.resume(*restore_checkpoint(checkpoint, session.engine.runtime.device, host.log))
-    tracker = Tracker(cfg.tracking, log=host.log).start(run_id=session.checkpoint_run_id or plan.mlflow_run_id,
+    tracker = Tracker(cfg.tracking, log=host.log).start(run_id=plan.mlflow_run_id or session.checkpoint_run_id,
                                                         run_key=plan.run_key)
     session.run(tracker)
 
