@@ -9,7 +9,7 @@ output is ``N x C`` class probabilities. The preprocessing (input size,
 mean/std, crop ratio, class names) is stored in the model's metadata under
 ``imgcls`` and in ``model.pt`` itself, so a server needs nothing else.
 
-    info = log_model(tracker, "runs/x/model.pt", register_as="digits")
+    info = log_model(run_id, "runs/x/model.pt")
     model = mlflow.pyfunc.load_model(info.model_uri)
     probs = model.predict(Predictor.from_file(...).preprocess(images).numpy())
 """
@@ -73,9 +73,9 @@ def requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow")]
 
 
-def log_model(run_id: str, model_file: str | Path, *, register_as: str | None = None,
-              extra_metadata: dict[str, Any] | None = None):
-    """Log ``model_file`` as the run's pyfunc model (optionally registering it); returns ModelInfo.
+def log_model(run_id: str, model_file: str | Path, *, extra_metadata: dict[str, Any] | None = None):
+    """Log ``model_file`` as the run's pyfunc model; returns ModelInfo (registering it is the
+    caller's step: Tracker.log_model, imgcls_core.registry).
 
     Uses the fluent API inside ``start_run(run_id=...)``, which re-opens the
     existing run; the caller's tracking URI must already be set.
@@ -92,5 +92,4 @@ def log_model(run_id: str, model_file: str | Path, *, register_as: str | None = 
             signature=signature_for(pre["image_size"], len(pre["classes"])),
             pip_requirements=requirements(),
             metadata=metadata,
-            registered_model_name=register_as,
         )

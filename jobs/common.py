@@ -273,7 +273,7 @@ def _restore_mlflow_settings(mine: dict[str, str]) -> None:
 def describe_failure(exc: BaseException, *, what: str, tracking_uri: str | None = None) -> tuple[int, str]:
     """``(exit status, "error: ..." line)`` for an exception that ended a job (see :func:`run_main`)."""
     exc = unwrap_ray_error(exc)
-    if isinstance(exc, _config_errors()):
+    if isinstance(exc, ConfigError):  # tune_spaces.SpaceError is one too
         return 2, f"error: bad config: {one_line(exc)}"
     failing = mlflow_failure(exc)
     if failing is not None:
@@ -283,14 +283,6 @@ def describe_failure(exc: BaseException, *, what: str, tracking_uri: str | None 
     quiet = isinstance(exc, known) or os.environ.get(TRACEBACK_ENV)
     hint = "" if quiet else f" ({TRACEBACK_ENV}=1 shows the traceback)"
     return 1, f"error: {what} failed: {message}{hint}"
-
-
-def _config_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [ConfigError]
-    spaces = sys.modules.get("tune_spaces")  # only a job that loaded a search space can raise its error
-    if spaces is not None and hasattr(spaces, "SpaceError"):
-        found.append(spaces.SpaceError)
-    return tuple(found)
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config
+from imgcls_core.tracking import SUMMARY_FILE
 from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths, run_main
-from jobs.train import SUMMARY_FILE
 
 ACC_TAG = "test/acc1"
 DATA_TAG = "imgcls.test_data_sha256"

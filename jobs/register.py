@@ -19,7 +19,6 @@ Exit status: 0 when the version exists, 1 on failure, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -49,19 +48,12 @@ def read_summary(model_file: Path) -> tuple[Path | None, dict[str, Any]]:
     return path, json.loads(path.read_text())
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def register(model_file: Path, name: str, tracking_uri: str | None, experiment: str, *, log=print):
     """The registry version of ``model_file``: its training run's model, else the version registered
     from the same bytes before, else a new run's."""
     from mlflow.exceptions import MlflowException
 
+    from imgcls_core.engine.checkpoint import file_sha256
     from imgcls_core.registry import Registry, is_missing, register_model_file
 
     model_file = model_file.resolve()

@@ -61,7 +61,7 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
 
     ``run_key`` names the MLflow run across attempts (default ``<storage_path>/<name>``); a
     sweep's trial keeps one key while its Train runs change name (PBT)."""
-    from imgcls_core.data import load_dataset, materialize_digits
+    from imgcls_core.data import load_dataset
     from imgcls_core.data.preprocessing import build_preprocessing
 
     cfg = resolve_config_paths(cfg)
@@ -80,15 +80,7 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
             "python -m jobs.train_local"
         )
     ingest = _fit_to_running_cluster(cfg, ingest, log)
-    if cfg.data.format == "digits":
-        materialize_digits(cfg.data.root, seed=cfg.data.seed)
-    if not is_uri(cfg.data.root) and not Path(cfg.data.root).exists():
-        raise FileNotFoundError(f"data.root {cfg.data.root} does not exist on the driver's machine")
-    if ingest == "ray_data" and not (Path(cfg.data.root) / cfg.data.val_split).is_dir():
-        raise ValueError(
-            f"ray.ingest=ray_data needs a validation split in the shards ({cfg.data.root}/{cfg.data.val_split}); "
-            f"give the source a {cfg.data.val_split}/ folder before converting, or use ray.ingest=dataloader"
-        )
+    check_data(cfg, ingest)
     _check_storage(cfg.ray.storage_path)
     splits = load_dataset(cfg.data)
     log(splits.summary())
@@ -97,6 +89,23 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train),
                      run_key or f"{cfg.ray.storage_path}/{name}", None, teacher)
+
+
+def check_data(cfg: Config, ingest: str, *, missing: str = "does not exist on the driver's machine") -> None:
+    """That the data a run of ``cfg`` reads with ``ingest`` is there (the digits are written to
+    data.root first): a local data.root exists (else FileNotFoundError "data.root <root>
+    <missing>"), and Ray Data ingest finds the validation split among the shards."""
+    from imgcls_core.data import materialize_digits
+
+    if cfg.data.format == "digits":
+        materialize_digits(cfg.data.root, seed=cfg.data.seed)
+    if not is_uri(cfg.data.root) and not Path(cfg.data.root).exists():
+        raise FileNotFoundError(f"data.root {cfg.data.root} {missing}")
+    if ingest == "ray_data" and not (Path(cfg.data.root) / cfg.data.val_split).is_dir():
+        raise ValueError(
+            f"ray.ingest=ray_data needs a validation split in the shards ({cfg.data.root}/{cfg.data.val_split}); "
+            f"give the source a {cfg.data.val_split}/ folder before converting, or use ray.ingest=dataloader"
+        )
 
 
 def resolve_ingest(cfg: Config) -> str:

@@ -32,7 +32,7 @@ from imgcls_core.config import Config
 from jobs.common import (
     INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, run_main,
 )
-from jobs.train import SUMMARY_FILE, resolve_ingest
+from jobs.train import SUMMARY_FILE, check_data, resolve_ingest
 from tune_spaces import plain
 
 TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial
@@ -182,22 +182,16 @@ def _checkpoint_epoch(checkpoint) -> int:
 
 def check_sweep_data(cfg: Config) -> None:
     """Fail, before Ray or any trial starts, when the data every trial would train on is not there:
-    data.root and the splits the config reads (the training split; with Ray Data ingest the
-    validation split too), loaded as a trial's driver loads them. Raises FileNotFoundError or
-    ValueError with the reason."""
+    jobs.train's data check, then the splits loaded as a trial's driver loads them. Raises
+    FileNotFoundError or ValueError with the reason."""
     from imgcls_core.data import load_dataset
 
     cfg = resolve_config_paths(Config.from_dict(cfg.to_dict()))
     if is_uri(cfg.data.root):
         return  # remote data: each trial's driver checks what it can read
-    if cfg.data.format != "digits" and not Path(cfg.data.root).is_dir():
-        raise FileNotFoundError(f"data.root {cfg.data.root} does not exist, so every trial would fail; prepare the "
-                                f"data (python -m jobs.prepare) or set data.root")
-    if resolve_ingest(cfg) == "ray_data" and not (Path(cfg.data.root) / cfg.data.val_split).is_dir():
-        raise ValueError(f"ray.ingest=ray_data needs a validation split in the shards "
-                         f"({cfg.data.root}/{cfg.data.val_split}); give the source a {cfg.data.val_split}/ folder "
-                         f"before converting, or use ray.ingest=dataloader")
-    load_dataset(cfg.data)  # digits are written here once, as a trial would
+    check_data(cfg, resolve_ingest(cfg), missing="does not exist, so every trial would fail; prepare the data "
+                                                  "(python -m jobs.prepare) or set data.root")
+    load_dataset(cfg.data)
 
 
 def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, Any]:
@@ -233,20 +227,21 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         for file in space.files:
             parent.log_artifact(file, "space")
 
-        if trains_in_trial(cfg):
+        in_trial = trains_in_trial(cfg)
+        if in_trial:
             cfg.ray.ingest = "dataloader"  # the trial's own process reads the data
         cluster, ingest = ray.cluster_resources(), resolve_ingest(cfg)
         concurrency = concurrent_trials(cfg, cluster, ingest)
         # Every trial then uses the ingest that fits beside the others (its own plan sees the whole cluster).
         cfg.ray.ingest = fit_to_cluster(cfg, ingest, cluster, trials=concurrency, log=log,
-                                        trial_cpus=0.0 if trains_in_trial(cfg) else TRIAL_DRIVER_CPU)
+                                        trial_cpus=0.0 if in_trial else TRIAL_DRIVER_CPU)
         settings = {"config": cfg.to_dict(), "name": sweep, "storage": cfg.ray.storage_path,
                     "output_dir": str(out / "trials"), "parent_run_id": parent.run_id,
                     "scheduler": cfg.tune.scheduler, "perturbation_interval": cfg.tune.perturbation_interval,
                     "pbt_mutate": cfg.tune.pbt_mutate, "bounds": space.bounds()}
         log(f"sweep {sweep}: {cfg.tune.num_samples} sample(s) of {space.name} "
             f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time, "
-            + ("each training in its trial's process" if trains_in_trial(cfg) else "each on a TorchTrainer"))
+            + ("each training in its trial's process" if in_trial else "each on a TorchTrainer"))
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
         path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()

@@ -34,8 +34,8 @@ QUANTIZED = ("quniform", "qloguniform", "qrandint")
 KINDS = LISTS + RANGES + QUANTIZED
 
 
-class SpaceError(ValueError):
-    """A search space names an unknown key or an impossible distribution."""
+class SpaceError(ConfigError):
+    """A search space names an unknown key or an impossible distribution (a bad config, exit 2)."""
 
 
 @dataclass(frozen=True)

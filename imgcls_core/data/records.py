@@ -360,7 +360,6 @@ class RecordDataset(Dataset):
         except RuntimeError:  # no shared memory here: skipped_count then covers this process only
             pass
         self._skipped_flags = flags
-        self._flags_view: np.ndarray | None = None  # numpy view of the flags: cheaper to index
 
     @property
     def skipped_count(self) -> int:
@@ -372,10 +371,9 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.records)
-        flags = self._flags()
         for k in range(min(n, MAX_SUBSTITUTES + 1)):
             i = (index + k) % n
-            if i in self.skipped or flags[i]:
+            if self._skipped_flags[i]:  # skipped here or in another worker
                 continue
             try:
                 image = self.records.load(i)
@@ -391,20 +389,10 @@ class RecordDataset(Dataset):
             f"decode; check the data (python -m jobs.prepare lists and drops corrupt files)"
         )
 
-    def _flags(self) -> np.ndarray:
-        if self._flags_view is None:
-            self._flags_view = self._skipped_flags.numpy()
-        return self._flags_view
-
     def _skip(self, index: int, exc: CorruptImageError) -> None:
         self.skipped[index] = str(exc)
-        self._flags()[index] = True
+        self._skipped_flags[index] = True
         warnings.warn(f"skipping a corrupt image: {exc}", SkippedImageWarning, stacklevel=3)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_flags_view"] = None  # a numpy array would travel as a private copy of the flags
-        return state
 
 
 @dataclass

@@ -213,7 +213,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
@@ -251,7 +252,7 @@ def _verify_seal(directory: Path) -> None:
         raise ValueError(f"{CHECKPOINT_FILE} is missing")
     if (actual := file.stat().st_size) != size:
         raise ValueError(f"{CHECKPOINT_FILE} has {actual:,} bytes, the completion marker recorded {size:,}")
-    if _sha256(file) != digest:
+    if file_sha256(file) != digest:
         raise ValueError(f"{CHECKPOINT_FILE} does not match the sha256 its completion marker recorded")
 
 
@@ -438,7 +439,7 @@ class CheckpointDir:
             raise FileNotFoundError(f"the checkpoint writer wrote no {CHECKPOINT_FILE}")
         _fsync_tree(staging)
         seal = {
-            "epoch": epoch, "file": CHECKPOINT_FILE, "size": file.stat().st_size, "sha256": _sha256(file),
+            "epoch": epoch, "file": CHECKPOINT_FILE, "size": file.stat().st_size, "sha256": file_sha256(file),
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": socket.gethostname(), "pid": os.getpid(),
         }
         with (staging / COMPLETE_FILE).open("w") as fh:

@@ -342,7 +342,7 @@ def test_the_marker_records_what_was_sealed(tmp_path):
     seal = json.loads((path / COMPLETE_FILE).read_text())
     file = path / CHECKPOINT_FILE
     assert seal["epoch"] == 3 and seal["size"] == file.stat().st_size
-    assert seal["sha256"] == ck._sha256(file)
+    assert seal["sha256"] == ck.file_sha256(file)
     assert {p.name for p in path.iterdir()} == {
         CHECKPOINT_FILE, COMPLETE_FILE, "config.yaml", "class_index.json", "metrics.json"}
 
