@@ -1,6 +1,6 @@
 """ASHA vs the same search without early stopping (FIFO), on digits, in one run.
 
-    python -m bench.tune_asha [--samples 8] [--epochs 4] [--seed 0]
+    python -m bench.tune_asha [--samples 16] [--epochs 8] [--reduction-factor 4] [--seed 0]
 
 Both sweeps draw the same trials (the same seeded random search over
 tune_spaces/lr_schedules.yaml) and train each as jobs.tune does (a small CNN,
@@ -21,8 +21,10 @@ from bench.common import save, start_local_ray, sweep_overrides
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--reduction-factor", type=int, default=4,
+                        help="ASHA keeps the top 1/this of the trials at each rung (epochs 1, rf, rf^2, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seeds Tune's random search: both sweeps draw the same trials")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--first", choices=["asha", "fifo"], default="asha",
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for scheduler in (args.first, "fifo" if args.first == "asha" else "asha"):
             cfg = load_config(None, sweep_overrides(root, tmp / scheduler, scheduler, epochs=args.epochs,
-                                                    samples=args.samples, scheduler=scheduler, seed=args.seed))
+                                                    samples=args.samples, scheduler=scheduler, seed=args.seed,
+                                                    reduction_factor=args.reduction_factor))
             started = time.perf_counter()
             summary = run_sweep(cfg, log=lambda m: print(f"[{scheduler}] {m}", flush=True))
             results[scheduler] = {"epochs": summary["epochs_run"], "best_val_acc1": summary["best_metric"],
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>4}: {r['epochs']:3d} epochs, best val top-1 {r['best_val_acc1']:.4f}, {r['seconds']:.0f} s")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
-    out = {"samples": args.samples, "epochs_per_trial": args.epochs, "first": args.first, "results": results,
+    out = {"samples": args.samples, "epochs_per_trial": args.epochs, "reduction_factor": args.reduction_factor,
+           "first": args.first, "results": results,
            "ratios": ratios}
     save(f"tune_asha_{args.first}_first", out)
     return out

@@ -16,6 +16,7 @@ mean/std, crop ratio, class names) is stored in the model's metadata under
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,11 @@ def log_model(run_id: str, model_file: str | Path, *, extra_metadata: dict[str, 
     meta = model_metadata(model_file)
     pre = meta["preprocessing"]
     metadata = {"imgcls": {**meta, **(extra_metadata or {})}}
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The model takes a float tensor described by the explicit signature below: MLflow's advice to
+        # add type hints to predict() or an input example (for signature inference) does not apply.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(ENTRY_FILE),

@@ -2,6 +2,7 @@
 
     python -m jobs.prepare --source data/flowers --out data/flowers_shards [--workers N]
     python -m jobs.prepare --digits data/digits [--shards data/digits_shards]
+    python -m jobs.prepare --synth-digits data/digits50k [--count 50000] [--size 48]
 
 --source takes <src>/{train,val,test}/<class>/<image> or a flat <src>/<class>/<image>
 tree (all of it train). A val or test split the source lacks is held out of its
@@ -15,6 +16,13 @@ Train on the result with data.format=parquet and data.root=<out> (printed).
 
 --digits writes 1,797 32x32 RGB PNGs to <dir>/{train,val,test}/<digit>/ (about
 2 s; a second run does nothing) and, with --shards, converts them too.
+--synth-digits writes a larger data set composed from the real digits (one real
+digit per image, randomly scaled and placed on a tinted --size px canvas with faint
+distractor strokes and noise; the label is the digit's class) straight to Parquet
+shards: --count train images (default 50,000) built from the train digits only,
+--val-count and --test-count (default 5,000 each) from the val and test digits,
+4,096 rows (~12 MB at 48 px) per shard unless --shard-size says otherwise. Seeded by
+--seed; about 40 s for the default 60,000 images with 2 --workers.
 Exit status: 0 on success, 1 with one "error: ..." line on stderr otherwise.
 """
 
@@ -37,14 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--digits", metavar="DIR", help="materialize scikit-learn's digits as PNGs here"
     )
+    what.add_argument(
+        "--synth-digits", metavar="DIR",
+        help="write Parquet shards of images composed from the real digits here",
+    )
     parser.add_argument("--out", metavar="DIR", help="shard folder to write (with --source)")
     parser.add_argument(
         "--shards", metavar="DIR", help="also convert the digits to shards here (with --digits)"
     )
     parser.add_argument("--workers", type=int, default=2, help="decode-check processes (default 2)")
     parser.add_argument(
-        "--shard-size", type=int, default=2048, help="images per Parquet file (default 2048)"
+        "--shard-size", type=int, default=None,
+        help="images per Parquet file (default 2048; 4096 with --synth-digits)",
     )
+    parser.add_argument("--count", type=int, default=50_000,
+                        help="train images to compose (with --synth-digits; default 50000)")
+    parser.add_argument("--val-count", type=int, default=5_000,
+                        help="val images to compose (with --synth-digits; default 5000)")
+    parser.add_argument("--test-count", type=int, default=5_000,
+                        help="test images to compose (with --synth-digits; default 5000)")
+    parser.add_argument("--size", type=int, default=48,
+                        help="side of the composed images in px, 32..64 (with --synth-digits; default 48)")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="of the train files, held out as val when the source has no val/ "
                              "(default 0.1; 0: none)")
@@ -68,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in fractions.items():
         if not 0.0 <= value < 1.0:
             parser.error(f"{flag} must be in [0, 1), got {value}")
+    if args.synth_digits:
+        if not 32 <= args.size <= 64:
+            parser.error(f"--size must be in 32..64, got {args.size}")
+        if args.count < 1 or args.val_count < 0 or args.test_count < 0:
+            parser.error("--count must be >= 1, --val-count and --test-count >= 0")
+    if args.shard_size is not None and args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     return run_main(lambda: prepare(args), what="data preparation")
 
 
@@ -77,13 +105,29 @@ def prepare(args: argparse.Namespace) -> None:
         materialize_digits,
     )  # heavy imports after parsing
 
+    if args.synth_digits:
+        from imgcls_core.data.synth_digits import DEFAULT_SHARD_ROWS, write_synth_digits
+
+        counts = {"train": args.count, "val": args.val_count, "test": args.test_count}
+        manifest = write_synth_digits(
+            args.synth_digits, counts, size=args.size, seed=args.seed,
+            shard_rows=args.shard_size or DEFAULT_SHARD_ROWS, workers=max(1, args.workers),
+            log=lambda m: print(m, flush=True),
+        )
+        for split, s in manifest["splits"].items():
+            mb = sum(s["shard_bytes"]) / 2**20
+            print(f"  {split:<5} {s['images']:>7,} images  {len(s['shards']):>3} shard(s)  {mb:,.1f} MB")
+        print(f"composed digits ready in {args.synth_digits} ({manifest['seconds']:.1f}s)")
+        print(f"train on it with: --set data.format=parquet --set data.root={args.synth_digits} "
+              f"--set data.image_size={args.size}")
+        return
     if args.digits:
         root = materialize_digits(args.digits, seed=args.seed)
         print(f"digits ready in {root}")
         args.source, args.out = (root, args.shards) if args.shards else (None, None)
     if args.source:
         report = convert_image_folder(
-            args.source, args.out, num_workers=args.workers, shard_size=args.shard_size,
+            args.source, args.out, num_workers=args.workers, shard_size=args.shard_size or 2048,
             seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
             max_pixels=args.max_pixels,
         )

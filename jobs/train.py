@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.out
 from jobs.common import (
     add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, resolve_path, run_main,
 )
-from jobs.train_worker import decode_batch, train_loop_per_worker
+from jobs.train_worker import DECODE_BLOCK_ROWS, augment_batch, decode_batch, decode_pixels, train_loop_per_worker
 
 
 # --------------------------------------------------------------------------- driver
@@ -183,31 +184,78 @@ def start_tracking(plan: TrainPlan, *, log=print, parent_run_id: str | None = No
     # The run stays RUNNING for the workers; rank 0 ends it.
 
 
+#: The most decoded pixels (bytes, all rows) build_datasets keeps in the object store to decode once
+#: and only augment per epoch; also at most a quarter of the cluster's object store.
+DECODED_CACHE_BYTES = 2 * 2**30
+
+
 def build_datasets(plan: TrainPlan) -> dict[str, Any]:
-    """Ray Data pipelines for the ray_data ingest: read shards, shuffle, decode + augment in tasks.
+    """Ray Data pipelines for the ray_data ingest: read shards in small blocks, decode, augment in tasks.
 
     The order is a function of data.seed and the epoch (a seeded shard order, the trainer's
     ``preserve_order`` and a shuffle buffer seeded per epoch on each worker), so a run resumed
     from a mid-epoch checkpoint skips exactly the batches it had trained; the random draws of
-    augmentation are new on every pass."""
+    augmentation are new on every pass. Nothing waits for the whole split (no all-to-all step).
+
+    When the decoded split fits :func:`decoded_cache_budget`, it is decoded once, here, and kept
+    in the object store (in the same seeded order); every epoch then only augments."""
     if plan.ingest != "ray_data":
         return {}
     import ray.data
+    from ray.data import FileShuffleConfig
 
-    from imgcls_core.data.presets import build_train_transform
+    # Not "Starting execution of Dataset ..." and its plan on every epoch of every run (ray-data.log has them).
+    ray.data.DataContext.get_current().print_on_execution_start = False
+
+    from imgcls_core.data.presets import build_batch_augment, build_train_transform
 
     cfg, pre = plan.cfg, plan.preprocessing
-    transform = build_train_transform(cfg.data.image_size, pre["mean"], pre["std"], cfg.augment)
-    train = (
-        ray.data.read_parquet(f"{cfg.data.root}/{cfg.data.train_split}")
-        .select_columns(["image", "label", "path"])
-        # A seeded shard order here and a row-level shuffle buffer seeded per epoch on each worker
-        # (train_worker.iter_train_batches), instead of a full all-to-all random_shuffle.
-        .randomize_block_order(seed=cfg.data.seed)
-        .map_batches(decode_batch, fn_kwargs={"transform": transform, "image_size": cfg.data.image_size},
-                     batch_size=128, batch_format="numpy")
+    build = build_batch_augment if cfg.augment.batched else build_train_transform
+    transform = build(cfg.data.image_size, pre["mean"], pre["std"], cfg.augment)
+    rows = (
+        # A seeded shard order, the same for every pass (reseeding per execution would give a resumed
+        # run another order than an uninterrupted one: the execution count restarts with the job);
+        # the rows of an epoch are mixed by a buffer seeded per epoch (train_worker.iter_train_batches).
+        # This replaces randomize_block_order, an all-to-all step that waited for every shard to be
+        # read before the first decode started, on every epoch.
+        ray.data.read_parquet(f"{cfg.data.root}/{cfg.data.train_split}", columns=["image", "label", "path"],
+                              shuffle=FileShuffleConfig(seed=cfg.data.seed, reseed_after_execution=False))
+        # Shards hold thousands of rows: a task per shard would hold the first batch back until a
+        # whole shard is decoded and leave CPUs idle at the end of an epoch.
+        .repartition(target_num_rows_per_block=DECODE_BLOCK_ROWS)
     )
+    augment = {"transform": transform, "image_size": cfg.data.image_size}
+    if _decoded_bytes(cfg, plan.num_train) <= decoded_cache_budget():
+        rows.context.execution_options.preserve_order = True  # the cached blocks in the seeded order
+        decoded = rows.map_batches(decode_pixels, batch_size=DECODE_BLOCK_ROWS, batch_format="numpy").materialize()
+        train = decoded.map_batches(augment_batch, fn_kwargs=augment, batch_size=DECODE_BLOCK_ROWS,
+                                    batch_format="numpy")
+    else:
+        train = rows.map_batches(decode_batch, fn_kwargs=augment, batch_size=DECODE_BLOCK_ROWS, batch_format="numpy")
     return {"train": train}
+
+
+def decoded_cache_budget() -> int:
+    """Bytes of decoded pixels build_datasets may keep: DECODED_CACHE_BYTES, and at most a quarter of
+    the connected cluster's object store."""
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
+    return int(min(DECODED_CACHE_BYTES, store / 4))
+
+
+def _decoded_bytes(cfg: Config, rows: int) -> int:
+    """The decoded size of the train split, from its first image (3 x H x W bytes per row)."""
+    import pyarrow.dataset as pads
+
+    from imgcls_core.data import CorruptImageError, decode_image
+
+    first = pads.dataset(f"{cfg.data.root}/{cfg.data.train_split}", format="parquet").head(1, columns=["image"])
+    try:
+        pixels = decode_image(first.column("image")[0].as_py()).numel() if first.num_rows else 0
+    except CorruptImageError:
+        return 1 << 62  # unknown: do not cache
+    return rows * pixels
 
 
 def ingest_options():
@@ -229,7 +277,7 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
     take its weights under this plan's hyperparameters. ``register_as``: the registered model name
     for the final model (jobs.train passes ``--register`` or ``tracking.register_as``; a sweep's
     trials register nothing: jobs.promote registers the one it promotes)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = plan.cfg
@@ -244,6 +292,10 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
         "job": "distill" if plan.teacher else "train",
     }
 
+    # Ray Train V2 reroutes print() in its workers through the logging module as well, so each line
+    # of a worker shows twice wherever a library has wrapped sys.stdout (MLflow does): plain prints.
+    # (Propagated to the controller and workers from this process's environment.)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -262,6 +314,9 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
+            # Train's own INFO lines (each report and checkpoint, worker-group start) stay in its log
+            # files under the Ray session folder; the job's output is the epoch lines and warnings.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

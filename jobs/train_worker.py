@@ -23,7 +23,14 @@ import torch
 
 from imgcls_core.config import Config
 
+#: Most rows a worker's shuffle buffer holds (decoded images). Also at most a quarter of the rows the
+#: worker sees per epoch: a buffer that holds the whole epoch stops all pipelining inside it.
 SHUFFLE_BUFFER_ROWS = 2048
+#: Rows per Ray Data decode/augment task and block (jobs.train.build_datasets): small enough that the
+#: first batch of an epoch and its last task come soon (~0.5-1 s of work), large enough that the
+#: per-block costs (task, split coordinator, block conversion) stay small: on 12k 48 px images, blocks of
+#: 128 rows cost 2.12 CPU-ms/image against 1.78 for 512 (medians; bench/ingest.py's docstring).
+DECODE_BLOCK_ROWS = 512
 
 
 class RayTrainHost:
@@ -161,8 +168,11 @@ class WorkerData:
         self.loader = None
         if self.ingest == "ray_data":
             self.shard = ray.train.get_dataset_shard("train")
-            rows = loop_config["num_train"] // world  # streaming_split(equal=True) gives every rank this many
-            self.steps_per_epoch = rows // b
+            self.rows = loop_config["num_train"] // world  # streaming_split(equal=True) gives every rank this many
+            self.steps_per_epoch = self.rows // b
+        elif cfg.augment.batched:  # decoded once into memory, each rank takes its share per epoch
+            self.loader = train_loader(cfg, splits.train, pre, rank=rank, world=world)
+            self.steps_per_epoch = len(self.loader)
         else:
             self.loader = ray.train.torch.prepare_data_loader(train_loader(cfg, splits.train, pre),
                                                               move_to_device=False)
@@ -173,8 +183,9 @@ class WorkerData:
 
     def train_batches(self, epoch: int):
         if self.ingest == "ray_data":
-            return iter_train_batches(self.shard, self.cfg.data.batch_size, seed=self.cfg.data.seed + epoch)
-        sampler = getattr(self.loader, "sampler", None)
+            return iter_train_batches(self.shard, self.cfg.data.batch_size, seed=self.cfg.data.seed + epoch,
+                                      rows=self.rows)
+        sampler = self.loader if self.cfg.augment.batched else getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
         return self.loader
@@ -191,11 +202,20 @@ class WorkerData:
                        test_records=test, datasets=datasets)
 
 
-def iter_train_batches(data, batch_size: int, seed: int | None = None):
+def shuffle_buffer_rows(rows: int | None, batch_size: int) -> int:
+    """The shuffle buffer for a worker that sees ``rows`` rows per epoch (None: unknown)."""
+    if rows is None:
+        return SHUFFLE_BUFFER_ROWS
+    return max(batch_size, min(SHUFFLE_BUFFER_ROWS, rows // 4))
+
+
+def iter_train_batches(data, batch_size: int, seed: int | None = None, rows: int | None = None):
     """(images, labels) batches from a Ray Data shard or dataset, shuffled through a row buffer
-    (seeded per epoch when ``seed`` is given)."""
+    (seeded per epoch when ``seed`` is given) of :func:`shuffle_buffer_rows` rows for the ``rows``
+    this worker sees per epoch."""
+    buffer = shuffle_buffer_rows(rows, batch_size)
     batches = data.iter_torch_batches(batch_size=batch_size, drop_last=True, device="cpu", prefetch_batches=2,
-                                      local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=seed)
+                                      local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
     return ((b["image"], b["label"]) for b in batches)
 
 
@@ -204,20 +224,54 @@ def decode_batch(batch: dict[str, np.ndarray], transform, image_size: int) -> di
 
     A row that does not decode is dropped and printed with its path (in the task's log): the
     epoch goes on with the others. jobs.prepare already left out every file that did not decode."""
+    return augment_batch(decode_pixels(batch), transform, image_size)
+
+
+def decode_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: encoded bytes -> uint8 3 x H x W pixels (one N x 3 x H x W array when all rows have
+    one size, else an object array of them), and the labels. Rows that do not decode are dropped and
+    printed with their path (in the task's log)."""
     from imgcls_core.data import CorruptImageError, decode_image
 
-    torch.set_num_threads(1)
-    torch.manual_seed(secrets.randbits(63))  # task processes would otherwise repeat one RNG stream
-    images, kept = [], []
+    pixels, kept = [], []
     for i, (data, path) in enumerate(zip(batch["image"], batch["path"])):
         try:
-            images.append(transform(decode_image(bytes(data), name=str(path))).numpy())
+            pixels.append(decode_image(bytes(data), name=str(path)).numpy())
         except CorruptImageError as exc:
             print(f"decode_batch: skipping a corrupt image: {exc}", flush=True)
             continue
         kept.append(i)
-    stacked = np.stack(images) if images else np.zeros((0, 3, image_size, image_size))
-    return {"image": stacked.astype(np.float32), "label": batch["label"][kept].astype(np.int64)}
+    if len({p.shape for p in pixels}) == 1:
+        stacked = np.stack(pixels)
+    else:
+        stacked = np.empty(len(pixels), dtype=object)
+        stacked[:] = pixels
+    return {"pixels": stacked, "label": batch["label"][kept].astype(np.int64)}
+
+
+def augment_batch(batch: dict[str, np.ndarray], transform, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: uint8 pixels (of :func:`decode_pixels`) -> augmented float32 N x 3 x S x S, with
+    new random draws on every call. A :class:`BatchAugment` (``augment.batched``) augments the
+    whole block at once."""
+    from imgcls_core.data.presets import BatchAugment
+
+    torch.set_num_threads(1)
+    torch.manual_seed(secrets.randbits(63))  # task processes would otherwise repeat one RNG stream
+    pixels = batch["pixels"]
+    if isinstance(transform, BatchAugment) and pixels.dtype != object:  # augment.batched: the block at once
+        return {"image": transform(_tensor(pixels)).numpy(),
+                "label": batch["label"].astype(np.int64)}
+    images = np.empty((len(pixels), 3, image_size, image_size), dtype=np.float32)
+    for i, one in enumerate(pixels):
+        one = _tensor(one)
+        images[i] = (transform(one[None])[0] if isinstance(transform, BatchAugment) else transform(one)).numpy()
+    return {"image": images, "label": batch["label"].astype(np.int64)}
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``, copied only when it is read-only (blocks from Ray's object store are)
+    or not contiguous: torch warns about, and must not write into, read-only memory."""
+    return torch.from_numpy(np.require(array, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
 
 
 def _fault_injector(spec: dict | None, engine, rank: int):

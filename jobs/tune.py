@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,9 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
     from imgcls_core.tracking import Tracker
     from tune_spaces import apply_sample, load_space
 
+    # Tune snapshots the experiment state on every checkpoint (num_to_keep is set) and warns when that
+    # happens more than once in 5 s, which short trials on a local disk always do, at no real cost.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     cfg = resolve_config_paths(cfg)
     space = load_space(cfg.tune.space, cfg)  # fails here, before any trial, on a bad space
     mutations = space.mutations(cfg.tune.pbt_mutate) if cfg.tune.scheduler == "pbt" else {}
@@ -252,11 +256,13 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
-                                            # (an explicit search_alg ignores max_concurrent_trials: give it its own)
+                                            # (an explicit search_alg ignores max_concurrent_trials, with a
+                                            # warning: it gets its own limit and the Tuner none)
                                             search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
                                                                              max_concurrent=concurrency)
                                             if cfg.tune.seed is not None else None,
-                                            num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                                            num_samples=cfg.tune.num_samples,
+                                            max_concurrent_trials=concurrency if cfg.tune.seed is None else None,
                                             reuse_actors=False),
                 run_config=tune.RunConfig(name=sweep, storage_path=cfg.ray.storage_path,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

@@ -10,6 +10,12 @@ train with Ray Train (2 DDP workers, Ray Data ingest); promote that baseline to
 it beats the champion on the test split; deploy the Serve endpoint; classify
 one real test digit of every class over HTTP. Each stage prints its time.
 
+A stage's output is shown as it comes, less the known, harmless chatter of `ray job submit`
+and Ray's internals listed in QUIET (each with the reason it is safe to leave out); every
+line, those included, is in the stage's log under $IMGCLS_STATE_DIR/demo-logs/, and the
+stage's last line says how many were left out. A line that mentions an error is always
+shown unless a QUIET entry names it exactly.
+
 Re-running reuses what exists: a running head and server, the data, finished
 training and sweep runs, registered versions (no duplicates) and the deployed app.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +43,39 @@ def local_env() -> dict[str, str]:
     return {**env, "PATH": f"{Path(PY).parent}:{env.get('PATH', '')}"}
 
 
+# Lines left out of the demo's output (they stay in the stage logs), and why each is harmless.
+QUIET = [re.compile(p) for p in (
+    # `ray job submit` packaging the working dir, the follow-up commands it suggests, its banners
+    r"\b(INFO|SUCC) (cli|packaging|dashboard_sdk|sdk|job_manager)\.py:\d+ -- ",
+    r"WARNING working_dir\.py:\d+ -- Directory '\.(git|venv)' is now ignored by default",
+    # Ray Data's notice that its progress bars are off: jobs/runtime_env.yaml turns them off
+    r"Progress bars disabled\. To enable",
+    # a deprecation inside Ray Data's own defaults, and the source line Python prints with it
+    r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated",
+    r"^\s*self\.exclude_resources = exclude_resources\s*$",
+    # matplotlib building its font cache on the first plot under a new HOME
+    r"generated new fontManager",
+)]
+# Lines that mention an error are shown unless one of these names them exactly.
+HARMLESS_ERRORS = [re.compile(p) for p in (
+    # GCS asked a Ray Data actor to exit that had exited already
+    r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: .*Socket closed",
+)]
+ERROR = re.compile(r"error|exception|traceback|failed", re.IGNORECASE)
+
+
+def quiet(line: str) -> bool:
+    if ERROR.search(line):
+        return any(p.search(line) for p in HARMLESS_ERRORS)
+    return any(p.search(line) for p in QUIET)
+
+
 class Stages:
-    def __init__(self, total: int):
+    def __init__(self, total: int, log_dir: Path):
         self.total, self.n, self.times = total, 0, []
         self.started = time.perf_counter()
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
 
     def run(self, title: str, command: list[str] | None = None, env: dict | None = None, fn=None):
         self.n += 1
@@ -47,7 +83,7 @@ class Stages:
         t0 = time.perf_counter()
         if command is not None:
             print("    $ " + " ".join(command), flush=True)
-            code = subprocess.run(command, cwd=REPO, env=env).returncode
+            code = self._run(title, command, env)
             if code != 0:
                 print(f"error: stage '{title}' failed (exit {code})", file=sys.stderr)
                 sys.exit(code)
@@ -56,6 +92,23 @@ class Stages:
         self.times.append((title, seconds))
         print(f"<== [{self.n}/{self.total}] {title}: {seconds:.0f} s", flush=True)
         return result
+
+    def _run(self, title: str, command: list[str], env: dict | None) -> int:
+        """Run ``command``, its output to the stage's log and, less the QUIET lines, to the screen."""
+        log = self.log_dir / f"{self.n}-{re.sub(r'[^a-z0-9]+', '-', title.split(':')[0].lower()).strip('-')}.log"
+        left_out = 0
+        with open(log, "w") as out, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+            for line in proc.stdout:
+                out.write(line)
+                if quiet(line):
+                    left_out += 1
+                else:
+                    print(line, end="", flush=True)
+        if left_out:
+            print(f"    ({left_out} lines of Ray's routine output left out; all of it: {log.relative_to(REPO)})"
+                  if log.is_relative_to(REPO) else f"    ({left_out} lines left out; all of it: {log})", flush=True)
+        return proc.returncode
 
     def report(self) -> None:
         print("\nstage times:")
@@ -75,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     env = local_env()
     os.environ.update(env)
     config = args.config
-    stages = Stages(8)
+    stages = Stages(8, Path(env["IMGCLS_STATE_DIR"]) / "demo-logs")
 
     stages.run("start the local Ray head and MLflow server", ["bash", "cluster/local/start.sh"], env)
     stages.run("prepare: digits -> PNGs -> Parquet shards",

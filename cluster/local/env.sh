@@ -15,3 +15,7 @@ export RAY_DASHBOARD_ADDRESS="$RAY_API_SERVER_ADDRESS"
 export RAY_AUTH_MODE=token                                       # token auth stays on (~/.ray/auth_token)
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export IMGCLS_SERVE_URL="http://127.0.0.1:${SERVE_PORT}"
+# One machine is never preempted: no watcher actor for it in every Ray Train run (Ray 2.60's
+# starts one per run and logs a core_worker.cc error about its restart arguments each time).
+# Ray Train reads this in the job's driver and passes it to its controller and workers.
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}"

@@ -230,3 +230,31 @@ def test_mix_collate_pickles_and_mixes(digits):
 def test_presets_pickle_for_dataloader_workers(digits):
     preset = pickle.loads(pickle.dumps(TrainPreset(SIZE, MEAN, STD, 1.0)))
     assert preset(digits[0]).shape == (3, SIZE, SIZE)
+
+
+def test_gray_aware_color_jitter_skips_hue_and_saturation_on_grey_images_only():
+    """Grey images: the same output as ColorJitter up to uint8 rounding (saturation and hue are no-ops
+    on grey); colour images: exactly ColorJitter's output for the same random draws."""
+    from imgcls_core.data.presets import GrayAwareColorJitter
+
+    ours, stock = GrayAwareColorJitter(0.5, 0.5, 0.5, 0.2), v2.ColorJitter(0.5, 0.5, 0.5, 0.2)
+    grey = torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8).expand(3, 16, 16).contiguous()
+    colour = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        a = ours(grey)
+        torch.manual_seed(seed)
+        b = stock(grey)
+        assert (a.int() - b.int()).abs().max() <= 2
+        assert torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])  # still grey
+        torch.manual_seed(seed)
+        c = ours(colour)
+        torch.manual_seed(seed)
+        assert torch.equal(c, stock(colour))
+
+
+def test_train_preset_uses_the_gray_aware_jitter():
+    from imgcls_core.data.presets import GrayAwareColorJitter
+
+    preset = TrainPreset(16, (0.5,) * 3, (0.25,) * 3, strength=0.2)
+    assert any(isinstance(t, GrayAwareColorJitter) for t in preset.transforms)
