@@ -85,9 +85,7 @@ def log_model(run_id: str, model_file: str | Path, *, extra_metadata: dict[str, 
     pre = meta["preprocessing"]
     metadata = {"imgcls": {**meta, **(extra_metadata or {})}}
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The model takes a float tensor described by the explicit signature below: MLflow's advice to
-        # add type hints to predict() or an input example (for signature inference) does not apply.
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        # The explicit signature below describes the input: no example is needed to infer one.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,

@@ -86,7 +86,8 @@ def build_session(cfg: Config, host: RunHost, *, job: str, register_as: str | No
     and a one-worker sweep trial's, which passes the preprocessing its driver computed)."""
     runtime = setup_runtime(cfg.train)
     splits = load_dataset(cfg.data)
-    host.log(splits.summary())
+    if pre is None:  # a caller with the preprocessing (a sweep's driver) has shown the data already
+        host.log(splits.summary())
     pre = pre or build_preprocessing(cfg, splits)
     loaders = build_loaders(cfg, splits, pre)
     num_classes = len(splits.classes)

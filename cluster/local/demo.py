@@ -55,6 +55,18 @@ QUIET = [re.compile(p) for p in (
     r"^\s*self\.exclude_resources = exclude_resources\s*$",
     # matplotlib building its font cache on the first plot under a new HOME
     r"generated new fontManager",
+    # Ray 2.60 logs every report and checkpoint at INFO under a logger named after its source file,
+    # which Train's LoggingConfig (WARNING, set by jobs.train) cannot reach; the epoch lines say it all
+    r"Reporting training result \d+: TrainingReport\(",
+    r"Checkpoint successfully created at: Checkpoint\(",
+    # Ray Data's INFO line at the end of each epoch's pass over the data
+    r"✔️ +Dataset \S+ execution finished in ",
+    # MLflow checks every PythonModel subclass for predict() type hints (inside a warnings filter of
+    # its own, so it cannot be silenced); the model's explicit tensor signature makes them moot
+    r"UserWarning: .*Add type hints to the `predict` method",
+    r"(^|\s)color_warning\(\s*$",
+    # MLflow's registry polling for the version it just created
+    r"Waiting up to \d+ seconds for model version to finish creation",
 )]
 # Lines that mention an error are shown unless one of these names them exactly.
 HARMLESS_ERRORS = [re.compile(p) for p in (
@@ -62,12 +74,32 @@ HARMLESS_ERRORS = [re.compile(p) for p in (
     r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: .*Socket closed",
 )]
 ERROR = re.compile(r"error|exception|traceback|failed", re.IGNORECASE)
+# A trial that ASHA stops gets SIGTERM; Ray's handler raises SystemExit, which Python reports as
+# ignored when it lands inside a weakref callback: the trial ended as intended. The whole report,
+# from its first line to its last, is left out.
+IGNORED_EXIT = (re.compile(r"Exception ignored in: <function WeakSet\.__init__\.<locals>\._remove"),
+                re.compile(r"SystemExit: 1\s*$"))
 
 
 def quiet(line: str) -> bool:
     if ERROR.search(line):
         return any(p.search(line) for p in HARMLESS_ERRORS)
     return any(p.search(line) for p in QUIET)
+
+
+class LineFilter:
+    """quiet() plus the multi-line report of an ignored SystemExit (IGNORED_EXIT), per output stream."""
+
+    def __init__(self):
+        self.in_ignored_exit = False
+
+    def hides(self, line: str) -> bool:
+        if IGNORED_EXIT[0].search(line):
+            self.in_ignored_exit = True
+        if self.in_ignored_exit:
+            self.in_ignored_exit = not IGNORED_EXIT[1].search(line)
+            return True
+        return quiet(line)
 
 
 class Stages:
@@ -96,12 +128,12 @@ class Stages:
     def _run(self, title: str, command: list[str], env: dict | None) -> int:
         """Run ``command``, its output to the stage's log and, less the QUIET lines, to the screen."""
         log = self.log_dir / f"{self.n}-{re.sub(r'[^a-z0-9]+', '-', title.split(':')[0].lower()).strip('-')}.log"
-        left_out = 0
+        left_out, lines = 0, LineFilter()
         with open(log, "w") as out, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
             for line in proc.stdout:
                 out.write(line)
-                if quiet(line):
+                if lines.hides(line):
                     left_out += 1
                 else:
                     print(line, end="", flush=True)
