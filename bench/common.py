@@ -59,12 +59,12 @@ def start_local_ray(cpus: int) -> None:
 
 
 def sweep_overrides(root: Path, out: Path, name: str, *, epochs: int, samples: int, scheduler: str,
-                    seed: int = 0, reduction_factor: int = 4) -> list[str]:
+                    seed: int = 0, reduction_factor: int = 4, data_format: str = "imagefolder") -> list[str]:
     """A seeded random search over tune_spaces/lr_schedules.yaml with a small CNN on the digits at
     16 px (decoded once, no augmentation), one worker per trial: the sweep benchmarks' common config.
-    The digits' val split has 179 images: one image is 0.56 points of val top-1."""
+    ``root`` is the digits as PNGs (imagefolder) or composed digits as Parquet shards (parquet)."""
     return [
-        "data.format=imagefolder", f"data.root={root}", "data.batch_size=32", "data.image_size=16",
+        f"data.format={data_format}", f"data.root={root}", "data.batch_size=32", "data.image_size=16",
         "model.name=cnn3", "model.width=0.5", "augment.strength=0",
         "augment.policy=none", "augment.batched=true",
         f"train.epochs={epochs}", "train.log_every=1000", "train.seed=0",

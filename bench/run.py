@@ -167,9 +167,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           "50,000 composed 48 px digits in Parquet shards: Ray Data vs a DataLoader, 2 CPUs each, steady state",
           ("--epochs", "4"), ("--epochs", "1", "--count", "12000"), _ingest, minutes=12),
     Bench("tune_asha", "sweeps", "ASHA vs the same seeded trials without early stopping (FIFO)",
-          ("--samples", "16", "--epochs", "8"), ("--samples", "2", "--epochs", "2"),
+          ("--samples", "32", "--epochs", "8"), ("--samples", "2", "--epochs", "2", "--data", "digits"),
           lambda r: {"epochs trained, ASHA / FIFO (x)": r["ratios"]["epochs_asha_over_fifo"],
                      "best val top-1, ASHA / FIFO (x)": r["ratios"]["best_acc_asha_over_fifo"],
+                     "best val top-1, FIFO - ASHA (points)": r["ratios"].get(
+                         "best_acc_fifo_minus_asha_points",
+                         100 * (r["results"]["fifo"]["best_val_acc1"] - r["results"]["asha"]["best_val_acc1"])),
                      "wall time, ASHA / FIFO (x)": r["ratios"]["seconds_asha_over_fifo"]}, minutes=9),
     Bench("recipe", "training speed",
           "the default recipe (configs/digits.yaml, `make local`) over 5 seeds, one process each",

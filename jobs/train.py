@@ -76,7 +76,7 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     if cfg.data.balance == "weighted_sampler":
         raise ValueError(
             "data.balance=weighted_sampler is not available under Ray Train (Ray Data streams rows without a "
-            "sampler, and prepare_data_loader replaces a DataLoader's sampler with a distributed one); use "
+            "sampler, and each worker's DataLoader draws its share with a distributed sampler); use "
             "data.balance=weighted_loss, which weighs the loss by inverse class frequency, or train with "
             "python -m jobs.train_local"
         )

@@ -147,7 +147,7 @@ class WorkerData:
 
     def __init__(self, cfg: Config, pre, loop_config: dict[str, Any], rank: int, world: int):
         import ray.train
-        import ray.train.torch
+        from torch.utils.data.distributed import DistributedSampler
 
         from imgcls_core.data import class_weights, load_dataset
         from imgcls_core.data.loaders import eval_loader, train_loader
@@ -174,8 +174,11 @@ class WorkerData:
             self.loader = train_loader(cfg, splits.train, pre, rank=rank, world=world)
             self.steps_per_epoch = len(self.loader)
         else:
-            self.loader = ray.train.torch.prepare_data_loader(train_loader(cfg, splits.train, pre),
-                                                              move_to_device=False)
+            # Our own DistributedSampler (seed 0, as Ray's): ray.train.torch.prepare_data_loader rebuilds
+            # the DataLoader without persistent_workers, so its worker processes were forked anew
+            # every epoch on every rank.
+            sampler = DistributedSampler(range(len(splits.train)), num_replicas=world, rank=rank) if world > 1 else None
+            self.loader = train_loader(cfg, splits.train, pre, sampler=sampler)
             self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={b} is larger than a worker's share of the training split "

@@ -30,7 +30,8 @@ def test_runtime_env_uploads_code_only_and_points_at_this_checkout(monkeypatch, 
     assert env["working_dir"] == str(REPO)
     assert {"/.git", "/.venv", "/data", "/results", "/mlruns"} <= set(env["excludes"])
     assert env["env_vars"] == {BASE_DIR_ENV: str(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-                               "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+                               "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     assert Path(REPO / "jobs" / "train.py").is_file()
 
 
