@@ -170,15 +170,14 @@ class WorkerData:
             self.shard = ray.train.get_dataset_shard("train")
             self.rows = loop_config["num_train"] // world  # streaming_split(equal=True) gives every rank this many
             self.steps_per_epoch = self.rows // b
-        elif cfg.augment.batched:  # decoded once into memory, each rank takes its share per epoch
-            self.loader = train_loader(cfg, splits.train, pre, rank=rank, world=world)
-            self.steps_per_epoch = len(self.loader)
         else:
-            # Our own DistributedSampler (seed 0, as Ray's): ray.train.torch.prepare_data_loader rebuilds
-            # the DataLoader without persistent_workers, so its worker processes were forked anew
-            # every epoch on every rank.
-            sampler = DistributedSampler(range(len(splits.train)), num_replicas=world, rank=rank) if world > 1 else None
-            self.loader = train_loader(cfg, splits.train, pre, sampler=sampler)
+            # Each rank's share: augment.batched's in-memory batches take it per epoch themselves; a
+            # DataLoader gets our own DistributedSampler (seed 0, as Ray's), because
+            # ray.train.torch.prepare_data_loader rebuilds the DataLoader without persistent_workers,
+            # so its worker processes were forked anew every epoch on every rank.
+            distribute = world > 1 and not cfg.augment.batched
+            sampler = DistributedSampler(range(len(splits.train)), num_replicas=world, rank=rank) if distribute else None
+            self.loader = train_loader(cfg, splits.train, pre, sampler=sampler, rank=rank, world=world)
             self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={b} is larger than a worker's share of the training split "
