@@ -52,6 +52,9 @@ def start_local_ray(cpus: int) -> None:
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     dashboard = free_port()
+    from jobs.common import worker_niceness_default
+
+    worker_niceness_default()
     ray.init(address="local", num_cpus=cpus, configure_logging=False, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=dashboard,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",

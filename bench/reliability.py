@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = register_model_file(uri, MODEL, model_file, experiment="bench")
     Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
+    from jobs.common import worker_niceness_default
+
+    worker_niceness_default()
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=free_port(), configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

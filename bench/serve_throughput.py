@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = register_model_file(uri, MODEL, model_file, experiment="bench")
     Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
+    from jobs.common import worker_niceness_default
+
+    worker_niceness_default()
     ray.init(address="local", num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=False,
              configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

@@ -20,6 +20,19 @@ from imgcls_core.tracking import describe_tracking_error, is_unreachable
 # to the repository on the cluster's shared file system.
 BASE_DIR_ENV = "IMGCLS_BASE_DIR"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: The niceness the raylet gives the worker processes it starts: Ray's default is 15, so any
+#: process at 0 (the raylet, GCS, dashboard agent, a job's driver) preempts a training rank mid-step,
+#: and its other OpenMP threads spin at the next barrier meanwhile. On 2 cores that made Ray Train's
+#: train pass 1.2-1.3x the same loop's outside Ray at the same CPU use; at 0 it is 0.99x
+#: (bench/train_vs_local.py). Read by the raylet when it starts: set it before `ray start` or a
+#: ray.init that starts a local instance.
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def worker_niceness_default() -> None:
+    """Training workers at the niceness of every other process (unless already set): call before
+    this process starts a Ray instance; a running instance keeps the niceness it started with."""
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, ray_address: bool = False) -> None:
@@ -134,6 +147,7 @@ def init_ray(address: str | None = None, log=print, **kwargs) -> None:
     if os.environ.get(API_SERVER_ENV) and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}}
     address = ray_init_address(address, log)
+    worker_niceness_default()  # only read when ray.init starts a local instance
     # A Ray instance started here inherits this process's environment: its workers (the training
     # tracker, Serve replicas) keep MLflow's retries rather than the driver's fail-fast settings.
     driver_only = {key: os.environ.pop(key) for key, value in _fail_fast_set.items() if os.environ.get(key) == value}

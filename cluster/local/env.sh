@@ -19,3 +19,7 @@ export IMGCLS_SERVE_URL="http://127.0.0.1:${SERVE_PORT}"
 # starts one per run and logs a core_worker.cc error about its restart arguments each time).
 # Ray Train reads this in the job's driver and passes it to its controller and workers.
 export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}"
+# Ray starts its workers at niceness 15, so the raylet, GCS and agents preempt training ranks
+# mid-step: 1.2-1.3x slower train passes on 2 cores (jobs/common.py, WORKER_NICENESS_ENV).
+# The raylet reads this when `ray start` starts it.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"

@@ -33,6 +33,9 @@ def ray_session():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+        from jobs.common import worker_niceness_default
+
+        worker_niceness_default()
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",

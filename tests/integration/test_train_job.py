@@ -226,3 +226,13 @@ def test_tracking_server_stopped_during_training_gets_the_metrics_late(ray_sessi
     finally:
         thread.join(timeout=600)
         stop_server(server)
+
+
+def test_ray_workers_run_at_niceness_zero(ray_session):
+    """The session's instance was started after jobs.common.worker_niceness_default(), as every
+    local instance of the project is: the raylet must honour it (Ray's own default is 15)."""
+    import os
+
+    import ray
+
+    assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == 0

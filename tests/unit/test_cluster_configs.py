@@ -95,6 +95,8 @@ def test_aws_yaml_keeps_token_auth_and_a_loopback_dashboard(aws):
         assert "RAY_AUTH_MODE=token" in command, command  # `ray stop` too talks to the cluster
     head_start = next(c for c in aws["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head_start
+    for command in starts:  # training workers at niceness 0, not Ray's 15 (jobs.common.WORKER_NICENESS_ENV)
+        assert re.search(r"\bRAY_worker_niceness=0\b", command.split("ray start")[0]), command
     assert "0.0.0.0" not in " ".join(starts)
 
 

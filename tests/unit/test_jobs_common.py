@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from imgcls_core.config import load_config
@@ -194,3 +195,26 @@ def test_one_worker_trials_train_in_the_trial_and_reserve_the_workers_resources(
     for other in ("ray.num_workers=2", "tune.scheduler=pbt", "tune.in_trial=false"):
         assert not trains_in_trial(_ray_cfg("ray.num_workers=1", other)), other
         assert trial_resources(_ray_cfg("ray.num_workers=1", other)) == {"CPU": 0.1}
+
+
+def test_init_ray_starts_local_instances_with_workers_at_niceness_zero(monkeypatch):
+    import ray
+
+    from jobs.common import WORKER_NICENESS_ENV, init_ray
+
+    seen = {}
+    monkeypatch.delenv(WORKER_NICENESS_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("env", os.environ.get(WORKER_NICENESS_ENV)))
+    init_ray()
+    assert seen["env"] == "0"
+    monkeypatch.setenv(WORKER_NICENESS_ENV, "5")  # a user's own choice stays
+    seen.clear()
+    init_ray()
+    assert seen["env"] == "5"
+
+
+def test_local_cluster_env_sets_worker_niceness():
+    env = (REPO / "cluster" / "local" / "env.sh").read_text()
+    assert 'export RAY_worker_niceness="${RAY_worker_niceness:-0}"' in env
