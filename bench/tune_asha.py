@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--first", choices=["asha", "fifo"], default="asha",
                         help="which sweep runs first (the first one also pays Ray's cold start)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more config override for both sweeps (repeatable), e.g. train.ema_decay=0.98")
     args = parser.parse_args(argv)
 
     import ray
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
         for scheduler in (args.first, "fifo" if args.first == "asha" else "asha"):
             cfg = load_config(None, sweep_overrides(root, tmp / scheduler, scheduler, epochs=args.epochs,
                                                     samples=args.samples, scheduler=scheduler, seed=args.seed,
-                                                    reduction_factor=args.reduction_factor, data_format=data_format))
+                                                    reduction_factor=args.reduction_factor, data_format=data_format)
+                             + args.overrides)
             started = time.perf_counter()
             summary = run_sweep(cfg, log=lambda m: print(f"[{scheduler}] {m}", flush=True))
             results[scheduler] = {"epochs": summary["epochs_run"], "best_val_acc1": summary["best_metric"],
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     out = {"samples": args.samples, "epochs_per_trial": args.epochs, "reduction_factor": args.reduction_factor,
-           "data": args.data,
+           "data": args.data, "overrides": args.overrides,
            "first": args.first, "results": results,
            "ratios": ratios}
     save(f"tune_asha_{args.first}_first", out)

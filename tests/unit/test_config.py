@@ -229,3 +229,9 @@ def test_exponent_notation_without_a_dot_is_a_number():
     cfg = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=5E-2"])
     assert cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.05
     assert Config.from_dict({"optim": {"weight_decay": "3e-5"}}).optim.weight_decay == 3e-5
+
+
+def test_ranking_a_sweep_on_ema_weights_needs_an_ema():
+    with pytest.raises(ConfigError, match=r"tune.metric: val_ema/acc1 .*train.ema_decay.*val/acc1"):
+        load_config(None, ["tune.metric=val_ema/acc1"])
+    assert load_config(None, ["tune.metric=val_ema/acc1", "train.ema_decay=0.98"]).tune.metric == "val_ema/acc1"
