@@ -125,6 +125,7 @@ class Engine:
                 on_step({"loss": sums[0].item() / sums[2].item(), "lr": self.schedule.last_lr()})
         seconds = time.perf_counter() - start
         self.epoch_step = 0  # the pass is complete; the next one starts at its first batch
+        self.sync_buffers()
         sums = self._all_reduce(sums)
         if sums[2] == 0:
             raise RuntimeError("the training data yielded no batches; is the training split empty?")
@@ -223,6 +224,18 @@ class Engine:
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (a collective: all ranks call it)."""
         return bool(self._all_reduce(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+
+    def sync_buffers(self) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) of the model and its
+        EMA over ranks, so validation and checkpoints see one model: distributed jobs wrap the model
+        in DDP without its per-step broadcast of rank 0's buffers, and every training pass ends here."""
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        for module in modules:
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    buffer.copy_(self._all_reduce(buffer.detach()) / self.world_size)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized()):
