@@ -34,6 +34,13 @@ Measured per run (timestamps from hooks in the training process itself):
   Ray head's processes, the Ray workers and their DataLoader workers, read
   from /proc), split into training processes and Ray's system processes.
 
+``--lockstep`` runs the two sides of a round at once, taking turns one epoch
+each (the turn passes at each epoch's report), so the epochs compared lie
+seconds apart rather than a run apart: on a shared 2-core VM whose speed drifts
+by 20-40% between runs, that is what makes a 5% difference visible. CPU per
+image then comes from the training processes' own clocks, and start-up is
+not measured (a side waits for its turn).
+
 Prints a table per layout and the median epoch ratio ray/local (1.0 = no
 overhead; the target is <= 1.05); saves everything with bench.common.save.
 """
@@ -74,7 +81,15 @@ def instrument() -> None:
     if getattr(Engine, "_bench_instrumented", False):
         return
     Engine._bench_instrumented = True
-    step, reporter = Engine._train_step, TrainingSession._reporter
+    step, reporter, train_epoch = Engine._train_step, TrainingSession._reporter, Engine.train_epoch
+
+    def _train_epoch(self, batches, on_step=None):
+        gate = Turnstile.of(self.cfg.train.output_dir)
+        if gate is not None:
+            gate.wait()
+            _mark(self.cfg.train.output_dir, self.rank,
+                  {"ev": "turn", "epoch": self.epoch + 1, "t": time.time(), "cpu": time.process_time()})
+        return train_epoch(self, batches, on_step)
 
     def _train_step(self, images, labels):
         if not getattr(self, "_bench_first", False):
@@ -99,14 +114,63 @@ def instrument() -> None:
             t0 = time.time()
             report(metrics, timed_write if write is not None else None)
             t1 = time.time()
+            epoch = int(metrics.get("epoch", 0))
             _mark(str(self.out), self.host.rank,
-                  {"ev": "report", "epoch": int(metrics.get("epoch", 0)), "mid": bool(metrics.get("mid_epoch")),
-                   "t0": t0, "t1": t1, "write_s": spent["write_s"], "train_s": metrics.get("train/epoch_s"),
+                  {"ev": "report", "epoch": epoch, "mid": bool(metrics.get("mid_epoch")),
+                   "t0": t0, "t1": t1, "cpu": time.process_time(), "write_s": spent["write_s"],
+                   "train_s": metrics.get("train/epoch_s"),
                    "images": round(metrics.get("train/images_per_s", 0.0) * metrics.get("train/epoch_s", 0.0))})
+            gate = Turnstile.of(str(self.out))
+            if gate is not None and self.host.rank == 0 and not metrics.get("mid_epoch"):
+                gate.hand_over(last=epoch >= self.cfg.train.epochs)
 
         return timed
 
     Engine._train_step, TrainingSession._reporter = _train_step, _reporter
+
+
+class Turnstile:
+    """Lockstep mode: the two sides train at once but take turns, one epoch (train pass, validation,
+    checkpoint, report) each, so both see the machine as it is within a second of each other. A
+    side's output_dir holds ``bench_turnstile.json`` naming the shared folder and the side; the
+    folder's ``turn`` file names whose turn it is. A side that has trained its last epoch waits
+    until the other has too, so its test evaluation and packaging overlap nothing measured."""
+
+    FILE = "bench_turnstile.json"
+
+    def __init__(self, folder: str, side: str, other: str):
+        self.folder, self.side, self.other = Path(folder), side, other
+
+    @classmethod
+    def of(cls, output_dir: str) -> Turnstile | None:
+        path = Path(output_dir) / cls.FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+    @staticmethod
+    def setup(folder: Path, first: str, sides: dict[str, Path]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "turn").write_text(first)
+        for side, out in sides.items():
+            other = next(s for s in sides if s != side)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / Turnstile.FILE).write_text(json.dumps({"folder": str(folder), "side": side, "other": other}))
+
+    def _mine(self) -> bool:
+        return (self.folder / "turn").read_text() == self.side or (self.folder / f"done_{self.other}").exists()
+
+    def wait(self) -> None:
+        while not self._mine():
+            time.sleep(0.002)
+
+    def hand_over(self, last: bool) -> None:
+        if last:
+            (self.folder / f"done_{self.side}").touch()
+        tmp = self.folder / f"turn.{self.side}"
+        tmp.write_text(self.other)
+        tmp.replace(self.folder / "turn")
+        if last:
+            while not (self.folder / f"done_{self.other}").exists():
+                time.sleep(0.01)
 
 
 def instrumented_loop(loop_config: dict) -> None:
@@ -258,7 +322,7 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
     import torch
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     monitor = Monitor(out / MARKS.format(rank=0))
     build = {}
     monitor.start()
@@ -302,6 +366,9 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
     ends = [first["t"]] + [r["t1"] for r in reports]
     cycles = [b - a for a, b in zip(ends, ends[1:])]
     steady = slice(1, None)
+    turns = {m["epoch"]: m for m in marks if m["ev"] == "turn"}
+    if turns:  # lockstep: an epoch runs from its turn to its report; the waits between are the other side's
+        cycles = [r["t1"] - turns[r["epoch"]]["t"] for r in reports]
     images = median([r["images"] for r in reports[steady]])
     window_images = sum(r["images"] for r in reports[steady])
     cpu = cpu_between(snaps[0], snaps[-1]) if len(snaps) >= 2 else {}
@@ -326,6 +393,18 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
         "other_work_cores": (cpu.get("other_work", 0.0) / (ends[-1] - ends[1])) if len(ends) > 2 else float("nan"),
         "loadavg_at_start": os.getloadavg()[0],
     }
+    if turns:
+        # The other side ran in between, so the snapshots of the whole tree mix both sides: CPU from
+        # the training processes' own clocks over their turns (every rank), start-up not measured.
+        own = 0.0
+        for rank in range(world if side == "ray" else 1):
+            rank_marks = _read_marks(out, rank)
+            start = {m["epoch"]: m["cpu"] for m in rank_marks if m["ev"] == "turn"}
+            own += sum(m["cpu"] - start[m["epoch"]] for m in rank_marks
+                       if m["ev"] == "report" and not m["mid"] and m["epoch"] in start and m["epoch"] > 1)
+        row.update({"cpu_ms_per_image": 1000 * own / window_images if window_images else float("nan"),
+                    "cpu_ms_per_image_incl_ray_system": float("nan"), "other_work_cores": float("nan"),
+                    "startup_s": float("nan"), "wall_s": float("nan"), "lockstep": True})
     row["images_per_s"] = images / row["epoch_cycle_s_median"]
     row["train_pass_images_per_s"] = images / row["train_pass_s_median"]
     if side == "ray":
@@ -336,6 +415,32 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
             others = [m for r in range(1, world) for m in _read_marks(out, r) if m["ev"] == "report" and not m["mid"]]
             row["other_ranks_report_s_median"] = median([m["t1"] - m["t0"] for m in others[steady]])
     return row
+
+
+def run_lockstep(cfgs: dict, first: str, world: int, folder: Path) -> dict[str, dict]:
+    """Both sides at once, taking turns epoch by epoch (:class:`Turnstile`), ``first`` first: the
+    local loop in its child process (from a thread of this one), Ray Train from this process."""
+    Turnstile.setup(folder, first, {side: Path(cfg.train.output_dir) for side, cfg in cfgs.items()})
+    done: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def local() -> None:
+        try:
+            done["local"] = run_side("local", cfgs["local"], world)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the main thread
+            errors.append(exc)
+            (folder / "done_local").touch()  # never leave the Ray side waiting for its turn
+
+    thread = threading.Thread(target=local)
+    thread.start()
+    try:
+        done["ray"] = run_side("ray", cfgs["ray"], world)
+    finally:
+        (folder / "done_ray").touch()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return done
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -417,6 +522,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run the local loop in a child process without Ray (default), or in this "
                              "process, which is Ray's driver")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both sides")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="run both sides at once, one epoch each in turn: epoch ratios from epochs "
+                             "seconds apart, immune to the drift of a shared machine's speed between runs "
+                             "(CPU per image from the training processes' own clocks; no start-up figures)")
     args = parser.parse_args(argv)
     if args.epochs == 1:
         parser.error("--epochs must be at least 2 (the first epoch is warm-up)")
@@ -447,10 +556,13 @@ def main(argv: list[str] | None = None) -> dict:
         for index in range(args.rounds):  # the layouts interleave too: a cut-short run still has both
             for layout in args.layouts:
                 order = ["local", "ray"] if index % 2 == 0 else ["ray", "local"]
-                done = {}
+                cfgs = {side: side_config(args, tmp, root, side, layout, index) for side in order}
+                if args.lockstep:
+                    done = run_lockstep(cfgs, order[0], LAYOUTS[layout][0], tmp / f"turnstile-{layout}-{index}")
+                else:
+                    done = {side: run_side(side, cfgs[side], LAYOUTS[layout][0], args.local_process) for side in order}
                 for side in order:
-                    cfg = side_config(args, tmp, root, side, layout, index)
-                    done[side] = r = run_side(side, cfg, LAYOUTS[layout][0], args.local_process)
+                    r = done[side]
                     print(f"[{layout} round {index} {side}] epoch {r['epoch_cycle_s_median']:.2f}s "
                           f"(train {r['train_pass_s_median']:.2f}s) start-up {r['startup_s']:.1f}s "
                           f"wall {r['wall_s']:.1f}s cpu {r['cpu_ms_per_image']:.2f} ms/img; other work "
