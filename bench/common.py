@@ -46,19 +46,15 @@ def start_local_ray(cpus: int) -> None:
     from the workers, before it frees the workers of a trial a scheduler stopped;
     RAY_API_SERVER_ADDRESS points it at this instance rather than at whichever
     /tmp/ray/ray_current_cluster names."""
-    import ray
-
     from bench.serve_throughput import free_port
+    from jobs.common import init_local_ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     dashboard = free_port()
-    from jobs.common import worker_niceness_default
-
-    worker_niceness_default()
-    ray.init(address="local", num_cpus=cpus, configure_logging=False, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+    init_local_ray(num_cpus=cpus, configure_logging=False, include_dashboard=True,
+                   dashboard_host="127.0.0.1", dashboard_port=dashboard,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
 
 
 def sweep_overrides(root: Path, out: Path, name: str, *, epochs: int, samples: int, scheduler: str,

@@ -139,10 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "device": "cuda" if use_gpu else "cpu",
             "storage": tempfile.mkdtemp(prefix="imgcls-bench-gpu-")}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from jobs.common import worker_niceness_default
+    from jobs.common import init_local_ray
 
-    worker_niceness_default()
-    ray.init(address="local", configure_logging=False, include_dashboard=False)
+    init_local_ray(configure_logging=False, include_dashboard=False)
     plain, train = [], []
     try:
         for k in range(args.repeats):

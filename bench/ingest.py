@@ -166,11 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = plan.cfg
     torch.set_num_threads(1)  # the consumer only counts; keep both sides' main process alike
 
-    from jobs.common import worker_niceness_default
+    from jobs.common import init_local_ray
 
-    worker_niceness_default()
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    init_local_ray(num_cpus=args.workers, include_dashboard=False, configure_logging=False,
+                   log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     sides = {}

@@ -300,12 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = register_model_file(uri, MODEL, model_file, experiment="bench")
     Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
-    from jobs.common import worker_niceness_default
+    from jobs.common import init_local_ray
 
-    worker_niceness_default()
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    init_local_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=free_port(), configure_logging=False,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"tracking_uri": uri, "model_name": MODEL, "num_cpus": 0.5, "torch_threads": 1,

@@ -541,11 +541,10 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-train-"))
     root = materialize_digits(tmp / "digits")
     t = time.perf_counter()
-    from jobs.common import worker_niceness_default
+    from jobs.common import init_local_ray
 
-    worker_niceness_default()
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    init_local_ray(num_cpus=args.cpus, include_dashboard=False, configure_logging=False,
+                   log_to_driver=False)
     ray_init_s = time.perf_counter() - t
     print(f"ray.init: {ray_init_s:.1f} s (once, for the whole benchmark)")
 

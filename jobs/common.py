@@ -23,9 +23,10 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 #: The niceness the raylet gives the worker processes it starts: Ray's default is 15, so any
 #: process at 0 (the raylet, GCS, dashboard agent, a job's driver) preempts a training rank mid-step,
 #: and its other OpenMP threads spin at the next barrier meanwhile. On 2 cores that made Ray Train's
-#: train pass 1.2-1.3x the same loop's outside Ray at the same CPU use; at 0 it is 0.99x
-#: (bench/train_vs_local.py). Read by the raylet when it starts: set it before `ray start` or a
-#: ray.init that starts a local instance.
+#: train pass use 1.3x the CPU of the same loop outside Ray for the same epochs; at 0 the train
+#: pass measured 0.99-1.18x on a 2-core VM whose speed drifts between runs (bench/train_vs_local.py).
+#: Read by the raylet when it starts: set it before `ray start` or a ray.init that starts a local
+#: instance (:func:`init_local_ray`).
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
@@ -33,6 +34,15 @@ def worker_niceness_default() -> None:
     """Training workers at the niceness of every other process (unless already set): call before
     this process starts a Ray instance; a running instance keeps the niceness it started with."""
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+
+
+def init_local_ray(**kwargs) -> None:
+    """``ray.init(address="local", **kwargs)``: a new Ray instance owned by this process (benchmarks,
+    the test session), its training workers at niceness 0."""
+    import ray
+
+    worker_niceness_default()
+    ray.init(address="local", **kwargs)
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, ray_address: bool = False) -> None:

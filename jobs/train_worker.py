@@ -118,15 +118,12 @@ def _ddp(model):
     """DDP without its per-step broadcast of rank 0's buffers (BatchNorm statistics): on CPU gloo
     that broadcast was a fifth of a small CNN's step (21 -> 17 ms, 2 ranks x 1 thread). The engine
     averages the buffers over ranks once per epoch instead (Engine.sync_buffers)."""
-    import inspect
-
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
-    # torch >= 2.14 names it forward_sync_buffers (buffers still synced once, at wrap time).
-    params = inspect.signature(DistributedDataParallel).parameters
-    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={key: False})
+    from imgcls_core.engine.loop import ddp_without_buffer_broadcast
+
+    return ray.train.torch.prepare_model(model, move_to_device=False,
+                                         parallel_strategy_kwargs=ddp_without_buffer_broadcast())
 
 
 def restore_checkpoint(checkpoint, device, log) -> tuple[dict[str, Any], str]:

@@ -12,6 +12,7 @@ wrapped, averaged or saved: checkpoints are the student's alone.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +31,14 @@ from imgcls_core.models import keep_frozen_bn_eval
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchMix = Callable[[torch.Tensor, torch.Tensor], Batch]
+
+
+def ddp_without_buffer_broadcast() -> dict[str, bool]:
+    """DistributedDataParallel's keyword that turns off its per-step broadcast of rank 0's buffers
+    (torch >= 2.14 names it forward_sync_buffers; buffers are still synced once, at wrap time). A
+    job that passes it lets :meth:`Engine.sync_buffers` average the buffers once per epoch instead."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -232,10 +241,13 @@ class Engine:
         if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return
         modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        for module in modules:
-            for buffer in module.buffers():
-                if buffer.is_floating_point():
-                    buffer.copy_(self._all_reduce(buffer.detach()) / self.world_size)
+        buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        # one collective for all of them (a ResNet-50 has over 150), in float64 as _all_reduce sends
+        flat = self._all_reduce(torch.cat([b.detach().reshape(-1).double() for b in buffers])) / self.world_size
+        for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(mean.view_as(buffer))
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized()):

@@ -33,13 +33,12 @@ def ray_session():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        from jobs.common import worker_niceness_default
+        from jobs.common import init_local_ray
 
-        worker_niceness_default()
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        init_local_ray(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, configure_logging=False,
+                       runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
         DASHBOARD["url"] = f"http://127.0.0.1:{port}"
     yield ray
     ray.shutdown()

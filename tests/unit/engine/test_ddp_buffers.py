@@ -4,7 +4,6 @@ its EMA averaged over the ranks, so both ranks validate and checkpoint the same 
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -14,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imgcls_core.config import load_config
 from imgcls_core.engine import Engine, setup_runtime
+from imgcls_core.engine.loop import ddp_without_buffer_broadcast
 from imgcls_core.models import create_model
 
 
@@ -25,10 +25,8 @@ def _rank(rank: int, port: int, out: str) -> None:
         cfg = load_config(None, ["model.name=cnn3", "model.width=0.25", "data.batch_size=8", "train.ema_decay=0.9"])
         model = create_model("cnn3", 3, width=0.25)
         # the wrap jobs.train_worker uses, without Ray: no buffer broadcast in forward
-        params = inspect.signature(DistributedDataParallel).parameters
-        key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         engine = Engine(cfg, model, setup_runtime(cfg.train), steps_per_epoch=3, world_size=2, rank=rank,
-                        wrap=lambda m: DistributedDataParallel(m, **{key: False}))
+                        wrap=lambda m: DistributedDataParallel(m, **ddp_without_buffer_broadcast()))
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: its own BN statistics
         batches = [(torch.randn(8, 3, 16, 16, generator=g) * (1 + rank), torch.randint(0, 3, (8,), generator=g))
                    for _ in range(3)]
