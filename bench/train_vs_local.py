@@ -38,8 +38,9 @@ Measured per run (timestamps from hooks in the training process itself):
 each (the turn passes at each epoch's report), so the epochs compared lie
 seconds apart rather than a run apart: on a shared 2-core VM whose speed drifts
 by 20-40% between runs, that is what makes a 5% difference visible. CPU per
-image then comes from the training processes' own clocks, and start-up is
-not measured (a side waits for its turn).
+image then comes from the training processes' own clocks; the second side is
+launched once the first is at its first epoch (the first waits for it there), so
+the start-ups do not overlap, and start-up is measured to the first epoch.
 
 Prints a table per layout and the median epoch ratio ray/local (1.0 = no
 overhead; the target is <= 1.05); saves everything with bench.common.save.
@@ -86,6 +87,10 @@ def instrument() -> None:
     def _train_epoch(self, batches, on_step=None):
         gate = Turnstile.of(self.cfg.train.output_dir)
         if gate is not None:
+            if not getattr(self, "_bench_ready", False):
+                self._bench_ready = True
+                _mark(self.cfg.train.output_dir, self.rank, {"ev": "ready", "t": time.time()})
+                gate.ready()
             gate.wait()
             _mark(self.cfg.train.output_dir, self.rank,
                   {"ev": "turn", "epoch": self.epoch + 1, "t": time.time(), "cpu": time.process_time()})
@@ -126,15 +131,17 @@ def instrument() -> None:
 
         return timed
 
-    Engine._train_step, TrainingSession._reporter = _train_step, _reporter
+    Engine._train_step, Engine.train_epoch, TrainingSession._reporter = _train_step, _train_epoch, _reporter
 
 
 class Turnstile:
     """Lockstep mode: the two sides train at once but take turns, one epoch (train pass, validation,
     checkpoint, report) each, so both see the machine as it is within a second of each other. A
     side's output_dir holds ``bench_turnstile.json`` naming the shared folder and the side; the
-    folder's ``turn`` file names whose turn it is. A side that has trained its last epoch waits
-    until the other has too, so its test evaluation and packaging overlap nothing measured."""
+    folder's ``turn`` file names whose turn it is. The start-ups do not overlap: the second side is
+    launched once the first is :meth:`ready` (at its first epoch), and no epoch starts before both
+    are. A side that has trained its last epoch waits until the other has too, so its test
+    evaluation and packaging overlap nothing measured."""
 
     FILE = "bench_turnstile.json"
 
@@ -156,7 +163,19 @@ class Turnstile:
             (out / Turnstile.FILE).write_text(json.dumps({"folder": str(folder), "side": side, "other": other}))
 
     def _mine(self) -> bool:
-        return (self.folder / "turn").read_text() == self.side or (self.folder / f"done_{self.other}").exists()
+        if (self.folder / f"done_{self.other}").exists():
+            return True
+        return (self.folder / "turn").read_text() == self.side and (self.folder / f"ready_{self.other}").exists()
+
+    def ready(self) -> None:
+        """This side has started up (it is at its first epoch)."""
+        (self.folder / f"ready_{self.side}").touch()
+
+    @staticmethod
+    def wait_ready(folder: Path, side: str) -> None:
+        """Until ``side`` has started up, or ended."""
+        while not ((folder / f"ready_{side}").exists() or (folder / f"done_{side}").exists()):
+            time.sleep(0.01)
 
     def wait(self) -> None:
         while not self._mine():
@@ -395,7 +414,8 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
     }
     if turns:
         # The other side ran in between, so the snapshots of the whole tree mix both sides: CPU from
-        # the training processes' own clocks over their turns (every rank), start-up not measured.
+        # the training processes' own clocks over their turns (every rank). Start-up: from the call to
+        # the first epoch (ready; the start-ups of the two sides do not overlap), not to the first step.
         own = 0.0
         for rank in range(world if side == "ray" else 1):
             rank_marks = _read_marks(out, rank)
@@ -404,13 +424,15 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
                        if m["ev"] == "report" and not m["mid"] and m["epoch"] in start and m["epoch"] > 1)
         row.update({"cpu_ms_per_image": 1000 * own / window_images if window_images else float("nan"),
                     "cpu_ms_per_image_incl_ray_system": float("nan"), "other_work_cores": float("nan"),
-                    "startup_s": float("nan"), "wall_s": float("nan"), "lockstep": True})
+                    "startup_s": next(m["t"] for m in marks if m["ev"] == "ready") - t_call,
+                    "wall_s": float("nan"), "lockstep": True})
     row["images_per_s"] = images / row["epoch_cycle_s_median"]
     row["train_pass_images_per_s"] = images / row["train_pass_s_median"]
     if side == "ray":
         loop_start = min(m["t"] for m in marks if m["ev"] == "loop_start")
+        started = next(m["t"] for m in marks if m["ev"] == "ready") if turns else first["t"]
         row["startup_split_s"] = {"driver_plan": build["t"] - t_call, "worker_group_start": loop_start - build["t"],
-                                  "worker_setup_to_first_step": first["t"] - loop_start}
+                                  "worker_setup": started - loop_start}
         if world > 1:  # the other ranks' report time: how long rank 0's checkpoint holds them
             others = [m for r in range(1, world) for m in _read_marks(out, r) if m["ev"] == "report" and not m["mid"]]
             row["other_ranks_report_s_median"] = median([m["t1"] - m["t0"] for m in others[steady]])
@@ -426,6 +448,8 @@ def run_lockstep(cfgs: dict, first: str, world: int, folder: Path) -> dict[str, 
 
     def local() -> None:
         try:
+            if first == "ray":
+                Turnstile.wait_ready(folder, "ray")
             done["local"] = run_side("local", cfgs["local"], world)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, in the main thread
             errors.append(exc)
@@ -434,6 +458,8 @@ def run_lockstep(cfgs: dict, first: str, world: int, folder: Path) -> dict[str, 
     thread = threading.Thread(target=local)
     thread.start()
     try:
+        if first == "local":
+            Turnstile.wait_ready(folder, "local")
         done["ray"] = run_side("ray", cfgs["ray"], world)
     finally:
         (folder / "done_ray").touch()
@@ -504,7 +530,7 @@ def print_table(layout: str, rows: list[dict], s: dict) -> None:
           f"ray {s['epoch_cycle_s_median']['ray']:.2f}; ratio ray/local (median of rounds) "
           f"{s['epoch_ratio_ray_over_local']:.3f} (target <= 1.05); train pass only "
           f"{s['train_pass_ratio_ray_over_local']:.3f}")
-    print(f"start-up to first step s: local {s['startup_s']['local']:.1f}, ray {s['startup_s']['ray']:.1f} "
+    print(f"start-up s (to the first step; --lockstep: to the first epoch): local {s['startup_s']['local']:.1f}, ray {s['startup_s']['ray']:.1f} "
           f"{s.get('ray_startup_split_s', {})}; CPU ms/image local {s['cpu_ms_per_image']['local']:.2f}, "
           f"ray {s['cpu_ms_per_image']['ray']:.2f}")
 
