@@ -167,7 +167,7 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           _train_vs_local, minutes=12),
     Bench("ingest", "distributed training",
           "50,000 composed 48 px digits in Parquet shards: Ray Data vs a DataLoader, 2 CPUs each, steady state",
-          ("--epochs", "4"), ("--epochs", "1", "--count", "12000"), _ingest, minutes=12),
+          ("--epochs", "6"), ("--epochs", "1", "--count", "12000"), _ingest, minutes=15),
     Bench("tune_asha", "sweeps", "ASHA vs the same seeded trials without early stopping (FIFO)",
           ("--samples", "32", "--epochs", "8"), ("--samples", "2", "--epochs", "2", "--data", "digits"),
           lambda r: {"epochs trained, ASHA / FIFO (x)": r["ratios"]["epochs_asha_over_fifo"],

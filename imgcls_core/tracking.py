@@ -144,6 +144,7 @@ class Tracker:
         self._failed_since_flush = False
         self._retry_at = 0.0  # time.monotonic() before which buffered metrics are not re-sent
         self._closed = False
+        self._continued = False  # start() continued an existing run: it may hold params already
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,7 +175,7 @@ class Tracker:
                 run_id = found[0].info.run_id if found else None
             if run_id is not None:
                 self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
+                self.run_id, self._continued = run_id, True
                 self.log(f"MLflow: continuing run {run_id} in experiment {self.cfg.experiment!r}")
             else:
                 all_tags = dict(tags or {})
@@ -220,11 +221,24 @@ class Tracker:
     # ------------------------------------------------------------------ logging
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Log ``params``. MLflow never changes a logged param: on a continued run only the new
+        ones are logged, and those whose value differs from the logged one are named."""
         if not self.active:
             return None
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        values = {k: _param_value(v) for k, v in params.items()}
+        if self._continued:
+            logged = self._call("params", lambda: self.client.get_run(self.run_id).data.params)
+            if logged is None:
+                return None
+            changed = sorted(k for k, v in values.items() if k in logged and logged[k] != v)
+            if changed:
+                self.log("MLflow: this run was logged with other values of " + ", ".join(
+                    f"{k} ({logged[k]!r}, now {values[k]!r})" for k in changed)
+                    + "; MLflow keeps the first value of a param (the config in the run's artifacts is the current one)")
+            values = {k: v for k, v in values.items() if k not in logged}
+        items = [Param(k, v) for k, v in values.items()]
         for start in range(0, len(items), 100):  # the server takes at most 100 params a batch
             chunk = items[start : start + 100]
             self._call("params", lambda c=chunk: self.client.log_batch(self.run_id, params=c))

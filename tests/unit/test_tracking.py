@@ -102,3 +102,19 @@ def test_training_outputs_register_the_model_once_asked(tmp_path):
     version = MlflowClient(uri).get_model_version("digits", "1")
     assert version.run_id == tracker.run_id  # jobs.promote finds it by its run
     assert Registry(uri, "digits").version_for_run(tracker.run_id).version == version.version
+
+
+def test_a_continued_run_keeps_its_params_and_names_those_the_new_config_changes(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    first = Tracker(sqlite_cfg(tmp_path), log=lambda m: None).start(run_key="results/a")
+    first.log_params({"optim.lr": 0.1, "tune.metric": "val/acc1"})
+    first.close(status="KILLED")
+    lines: list[str] = []
+    again = Tracker(sqlite_cfg(tmp_path), log=lines.append).start(run_key="results/a")
+    again.log_params({"optim.lr": 0.1, "tune.metric": "val_ema/acc1", "train.ema": 0.98})
+    assert again.close() == []  # nothing lost: a changed param is not a tracking failure
+    said = "\n".join(lines)
+    assert "tune.metric ('val/acc1', now 'val_ema/acc1')" in said and "optim.lr" not in said.split("other values")[1]
+    params = MlflowClient(sqlite_cfg(tmp_path).tracking_uri).get_run(first.run_id).data.params
+    assert params == {"optim.lr": "0.1", "tune.metric": "val/acc1", "train.ema": "0.98"}
