@@ -44,7 +44,7 @@ def test_medians_over_runs_and_the_markdown_table():
     assert figure["median"] == pytest.approx(0.34) and figure["min"] == 0.30 and figure["max"] == 0.50
     text = render({"ingest": summary, "gpu_train": {"skipped": "needs a CUDA device"}})
     assert "| images/s, Ray Data / DataLoader (x) | 0.340 | 0.300..0.500 | 3 |" in text
-    assert "`python -m bench.ingest --epochs 4`" in text
+    assert "`python -m bench.ingest --epochs 6`" in text
     assert "Not measured: needs a CUDA device." in text
     assert "## tune_asha" in text and "Not measured: not run yet." in text
     assert text.count("torch 2.") == 2  # one machine line, and one "measured on" line for the one result
