@@ -386,6 +386,7 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
     cycles = [b - a for a, b in zip(ends, ends[1:])]
     steady = slice(1, None)
     turns = {m["epoch"]: m for m in marks if m["ev"] == "turn"}
+    ready = next((m["t"] for m in marks if m["ev"] == "ready"), None)  # lockstep: at the first epoch
     if turns:  # lockstep: an epoch runs from its turn to its report; the waits between are the other side's
         cycles = [r["t1"] - turns[r["epoch"]]["t"] for r in reports]
     images = median([r["images"] for r in reports[steady]])
@@ -424,13 +425,13 @@ def run_side(side: str, cfg, world: int, local_process: str = "subprocess") -> d
                        if m["ev"] == "report" and not m["mid"] and m["epoch"] in start and m["epoch"] > 1)
         row.update({"cpu_ms_per_image": 1000 * own / window_images if window_images else float("nan"),
                     "cpu_ms_per_image_incl_ray_system": float("nan"), "other_work_cores": float("nan"),
-                    "startup_s": next(m["t"] for m in marks if m["ev"] == "ready") - t_call,
+                    "startup_s": ready - t_call,
                     "wall_s": float("nan"), "lockstep": True})
     row["images_per_s"] = images / row["epoch_cycle_s_median"]
     row["train_pass_images_per_s"] = images / row["train_pass_s_median"]
     if side == "ray":
         loop_start = min(m["t"] for m in marks if m["ev"] == "loop_start")
-        started = next(m["t"] for m in marks if m["ev"] == "ready") if turns else first["t"]
+        started = ready if turns else first["t"]
         row["startup_split_s"] = {"driver_plan": build["t"] - t_call, "worker_group_start": loop_start - build["t"],
                                   "worker_setup": started - loop_start}
         if world > 1:  # the other ranks' report time: how long rank 0's checkpoint holds them
