@@ -1,4 +1,4 @@
-"""Submit an imgcls job to a Ray cluster with `ray job submit`, with the right runtime_env.
+"""Submit an imgcls job to a Ray cluster (what `ray job submit` does), with the right runtime_env.
 
     python -m jobs.submit [--address http://127.0.0.1:8265] [--no-wait] -- \\
         python -m jobs.train --config configs/digits_ray.yaml --register digits
@@ -10,15 +10,25 @@ folders on the cluster as here (true on one machine or a shared file system).
 MLFLOW_TRACKING_URI is passed on when set. Token authentication stays on:
 RAY_AUTH_MODE=token is set for the client. Everything after ``--`` is the
 job's entrypoint.
+
+The job goes through Ray's job submission SDK, the client `ray job submit` uses,
+so it is an ordinary Ray job (`ray job list|logs|stop` know it). Its output is
+followed as it comes, and the command returns as soon as Ray marks the job
+finished, with 0 when it succeeded and 1 when it failed or was stopped. (`ray
+job submit`'s own log tail returns about 6 s after a job ends: its server side
+polls the log file and the job state once a second each, one after the other.)
+Ctrl-C stops following, not the job.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
+import logging
 import os
-import subprocess
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -38,10 +48,38 @@ def runtime_env(base_dir: Path) -> dict:
     return env
 
 
-def ray_cli() -> str:
-    """The ``ray`` command installed beside this Python (``.venv/bin/ray``), else the one on PATH."""
-    beside = Path(sys.executable).parent / "ray"
-    return str(beside) if beside.is_file() else "ray"
+STATUS_POLL_S = 0.2
+
+
+async def follow(client, job_id: str, out=sys.stdout) -> str:
+    """Print the job's output as it comes until the job ends; its final status (a JobStatus).
+
+    Ray's log stream (a websocket) ends a few seconds after the job does, so the job's status is
+    polled beside it: once the job is finished the stream is dropped, and what it had not
+    delivered yet is read from the job's whole log."""
+    printed = 0
+
+    async def stream() -> None:
+        nonlocal printed
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+            printed += len(chunk)
+
+    tail = asyncio.ensure_future(stream())
+    try:
+        while True:
+            status = await asyncio.to_thread(client.get_job_status, job_id)
+            if status.is_terminal():
+                break
+            await asyncio.sleep(STATUS_POLL_S)
+    finally:
+        tail.cancel()
+        await asyncio.gather(tail, return_exceptions=True)
+    rest = (await asyncio.to_thread(client.get_job_logs, job_id))[printed:]
+    out.write(rest)
+    out.flush()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,16 +102,43 @@ def main(argv: list[str] | None = None) -> int:
     if not entrypoint:
         print("error: no job command after --", file=sys.stderr)
         return 2
-    command = [ray_cli(), "job", "submit", "--address", args.address,
-               "--runtime-env-json", json.dumps(runtime_env(Path.cwd()))]
-    if args.no_wait:
-        command.append("--no-wait")
-    if args.submission_id:
-        command += ["--submission-id", args.submission_id]
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    # `ray job submit` prints its own errors; a missing `ray` command or Ctrl-C get run_main's line.
-    return run_main(lambda: subprocess.run([*command, "--", *entrypoint], env=env).returncode,
-                    what="submission")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return run_main(lambda: submit(args.address, entrypoint, no_wait=args.no_wait,
+                                   submission_id=args.submission_id), what="submission")
+
+
+def submit(address: str, entrypoint: list[str], *, no_wait: bool = False, submission_id: str | None = None) -> int:
+    """Submit ``entrypoint`` as a Ray job and (unless ``no_wait``) follow it; the exit status."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    # Ray's packaging logs each file it leaves out of the upload at INFO; its warnings still show.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # jobs/runtime_env.yaml's excludes name .git, .venv and the rest already; without Ray's own
+    # default list, Ray does not warn that it now leaves .git and .venv out.
+    os.environ.setdefault("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "")
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env(Path.cwd()),
+                               submission_id=submission_id)
+    print(f"job {job_id} submitted to {address}", flush=True)
+    started = time.monotonic()
+    if no_wait:
+        print(f"follow it: ray job logs -f {job_id}    stop it: ray job stop {job_id}")
+        return 0
+    try:
+        status = asyncio.run(follow(client, job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following job {job_id}; it keeps running (ray job logs -f {job_id}; "
+              f"ray job stop {job_id})", file=sys.stderr)
+        return 130
+    seconds = time.monotonic() - started
+    if status == JobStatus.SUCCEEDED:
+        print(f"job {job_id} succeeded in {seconds:.0f} s", flush=True)
+        return 0
+    # Ray's message repeats the end of the log, printed already: its first part says why.
+    message = (client.get_job_info(job_id).message or "").split(", last available logs")[0].strip()
+    print(f"error: job {job_id} {status.value.lower()} after {seconds:.0f} s" + (f": {message}" if message else ""),
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The whole imgcls pipeline on one machine, every step through `ray job submit` (`make demo`).
+"""The whole imgcls pipeline on one machine, every step a Ray job (`make demo`).
 
     .venv/bin/python cluster/local/demo.py [--config configs/demo.yaml]
     bash cluster/local/stop.sh          # ends the Ray head and MLflow server started here (make stop)
@@ -10,9 +10,11 @@ train with Ray Train (2 DDP workers, Ray Data ingest); promote that baseline to
 it beats the champion on the test split; deploy the Serve endpoint; classify
 one real test digit of every class over HTTP. Each stage prints its time.
 
-A stage's output is shown as it comes, less the known, harmless chatter of `ray job submit`
-and Ray's internals listed in QUIET (each with the reason it is safe to leave out); every
-line, those included, is in the stage's log under $IMGCLS_STATE_DIR/demo-logs/, and the
+Each job goes through jobs.submit (Ray's job submission SDK, what `ray job submit` uses).
+A stage's output is shown as it comes, less the known, harmless chatter of Ray's job submission
+and internals listed in QUIET (each with the reason it is safe to leave out); every
+line, those included, is in the stage's log under $IMGCLS_STATE_DIR/demo-logs/ (each line
+prefixed with the seconds into the stage it came at), and the
 stage's last line says how many were left out. A line that mentions an error is always
 shown unless a QUIET entry names it exactly.
 
@@ -45,9 +47,8 @@ def local_env() -> dict[str, str]:
 
 # Lines left out of the demo's output (they stay in the stage logs), and why each is harmless.
 QUIET = [re.compile(p) for p in (
-    # `ray job submit` packaging the working dir, the follow-up commands it suggests, its banners
-    r"\b(INFO|SUCC) (cli|packaging|dashboard_sdk|sdk|job_manager)\.py:\d+ -- ",
-    r"WARNING working_dir\.py:\d+ -- Directory '\.(git|venv)' is now ignored by default",
+    # Ray's job manager setting up the job's runtime env, at the top of every job's log
+    r"\bINFO job_manager\.py:\d+ -- ",
     # Ray Data's notice that its progress bars are off: jobs/runtime_env.yaml turns them off
     r"Progress bars disabled\. To enable",
     # a deprecation inside Ray Data's own defaults, and the source line Python prints with it
@@ -128,11 +129,11 @@ class Stages:
     def _run(self, title: str, command: list[str], env: dict | None) -> int:
         """Run ``command``, its output to the stage's log and, less the QUIET lines, to the screen."""
         log = self.log_dir / f"{self.n}-{re.sub(r'[^a-z0-9]+', '-', title.split(':')[0].lower()).strip('-')}.log"
-        left_out, lines = 0, LineFilter()
+        left_out, lines, t0 = 0, LineFilter(), time.perf_counter()
         with open(log, "w") as out, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
             for line in proc.stdout:
-                out.write(line)
+                out.write(f"{time.perf_counter() - t0:7.2f} {line}")  # seconds into the stage: where time goes
                 if lines.hides(line):
                     left_out += 1
                 else:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("start the local Ray head and MLflow server", ["bash", "cluster/local/start.sh"], env)
     stages.run("prepare: digits -> PNGs -> Parquet shards",
                [PY, "-m", "jobs.prepare", "--digits", "data/digits", "--shards", "data/digits_shards"], env)
-    stages.run("train: Ray Train, 2 DDP workers (ray job submit)", submit("jobs.train", "--config", config), env)
+    stages.run("train: Ray Train, 2 DDP workers (Ray job)", submit("jobs.train", "--config", config), env)
 
     from imgcls_core.config import load_config
 
@@ -173,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((REPO / cfg.train.output_dir / "train_summary.json").read_text())
     stages.run("promote the trained model (the first champion)",
                submit("jobs.promote", "--config", config, "--run-id", summary["mlflow_run_id"]), env)
-    stages.run("tune: ASHA sweep over LR schedules and augmentation (ray job submit)",
+    stages.run("tune: ASHA sweep over LR schedules and augmentation (Ray job)",
                submit("jobs.tune", "--config", config, "--set", "ray.num_workers=1",
                       "--set", "ray.ingest=dataloader", "--set", "train.epochs=3"), env)
     stages.run("promote the sweep's best trial if it beats the champion",
                submit("jobs.promote", "--config", config), env)
-    stages.run("deploy the Serve endpoint (ray job submit)",
+    stages.run("deploy the Serve endpoint (Ray job)",
                submit("jobs.deploy", "--config", config, "--port", env["SERVE_PORT"]), env)
 
     def predict():

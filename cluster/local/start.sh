@@ -20,17 +20,8 @@ wait_for() {  # wait_for NAME URL SECONDS PIDFILE: any HTTP answer (even 401) me
     done
 }
 
-# Token auth is on (RAY_AUTH_MODE=token) and `ray start` does not create a token: make one with
-# Ray's own CLI when this user has none, readable by this user only.
-# (A token of your own: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as Ray reads them.)
-TOKEN_FILE="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
-if [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$TOKEN_FILE" ]; then
-    (umask 077 && ray get-auth-token --generate > /dev/null 2>&1)
-    echo "Ray auth token created in $TOKEN_FILE (mode 600)"
-fi
-if [ -f "$TOKEN_FILE" ]; then chmod 600 "$TOKEN_FILE"; fi
-
 # Both services start at once and are then waited for: neither needs the other to be up.
+# MLflow first: its server takes longest to answer (it creates the sqlite store's tables).
 started_mlflow=0
 if alive "$IMGCLS_STATE_DIR/mlflow.pid"; then
     echo "MLflow server already running (pid $(cat "$IMGCLS_STATE_DIR/mlflow.pid")) at $MLFLOW_TRACKING_URI"
@@ -42,6 +33,16 @@ else
     echo $! > "$IMGCLS_STATE_DIR/mlflow.pid"
     started_mlflow=1
 fi
+# Token auth is on (RAY_AUTH_MODE=token) and `ray start` does not create a token: make one with
+# Ray's own CLI when this user has none, readable by this user only (MLflow starts meanwhile).
+# (A token of your own: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as Ray reads them.)
+TOKEN_FILE="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+if [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$TOKEN_FILE" ]; then
+    (umask 077 && ray get-auth-token --generate > /dev/null 2>&1)
+    echo "Ray auth token created in $TOKEN_FILE (mode 600)"
+fi
+if [ -f "$TOKEN_FILE" ]; then chmod 600 "$TOKEN_FILE"; fi
+
 started_ray=0
 if alive "$IMGCLS_STATE_DIR/ray.pid"; then
     echo "Ray head already running (pid $(cat "$IMGCLS_STATE_DIR/ray.pid")), dashboard $RAY_API_SERVER_ADDRESS"

@@ -20,9 +20,7 @@ def shown(lines: list[str]) -> list[str]:
 
 def test_routine_ray_and_mlflow_lines_are_left_out():
     routine = [
-        "2026-12-04 08:56:13,285\tINFO packaging.py:385 -- Ignoring upload to cluster for these files: [x]\n",
-        "2026-12-04 08:56:13,941\tSUCC cli.py:67 -- Job 'raysubmit_x' submitted successfully\n",
-        "2026-12-04 08:56:13,283\tWARNING working_dir.py:101 -- Directory '.git' is now ignored by default when\n",
+        "2026-12-04 19:37:21,212\tINFO job_manager.py:581 -- Runtime env is setting up.\n",
         PREFIX + "Reporting training result 3: TrainingReport(checkpoint=None, metrics={})\n",
         PREFIX + "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)\n",
         PREFIX + "/x/data_validation.py:187: UserWarning: \x1b[33mAdd type hints to the `predict` method to\n",
@@ -38,7 +36,8 @@ def test_results_and_errors_are_shown():
         PREFIX + "[imgcls] epoch 1/20  train/loss 1.6450  val/acc1 0.6816\n",
         "decision:   PROMOTED: no champion yet; champion is v1\n",
         # an error line is shown even where a routine pattern would match it
-        "2026-12-04 08:56:13,941\tINFO cli.py:67 -- Job 'raysubmit_x' failed\n",
+        "2026-12-04 08:56:13,941\tINFO job_manager.py:67 -- Job 'raysubmit_x' failed\n",
+        "job raysubmit_x succeeded in 51 s\n",
         PREFIX + "Traceback (most recent call last):\n",
         PREFIX + "RuntimeError: the training data yielded no batches\n",
     ]
