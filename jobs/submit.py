@@ -111,8 +111,10 @@ def submit(address: str, entrypoint: list[str], *, no_wait: bool = False, submis
     """Submit ``entrypoint`` as a Ray job and (unless ``no_wait``) follow it; the exit status."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    # Ray's packaging logs each file it leaves out of the upload at INFO; its warnings still show.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray's packaging logs each file it leaves out of the upload, and its SDK every upload, at
+    # INFO (the SDK's logger sets its own level); their warnings still show.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # jobs/runtime_env.yaml's excludes name .git, .venv and the rest already; without Ray's own
     # default list, Ray does not warn that it now leaves .git and .venv out.
     os.environ.setdefault("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "")
