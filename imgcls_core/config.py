@@ -113,13 +113,16 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 5e-4
     norm_weight_decay: float = 0.0  # weight decay for norm and bias parameters
-    schedule: Literal["cosine", "onecycle", "multistep", "plateau", "constant"] = "cosine"
+    # cosine_plateau: cosine over optim.cosine_epochs (after warmup), then ReduceLROnPlateau from there
+    schedule: Literal["cosine", "onecycle", "multistep", "plateau", "cosine_plateau", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup, counted in (fractional) epochs
     warmup_start_factor: float = 0.1  # warmup starts at lr * this
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep, fraction of epochs
     gamma: float = 0.1  # multistep and plateau decay factor
     plateau_patience: int = 2  # epochs without val improvement before plateau decays
+    plateau_metric: Literal["acc1", "loss"] = "acc1"  # what plateau watches: val top-1 (up) or val loss (down)
+    cosine_epochs: float = 0.0  # cosine_plateau: epochs of cosine decay (after warmup) before plateau takes over
 
 
 @dataclass
@@ -148,6 +151,9 @@ class TrainConfig:
     # have passed since the last one, checked every log_every steps, mid-epoch included
     # (0 = off). Resuming from a mid-epoch checkpoint skips the batches already trained.
     checkpoint_every_minutes: float = 0.0
+    # The weights the run ships (model.pt, MLflow): "last" epoch's, its "ema", the "best" epoch's
+    # (raw or EMA, by val top-1), or "auto": whichever of those measures best on val.
+    final_weights: Literal["auto", "best", "last", "ema"] = "auto"
 
 
 @dataclass
@@ -512,6 +518,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("optim.min_lr_ratio", 0.0, 1.0),
     ("optim.gamma", 1e-4, 1.0),
     ("optim.plateau_patience", 0, 1000),
+    ("optim.cosine_epochs", 0.0, 100_000.0),
     ("train.epochs", 1, 100_000),
     ("train.label_smoothing", 0.0, 0.5),
     ("train.ema_decay", 0.0, 0.99999),
@@ -568,6 +575,15 @@ def validate(cfg: Config) -> None:
             f"optim.warmup_epochs: {cfg.optim.warmup_epochs} must be >= 0 and less than "
             f"train.epochs ({cfg.train.epochs})"
         )
+    if cfg.optim.schedule == "cosine_plateau" and not (
+            0.0 < cfg.optim.cosine_epochs <= cfg.train.epochs - cfg.optim.warmup_epochs):
+        raise ConfigError(
+            f"optim.cosine_epochs: {cfg.optim.cosine_epochs} must be > 0 and at most train.epochs - "
+            f"optim.warmup_epochs ({cfg.train.epochs - cfg.optim.warmup_epochs:g}) with schedule cosine_plateau"
+        )
+    if cfg.train.final_weights == "ema" and cfg.train.ema_decay <= 0:
+        raise ConfigError("train.final_weights: ema needs an EMA of the weights; set train.ema_decay (e.g. 0.98) "
+                          "or choose auto, best or last")
     if any(not 0.0 < m < 1.0 for m in cfg.optim.milestones) or sorted(cfg.optim.milestones) != list(
         cfg.optim.milestones
     ):

@@ -501,9 +501,10 @@ class CheckpointDir:
 
 def save_inference_model(
     path: str | Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-    preprocessing: Preprocessing, metrics: dict[str, float] | None = None,
+    preprocessing: Preprocessing, metrics: dict[str, float] | None = None, weights: dict[str, Any] | None = None,
 ) -> Path:
-    """The deployable artifact: weights + how to rebuild the network + preprocessing."""
+    """The deployable artifact: weights + how to rebuild the network + preprocessing (and, from a
+    training run, which weights these are: ``weights``, see TrainingSession's final_weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(
@@ -513,6 +514,7 @@ def save_inference_model(
             "model_config": model_config,
             "preprocessing": preprocessing.to_dict(),
             "metrics": dict(metrics or {}),
+            "weights": dict(weights or {}),
             "git_rev": git_revision(),
         },
         path,

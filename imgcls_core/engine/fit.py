@@ -83,7 +83,7 @@ def fit(
             ema_val = engine.evaluate(val_batches() if callable(val_batches) else val_batches,
                                       preprocessing.classes, use_ema=True)
             metrics.update(ema_val.metrics("val_ema/"))
-        engine.end_epoch(metrics["val/acc1"])
+        engine.end_epoch(metrics)
         metrics["epoch"] = engine.epoch
         metrics["step"] = engine.step
         last["val"] = {k: v for k, v in metrics.items() if k.startswith("val")}

@@ -88,6 +88,10 @@ class Engine:
         self.step = 0  # optimizer steps taken
         self.epoch_step = 0  # steps taken in the current, unfinished epoch (mid-epoch checkpoints)
         self.best_acc1 = -1.0
+        # The best epoch's weights (train.final_weights best or auto): {"epoch", "source" ("last" or
+        # "ema": the raw or averaged weights), "acc1" (val top-1), "model" (a CPU copy of the state)}.
+        self.keep_best = cfg.train.final_weights in ("best", "auto")
+        self.best: dict[str, Any] | None = None
 
     def _build_ema(self) -> AveragedModel | None:
         if self.cfg.train.ema_decay <= 0:
@@ -205,19 +209,34 @@ class Engine:
     def _reseed(self) -> None:
         seed_everything(epoch_seed(self.cfg.train.seed, self.epoch, self.rank))
 
-    def end_epoch(self, val_acc1: float) -> None:
-        """Advance the epoch counter and give the plateau schedule its metric."""
-        self.schedule.step_epoch(val_acc1)
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Advance the epoch counter, give the plateau schedule its metric and keep the weights
+        when they are the best on val so far (``metrics``: the epoch's ``val/`` and ``val_ema/``)."""
+        self.schedule.step_epoch(metrics)
         self.epoch += 1
         self.epoch_step = 0
-        self.best_acc1 = max(self.best_acc1, val_acc1)
+        self.best_acc1 = max(self.best_acc1, metrics["val/acc1"])
+        if self.keep_best:
+            self._offer_best(metrics)
+
+    def _offer_best(self, metrics: dict[str, float]) -> None:
+        candidates = [("last", metrics["val/acc1"], self.model)]
+        if self.ema is not None and "val_ema/acc1" in metrics:
+            candidates.append(("ema", metrics["val_ema/acc1"], self.ema.module))
+        source, acc1, module = max(candidates, key=lambda c: c[1])  # a tie keeps the raw weights
+        if self.best is None or acc1 > self.best["acc1"]:  # a tie keeps the earlier epoch
+            self.best = {"epoch": self.epoch, "source": source, "acc1": float(acc1),
+                         "model": {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}}
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch], class_names: list[str], use_ema: bool = False) -> EvalReport:
-        """Evaluate on every rank's share and sum the counts over ranks before computing metrics."""
-        model = self.ema.module if use_ema and self.ema is not None else self.model
+    def evaluate(self, batches: Iterable[Batch], class_names: list[str], use_ema: bool = False,
+                 model: nn.Module | None = None) -> EvalReport:
+        """Evaluate on every rank's share and sum the counts over ranks before computing metrics
+        (the trained weights, their EMA with ``use_ema``, or ``model``)."""
+        if model is None:
+            model = self.ema.module if use_ema and self.ema is not None else self.model
         model.eval()
         acc = MetricAccumulator(len(class_names))
         device = self.runtime.device
@@ -270,6 +289,7 @@ class Engine:
             "step": self.step,
             "epoch_step": self.epoch_step,
             "best_acc1": self.best_acc1,
+            "best": self.best,
             "rng": rng_state(),
         }
 
@@ -282,6 +302,7 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
         self.epoch_step = state.get("epoch_step", 0)
+        self.best = state.get("best") if self.keep_best else None
         set_rng_state(state["rng"])
 
     def adopt_state(self, state: dict[str, Any]) -> None:
@@ -302,10 +323,17 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
         self.epoch_step = state.get("epoch_step", 0)
+        self.best = None  # this trial's best counts from the adopted epoch on, under its own hyperparameters
         self.schedule.fast_forward(self.step)
 
-    def inference_model(self, prefer_ema: bool) -> nn.Module:
-        """A standalone copy of the weights to export: the EMA's when asked for and present."""
-        source = self.ema.module if prefer_ema and self.ema is not None else self.model
-        return copy.deepcopy(source).eval().to(memory_format=torch.contiguous_format)
+    def inference_model(self, weights: str = "last") -> nn.Module:
+        """A standalone copy of the weights to export: ``last`` (as trained), ``ema`` (their
+        average; the trained ones without an EMA) or ``best`` (the best epoch's, see end_epoch)."""
+        source = self.ema.module if weights == "ema" and self.ema is not None else self.model
+        model = copy.deepcopy(source)
+        if weights == "best":
+            if self.best is None:
+                raise ValueError("no best epoch was kept (train.final_weights is neither best nor auto)")
+            model.load_state_dict(self.best["model"])
+        return model.eval().to(memory_format=torch.contiguous_format)
 

@@ -3,7 +3,8 @@
 Every schedule is built from torch.optim.lr_scheduler and advanced once per
 optimizer step; warmup is a LinearLR chained in front with SequentialLR
 (OneCycleLR has its own warm-up phase; ReduceLROnPlateau reacts per epoch to
-the validation metric once warmup is over).
+the validation top-1 or loss once warmup, and with ``cosine_plateau`` the cosine
+phase, is over).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class LRSchedule:
         self.kind = cfg.schedule
         total = max(1, epochs * steps_per_epoch)
         self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+        self.cosine_steps = (max(1, round(cfg.cosine_epochs * steps_per_epoch))
+                             if cfg.schedule == "cosine_plateau" else 0)
+        self.plateau_from = self.warmup_steps + self.cosine_steps  # the step after which plateau owns the LR
+        self.plateau_key = f"val/{cfg.plateau_metric}"
         self.steps = 0
         self.plateau: lr_scheduler.ReduceLROnPlateau | None = None
         self.per_step = self._build(optimizer, cfg, total)
@@ -80,14 +85,16 @@ class LRSchedule:
         warmup = lr_scheduler.LinearLR(opt, cfg.warmup_start_factor, 1.0, total_iters=warm) if warm else None
         main: lr_scheduler.LRScheduler | None = None
         rest = total - warm
-        if cfg.schedule == "cosine":
-            main = lr_scheduler.CosineAnnealingLR(opt, T_max=rest, eta_min=cfg.lr * cfg.min_lr_ratio)
+        if cfg.schedule in ("cosine", "cosine_plateau"):
+            main = lr_scheduler.CosineAnnealingLR(opt, T_max=self.cosine_steps or rest,
+                                                  eta_min=cfg.lr * cfg.min_lr_ratio)
         elif cfg.schedule == "multistep":
             marks = sorted({max(1, round(m * total) - warm) for m in cfg.milestones})
             main = lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=cfg.gamma)
-        elif cfg.schedule == "plateau":
+        if cfg.schedule in ("plateau", "cosine_plateau"):
             self.plateau = lr_scheduler.ReduceLROnPlateau(
-                opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience
+                opt, mode="max" if cfg.plateau_metric == "acc1" else "min", factor=cfg.gamma,
+                patience=cfg.plateau_patience,
             )
         if warmup and main:
             return lr_scheduler.SequentialLR(opt, [warmup, main], milestones=[warm])
@@ -97,8 +104,8 @@ class LRSchedule:
         self.steps += 1
         if self.per_step is None:
             return
-        if self.plateau is not None and self.steps > self.warmup_steps:
-            return  # warmup over: plateau owns the LR from here
+        if self.plateau is not None and self.steps > self.plateau_from:
+            return  # warmup (and cosine) over: plateau owns the LR from here
         self.per_step.step()
 
     def fast_forward(self, steps: int) -> None:
@@ -108,9 +115,10 @@ class LRSchedule:
             for _ in range(steps - self.steps):
                 self.step_batch()
 
-    def step_epoch(self, val_metric: float) -> None:
-        if self.plateau is not None and self.steps >= self.warmup_steps:
-            self.plateau.step(val_metric)
+    def step_epoch(self, val_metrics: dict[str, float]) -> None:
+        """The end of an epoch: plateau (once it owns the LR) gets val top-1 or loss, as configured."""
+        if self.plateau is not None and self.steps >= self.plateau_from:
+            self.plateau.step(val_metrics[self.plateau_key])
 
     def last_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)

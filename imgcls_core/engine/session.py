@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,6 +87,27 @@ class RunResult:
     files: dict[str, Path] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     summary: dict = field(default_factory=dict)  # train_summary.json (empty until every epoch ran)
+    final_weights: FinalWeights | None = None
+
+
+@dataclass
+class FinalWeights:
+    """The weights a run ships (train.final_weights) and why."""
+
+    requested: str  # auto, best, last or ema
+    chosen: str  # best, last or ema
+    source: str  # last or ema: the raw or the averaged weights (a best epoch's are one of the two)
+    epoch: int  # the epoch they are from
+    val_acc1: dict[str, float]  # val top-1 of every candidate
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        figures = ", ".join(f"{name} {acc1:.4f}" for name, acc1 in self.val_acc1.items())
+        what = f"epoch {self.epoch}'s {'EMA' if self.source == 'ema' else 'raw'} weights"
+        return (f"final weights: {self.chosen} ({what}; train.final_weights={self.requested}; "
+                f"val top-1 {figures})")
 
 
 class TrainingSession:
@@ -183,26 +204,23 @@ class TrainingSession:
         return report
 
     def _finish(self, tracker: Tracker, history: list[dict[str, float]], start: float) -> RunResult:
-        """Every rank: the final validation (raw and EMA weights; the better one is the model).
+        """Every rank: the final validation and the choice of weights to ship (train.final_weights).
         Rank 0: model.pt, test evaluation and artifacts, the MLflow model, train_summary.json."""
-        engine, pre = self.engine, self.pre
-        val = engine.evaluate(self.data.val_batches(), pre.classes)
-        used_ema = False
-        if engine.ema is not None:
-            ema_val = engine.evaluate(self.data.val_batches(), pre.classes, use_ema=True)
-            used_ema = ema_val.acc1 >= val.acc1  # whichever generalizes better on val
-            val = ema_val if used_ema else val
-        result = RunResult(self.out, history, None, val, used_ema, 0.0, self.resumed_from,
-                           mlflow_run_id=tracker.run_id)
+        engine = self.engine
+        choice, val = self._final_weights()
+        self.log(choice.describe())
+        result = RunResult(self.out, history, None, val, choice.source == "ema", 0.0, self.resumed_from,
+                           mlflow_run_id=tracker.run_id, final_weights=choice)
         if not self.is_writer:
             tracker.close()
             result.seconds = time.perf_counter() - start
             return result
 
-        final = engine.inference_model(prefer_ema=used_ema)
+        final = engine.inference_model(choice.chosen)
+        pre = self.pre
         files = result.files
         files["model"] = save_inference_model(self.out / "model.pt", final.state_dict(), self.cfg.to_dict()["model"],
-                                              pre, val.metrics("val/"))
+                                              pre, val.metrics("val/"), weights=choice.to_dict())
         if self.data.test is not None:
             result.test = evaluate_to_files(final, self.data.test(), self.data.test_records, engine.runtime.device,
                                             pre, self.out, files)
@@ -222,6 +240,35 @@ class TrainingSession:
                  + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
         return result
 
+    def _final_weights(self) -> tuple[FinalWeights, EvalReport]:
+        """Which weights the run ships, and their validation report (every rank: a collective).
+
+        ``last`` and ``ema`` are measured now; ``best`` is the best epoch's (its val top-1 from that
+        epoch). ``auto`` takes the highest val top-1 of the three; a tie prefers ema, then last: the
+        best epoch was picked on this same val split, so its figure flatters it."""
+        engine, classes, requested = self.engine, self.pre.classes, self.cfg.train.final_weights
+        val = {"last": engine.evaluate(self.data.val_batches(), classes)}
+        if engine.ema is not None:
+            val["ema"] = engine.evaluate(self.data.val_batches(), classes, use_ema=True)
+        measured = {name: report.acc1 for name, report in val.items()}
+        best = engine.best
+        if best is not None:
+            measured["best"] = best["acc1"]
+        if requested == "auto":
+            order = [w for w in ("ema", "last", "best") if w in measured]
+            chosen = max(order, key=lambda w: (measured[w], -order.index(w)))
+        elif requested in measured:
+            chosen = requested
+        else:  # best from a checkpoint written before the best epoch was kept
+            chosen = "ema" if "ema" in measured else "last"
+            self.log(f"train.final_weights: no {requested} weights were kept; shipping the {chosen} ones")
+        if chosen == "best" and "best" not in val:
+            val["best"] = engine.evaluate(self.data.val_batches(), classes, model=engine.inference_model("best"))
+        source = best["source"] if chosen == "best" else chosen
+        choice = FinalWeights(requested, chosen, source, engine.epoch if chosen != "best" else best["epoch"],
+                              {name: round(acc1, 6) for name, acc1 in measured.items()})
+        return choice, val[chosen]
+
     def _summarize(self, tracker: Tracker, result: RunResult, skipped: int) -> dict:
         """Log the outcome to MLflow (once: a finished run that is only evaluated again does not log
         its model again), end the MLflow run and write train_summary.json."""
@@ -234,14 +281,17 @@ class TrainingSession:
             metrics = {**result.val.metrics("final_val/"), **(test.metrics("test/") if test is not None else {}),
                        "data/skipped_images": float(skipped)}
             try:
+                weights = result.final_weights.to_dict() if result.final_weights else {}
                 info = log_training_outputs(tracker, metrics=metrics, step=self.engine.epoch, files=result.files,
                                             register_as=self.register_as,
-                                            extra_metadata={"test_metrics": test.metrics("test/") if test else {}})
+                                            extra_metadata={"test_metrics": test.metrics("test/") if test else {},
+                                                            "final_weights": weights})
             except RegistrationError as exc:
                 failure = exc  # the summary is still written (registered_version: null), then the run fails
         summary = {
             "job": self.job, "mlflow_run_id": tracker.run_id or earlier.get("mlflow_run_id"),
             "epochs": self.engine.epoch, "resumed_from": result.resumed_from, "used_ema": result.used_ema,
+            "final_weights": result.final_weights.to_dict() if result.final_weights else None,
             "val_acc1": result.val.acc1, "test_acc1": test.acc1 if test is not None else None,
             "skipped_images": skipped, "model_file": str(result.files["model"]),
             "model_uri": info.model_uri if info is not None else earlier.get("model_uri"),

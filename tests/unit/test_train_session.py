@@ -116,3 +116,60 @@ def test_weighted_sampler_is_refused_under_ray_train_with_the_alternative(tmp_pa
     cfg = load_config(None, [f"data.root={tmp_path}", "data.balance=weighted_sampler"])
     with pytest.raises(ValueError, match="weighted_sampler is not available under Ray Train.*weighted_loss"):
         plan_training(cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize("requested", ["best", "last", "ema", "auto"])
+def test_final_weights_ships_what_was_asked_and_records_it(tiny_config, tmp_path, requested):
+    """train.final_weights: model.pt holds exactly the chosen weights (the best epoch's copy, the
+    last epoch's raw ones, or their EMA), and model.pt, the summary and the log say which."""
+    import torch
+
+    from imgcls_core.tracking import Tracker
+
+    out = tmp_path / requested
+    out.mkdir()
+    cfg = tiny_config("train.epochs=3", "train.ema_decay=0.9", f"train.final_weights={requested}",
+                      f"train.output_dir={out}")
+    host = RecordingHost(rank=0)
+    session = _session(cfg, host)
+    result = session.run(Tracker(cfg.tracking))
+    engine = session.engine
+    saved = torch.load(out / "model.pt", weights_only=True)
+    weights = saved["weights"]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["final_weights"] == weights == result.final_weights.to_dict()
+    assert weights["requested"] == requested
+    candidates = weights["val_acc1"]
+    assert set(candidates) == {"last", "ema", "best"} if requested in ("best", "auto") else {"last", "ema"}
+    if requested == "auto":
+        top = max(candidates.values())
+        assert candidates[weights["chosen"]] == top
+        assert weights["chosen"] == next(w for w in ("ema", "last", "best") if candidates[w] == top)
+    else:
+        assert weights["chosen"] == requested
+    expected = {"best": lambda: engine.best["model"], "last": engine.model.state_dict,
+                "ema": engine.ema.module.state_dict}[weights["chosen"]]()
+    assert all(torch.equal(saved["model"][k], expected[k].cpu()) for k in expected)
+    if weights["chosen"] == "best":
+        history = read_history(out)
+        best_row = history[weights["epoch"] - 1]
+        key = "val/acc1" if weights["source"] == "last" else "val_ema/acc1"
+        assert best_row[key] == pytest.approx(candidates["best"]) == pytest.approx(max(
+            max(r["val/acc1"], r["val_ema/acc1"]) for r in history))
+    assert summary["used_ema"] == (weights["source"] == "ema")
+    assert saved["metrics"]["val/acc1"] == pytest.approx(result.val.acc1)
+    assert any(line.startswith(f"final weights: {weights['chosen']} ") for line in host.lines)
+
+
+def test_bad_final_weights_and_schedule_settings_are_config_errors():
+    from imgcls_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.final_weights: ema needs an EMA"):
+        load_config(None, ["train.final_weights=ema"])
+    with pytest.raises(ConfigError, match="optim.cosine_epochs: 0.0 must be > 0"):
+        load_config(None, ["optim.schedule=cosine_plateau"])
+    with pytest.raises(ConfigError, match="optim.cosine_epochs: 12.0 must be > 0 and at most"):
+        load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=12", "train.epochs=10"])
+    with pytest.raises(ConfigError, match="optim.plateau_metric"):
+        load_config(None, ["optim.plateau_metric=f1"])
+    assert load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=6"]).optim.cosine_epochs == 6

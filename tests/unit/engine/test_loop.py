@@ -88,12 +88,12 @@ def test_adopt_state_takes_weights_and_moments_but_keeps_its_own_lr_schedule():
     donor = _engine("optim.lr=0.1", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-4")
     for _ in range(2):
         donor.train_epoch(_batches())
-        donor.end_epoch(0.5)
+        donor.end_epoch({"val/acc1": 0.5})
     receiver = _engine("optim.lr=0.02", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-3")
     reference = _engine("optim.lr=0.02", "optim.schedule=cosine", "train.epochs=4", "optim.weight_decay=1e-3")
     for _ in range(2):  # the LR a run with the receiver's settings has after 8 steps
         reference.train_epoch(_batches())
-        reference.end_epoch(0.5)
+        reference.end_epoch({"val/acc1": 0.5})
 
     receiver.adopt_state(donor.state_dict())
 
@@ -107,3 +107,38 @@ def test_adopt_state_takes_weights_and_moments_but_keeps_its_own_lr_schedule():
     assert {g["weight_decay"] for g in receiver.optimizer.param_groups} == {1e-3, 0.0}
     receiver.train_epoch(_batches())  # and training goes on from there
     assert receiver.step == 12
+
+
+def test_the_best_epoch_is_kept_and_survives_a_checkpoint_round_trip():
+    """end_epoch keeps a copy of the weights at the best val top-1, raw or EMA, and a resumed
+    engine has the same copy (torch.save / weights_only load, as checkpoints do)."""
+    import io
+
+    engine = _engine("train.ema_decay=0.9", "train.epochs=4")
+    seen = []
+    for acc1, ema_acc1 in [(0.5, 0.4), (0.7, 0.8), (0.6, 0.6)]:
+        engine.train_epoch(_batches())
+        engine.end_epoch({"val/acc1": acc1, "val_ema/acc1": ema_acc1})
+        seen.append({k: v.clone() for k, v in engine.ema.module.state_dict().items()})
+    best = engine.best
+    assert (best["epoch"], best["source"], best["acc1"]) == (2, "ema", 0.8)
+    for key, value in best["model"].items():  # epoch 2's EMA weights, not epoch 3's
+        assert torch.equal(value, seen[1][key]), key
+    assert not all(torch.equal(best["model"][k], seen[2][k]) for k in seen[2] if seen[2][k].is_floating_point())
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)
+    buf.seek(0)
+    resumed = _engine("train.ema_decay=0.9", "train.epochs=4")
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed.best["epoch"] == 2
+    shipped = resumed.inference_model("best").state_dict()
+    assert all(torch.equal(shipped[k], best["model"][k]) for k in best["model"])
+
+
+def test_only_best_and_auto_keep_a_best_copy():
+    engine = _engine("train.final_weights=last")
+    engine.train_epoch(_batches())
+    engine.end_epoch({"val/acc1": 0.5})
+    assert engine.best is None
+    with pytest.raises(ValueError, match="no best epoch"):
+        engine.inference_model("best")

@@ -47,7 +47,8 @@ def _lrs(kind: str, epochs=4, spe=10, metrics=None, **kw):
             seen.append(sched.last_lr())
             opt.step()
             sched.step_batch()
-        sched.step_epoch(metrics[epoch] if metrics else 0.5)
+        value = metrics[epoch] if metrics else 0.5
+        sched.step_epoch(value if isinstance(value, dict) else {"val/acc1": value, "val/loss": 1.0})
     return seen, sched, opt
 
 
@@ -85,20 +86,42 @@ def test_plateau_decays_when_validation_stalls():
     assert lrs[-1] < 1.0
 
 
+def test_plateau_on_val_loss_decays_when_the_loss_stalls_whatever_top1_does():
+    # top-1 keeps rising, the loss stops falling after epoch 2: plateau_metric=loss decays, acc1 does not
+    rows = [{"val/acc1": 0.5 + 0.05 * e, "val/loss": max(1.0 - 0.3 * e, 0.4)} for e in range(6)]
+    on_loss, *_ = _lrs("plateau", epochs=6, metrics=rows, plateau_patience=1, gamma=0.5, plateau_metric="loss")
+    on_acc1, *_ = _lrs("plateau", epochs=6, metrics=rows, plateau_patience=1, gamma=0.5)
+    assert on_acc1[-1] == pytest.approx(1.0)
+    assert on_loss[29] == pytest.approx(1.0) and on_loss[-1] == pytest.approx(0.5)  # decayed after 2 flat epochs
+
+
+def test_cosine_then_plateau():
+    """cosine over cosine_epochs after the warmup, then ReduceLROnPlateau from the LR it reached."""
+    flat = [0.9] * 8
+    lrs, *_ = _lrs("cosine_plateau", epochs=8, metrics=flat, warmup_epochs=1, cosine_epochs=3, min_lr_ratio=0.2,
+                   plateau_patience=1, gamma=0.5)
+    assert lrs[10] == pytest.approx(1.0)  # the peak after warmup
+    assert all(a > b for a, b in zip(lrs[10:40], lrs[11:40]))  # cosine over epochs 2-4
+    assert lrs[40] == pytest.approx(0.2)  # the cosine floor, where plateau takes over
+    assert lrs[49] == pytest.approx(0.2)  # no decay while plateau waits out its patience
+    assert lrs[59] == pytest.approx(0.2) and lrs[60] == pytest.approx(0.1)  # halved after 2 epochs without gain
+    assert all(a >= b for a, b in zip(lrs[40:], lrs[41:]))  # never back up (the cosine past T_max would)
+
+
 def test_constant_schedule_with_warmup_stays_at_peak():
     lrs, *_ = _lrs("constant", warmup_epochs=1)
     assert lrs[0] < 1.0 and lrs[-1] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "onecycle", "multistep", "plateau", "constant"])
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "multistep", "plateau", "cosine_plateau", "constant"])
 def test_schedule_state_survives_a_weights_only_round_trip(kind):
-    lrs, sched, opt = _lrs(kind, epochs=2, warmup_epochs=1)
+    lrs, sched, opt = _lrs(kind, epochs=2, warmup_epochs=1, cosine_epochs=0.5)
     buf = io.BytesIO()
     torch.save({"s": sched.state_dict(), "o": opt.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     net = torch.nn.Linear(2, 2)
-    cfg = OptimConfig(lr=1.0, schedule=kind, warmup_epochs=1)
+    cfg = OptimConfig(lr=1.0, schedule=kind, warmup_epochs=1, cosine_epochs=0.5)
     opt2 = build_optimizer(param_groups_for(net, cfg), cfg)
     sched2 = LRSchedule(opt2, cfg, 2, 10)
     opt2.load_state_dict(state["o"])
