@@ -139,8 +139,9 @@ class Stages:
                 else:
                     print(line, end="", flush=True)
         if left_out:
-            print(f"    ({left_out} lines of Ray's routine output left out; all of it: {log.relative_to(REPO)})"
-                  if log.is_relative_to(REPO) else f"    ({left_out} lines left out; all of it: {log})", flush=True)
+            noun = "line" if left_out == 1 else "lines"
+            print(f"    ({left_out} {noun} of Ray's routine output left out; all of it: {log.relative_to(REPO)})"
+                  if log.is_relative_to(REPO) else f"    ({left_out} {noun} left out; all of it: {log})", flush=True)
         return proc.returncode
 
     def report(self) -> None:
