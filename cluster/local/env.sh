@@ -5,6 +5,7 @@ export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 export RAY_GCS_PORT="${RAY_GCS_PORT:-6380}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export SERVE_PORT="${SERVE_PORT:-8000}"
+export RAY_METRICS_PORT="${RAY_METRICS_PORT:-8080}"             # Prometheus: Ray's, Serve's and imgcls_* metrics
 # Two addresses, as Ray reads them: ray.init, `serve run` and `ray status` want the cluster (GCS)
 # address in RAY_ADDRESS and refuse an http one; `ray job submit` / jobs.submit take the
 # dashboard's from RAY_API_SERVER_ADDRESS first, `serve deploy|status|shutdown` from

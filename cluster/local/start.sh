@@ -50,7 +50,7 @@ else
     # --block keeps the head in the foreground of its own session: stop.sh ends that session only.
     RAY_ADDRESS= setsid ray start --head --block --port="$RAY_GCS_PORT" --num-cpus="${RAY_NUM_CPUS:-4}" \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
-        --disable-usage-stats > "$IMGCLS_STATE_DIR/ray.log" 2>&1 < /dev/null &
+        --metrics-export-port="$RAY_METRICS_PORT" --disable-usage-stats > "$IMGCLS_STATE_DIR/ray.log" 2>&1 < /dev/null &
     echo $! > "$IMGCLS_STATE_DIR/ray.pid"
     started_ray=1
 fi

@@ -55,19 +55,19 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
-    gcs = free_port()
+    gcs, metrics = free_port(), free_port()
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_dashboard(url, head)
-        HEAD["gcs"] = f"127.0.0.1:{gcs}"
+        HEAD["gcs"], HEAD["metrics"] = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{metrics}/metrics"
         yield url, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head tears down what it started
@@ -176,6 +176,24 @@ def test_ray_job_submit_trains_and_a_killed_driver_resumes_on_resubmit(ray_head,
     assert steps == set(range(1, 11)), steps
 
 
+def _scrape_until(url: str, names: tuple[str, ...], timeout: float = 90) -> str:
+    """The Prometheus text at ``url`` once every one of ``names`` is in it (Ray exports a process's
+    metrics every few seconds)."""
+    deadline, text = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError:
+            text = ""
+        if all(f"\n{name}" in text for name in names):
+            return text
+        time.sleep(2)
+    missing = [name for name in names if f"\n{name}" not in text]
+    raise AssertionError(f"{missing} not exported at {url} within {timeout:.0f} s; it has: "
+                         f"{sorted({line.split('{')[0] for line in text.splitlines() if 'imgcls' in line or 'serve' in line})}")
+
+
 def _registered(snapshot: Path) -> bool:
     """Whether Ray Train's checkpoint manager has recorded a checkpoint of the run."""
     try:
@@ -233,7 +251,9 @@ def test_serve_run_as_the_readme_says_with_env_sh_sourced(ray_head, digits_root,
     """`. cluster/local/env.sh; serve run serve/config.yaml` (the README's line): with env.sh's two
     addresses `serve run` reaches the cluster (an http RAY_ADDRESS made it fail), serves the
     registry's champion over HTTP, and `serve shutdown -y` removes it. The config file is
-    serve/config.yaml with only the port, the model name and the tracking store changed."""
+    serve/config.yaml with only the port, the model name and the tracking store changed. The head's
+    Prometheus port (start.sh's --metrics-export-port) then has the app's imgcls_* metrics and
+    Serve's own, as the README's scrape line greps them."""
     import requests
     import yaml
 
@@ -274,6 +294,9 @@ def test_serve_run_as_the_readme_says_with_env_sh_sourced(ray_head, digits_root,
         assert answer is not None, (tmp_path / "serve_run.log").read_text()[-4000:]
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"]["version"] == version
+        scraped = _scrape_until(HEAD["metrics"], ("ray_imgcls_images_total", "ray_serve_num_http_requests_total"))
+        images = [line for line in scraped.splitlines() if line.startswith("ray_imgcls_images_total{")]
+        assert images and float(images[0].rsplit(" ", 1)[1]) >= 1, images
     finally:
         stopped = subprocess.run([str(bin_dir / "serve"), "shutdown", "-y"], env=shell, capture_output=True,
                                  text=True, timeout=120)
