@@ -92,7 +92,9 @@ class ModelConfig:
     width: float = 1.0  # channel multiplier; 1.0 keeps torchvision's shapes
     zero_init_residual: bool = False
     dropout: float = 0.0  # before the classifier
-    pretrained: str | None = None  # local path to a state_dict (e.g. torchvision's)
+    # A local state_dict file, or torchvision:<WeightsEnum>.<NAME> (e.g.
+    # torchvision:ResNet50_Weights.IMAGENET1K_V2) from torch's cache ($TORCH_HOME), downloaded if missing
+    pretrained: str | None = None
     # Number of leading stages frozen: 0 none, 1 the stem, 2 stem+layer1, ... 5 all
     # but the classifier.
     freeze_stages: int = 0
@@ -609,6 +611,13 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: {cfg.model.name!r} is not registered; choose one of {list_models()}")
+    if (cfg.model.pretrained or "").startswith("torchvision:"):
+        from imgcls_core.models.transfer import torchvision_weights
+
+        try:
+            torchvision_weights(cfg.model.pretrained)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _float_or_none(text: str) -> float | None:

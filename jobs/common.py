@@ -103,9 +103,11 @@ def resolve_path(path: str) -> str:
 
 
 def resolve_config_paths(cfg: Config) -> Config:
-    """Make data.root, train.output_dir and ray.storage_path absolute, so workers on any
-    node and in any working directory see the same locations."""
+    """Make data.root, train.output_dir, ray.storage_path and a model.pretrained file absolute,
+    so workers on any node and in any working directory see the same locations."""
     cfg.data.root = resolve_path(cfg.data.root)
+    if cfg.model.pretrained and not cfg.model.pretrained.startswith("torchvision:"):  # a name, not a path
+        cfg.model.pretrained = resolve_path(cfg.model.pretrained)
     cfg.train.output_dir = resolve_path(cfg.train.output_dir)
     cfg.ray.storage_path = resolve_path(cfg.ray.storage_path)
     return cfg

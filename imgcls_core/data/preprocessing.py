@@ -34,8 +34,14 @@ class Preprocessing:
 
 
 def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
-    """ImageNet statistics for pretrained backbones, else statistics of the training split."""
+    """ImageNet statistics for pretrained backbones (torchvision weights: their own transforms'
+    mean/std), else statistics of the training split."""
+    from imgcls_core.models.transfer import TORCHVISION_PREFIX, torchvision_weights
+
     mode = cfg.data.normalization
+    if mode == "auto" and (cfg.model.pretrained or "").startswith(TORCHVISION_PREFIX):
+        transform = torchvision_weights(cfg.model.pretrained).transforms()
+        return [float(v) for v in transform.mean], [float(v) for v in transform.std]
     if mode == "imagenet" or (mode == "auto" and cfg.model.pretrained):
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return compute_mean_std(train, cfg.data.image_size, seed=cfg.data.seed)

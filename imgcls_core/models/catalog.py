@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from imgcls_core.models.transfer import freeze_stages, load_pretrained
+from imgcls_core.models.transfer import freeze_stages, load_pretrained, resolve_pretrained
 
 if TYPE_CHECKING:
     from imgcls_core.config import ModelConfig
@@ -100,7 +100,7 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modul
     options = {k: v for k, v in wanted.items() if k in accepted}
     model = create_model(cfg.name, num_classes, **options)
     if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, resolve_pretrained(cfg.pretrained))
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     return model

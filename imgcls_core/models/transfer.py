@@ -70,6 +70,51 @@ def split_head_parameters(model: nn.Module) -> tuple[NamedParams, NamedParams]:
     return backbone, head
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def torchvision_weights(spec: str):
+    """The torchvision ``WeightsEnum`` member a ``torchvision:<Enum>.<MEMBER>`` spec names, looked
+    up in torchvision's own registry (``torchvision.models.get_weight``)."""
+    from torchvision.models import get_weight
+
+    name = spec.removeprefix(TORCHVISION_PREFIX)
+    try:
+        return get_weight(name)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"model.pretrained: {spec!r} names no torchvision weights ({exc}); use "
+                         f"torchvision:<WeightsEnum>.<NAME>, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2") from None
+
+
+def resolve_pretrained(spec: str | Path) -> Path:
+    """The local state_dict file for a ``model.pretrained`` value: a path as it is, or for
+    ``torchvision:<Enum>.<MEMBER>`` the file in torch's hub cache (``$TORCH_HOME/hub/checkpoints``,
+    where torchvision itself keeps it), downloaded there first when missing. Loading it is
+    :func:`load_pretrained`'s (``weights_only=True``)."""
+    if not str(spec).startswith(TORCHVISION_PREFIX):
+        return Path(spec)
+    import re
+    from urllib.parse import urlparse
+
+    weights = torchvision_weights(str(spec))
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    file = cache / Path(urlparse(weights.url).path).name
+    if file.is_file():
+        return file
+    match = re.search(torch.hub.HASH_REGEX, file.name)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s to %s", weights.url, file)
+        torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=match.group(1) if match else None,
+                                       progress=False)
+    except Exception as exc:  # offline, a proxy, a hash mismatch, a read-only cache
+        raise FileNotFoundError(
+            f"torchvision weights {spec.removeprefix(TORCHVISION_PREFIX)} are not in torch's cache and could "
+            f"not be downloaded ({type(exc).__name__}: {exc}); put {file.name} (from {weights.url}) at {file} "
+            f"(TORCH_HOME moves the cache; every node that trains needs it)") from None
+    return file
+
+
 def load_pretrained(model: nn.Module, path: str | Path, strict_backbone: bool = True) -> LoadReport:
     """Load a local state_dict into ``model``, keeping ``model``'s head where shapes differ.
 
