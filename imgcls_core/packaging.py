@@ -3,14 +3,24 @@
 No pickled Python object is stored: the model is logged "from code"
 (``imgcls_core/mlflow_entry.py``) with ``model.pt`` as its artifact and the
 ``imgcls_core`` package as its code, so loading never unpickles a module.
-Input is a float32 batch ``N x 3 x S x S`` already preprocessed as the model's
-metadata says (any N: nothing is traced or exported with a fixed batch);
-output is ``N x C`` class probabilities. The preprocessing (input size,
-mean/std, crop ratio, class names) is stored in the model's metadata under
-``imgcls`` and in ``model.pt`` itself, so a server needs nothing else.
+The preprocessing (input size, mean/std, crop ratio, class names) is stored in
+the model's metadata under ``imgcls`` and in ``model.pt`` itself, so a server
+needs nothing else. Two inputs:
+
+- **Encoded images** (what ``mlflow models serve``, ``spark_udf`` and users
+  have): raw bytes or base64 strings, as one value, a list, a 1-D array, a
+  pandas Series or a DataFrame column (``image``, or the only column). Each is
+  decoded, preprocessed as the model was trained and classified; the output
+  is a DataFrame with a row per image: ``label``, ``probability``, ``top_k``
+  (``[{"label", "probability"}]``, ``params={"top_k": k}``, default 5) and
+  ``error`` (why a row that is not a decodable image has no label; the other
+  rows are still answered).
+- **A preprocessed float32 batch** ``N x 3 x S x S`` (any N), as the metadata
+  says: the output is ``N x C`` class probabilities.
 
     info = log_model(run_id, "runs/x/model.pt")
     model = mlflow.pyfunc.load_model(info.model_uri)
+    model.predict([open("3.png", "rb").read()], params={"top_k": 3})   # labels
     probs = model.predict(Predictor.from_file(...).preprocess(images).numpy())
 """
 
@@ -31,15 +41,29 @@ ENTRY_FILE = PACKAGE_DIR / "mlflow_entry.py"
 MODEL_NAME = "model"  # the logged model's name inside its run
 
 
+IMAGE_COLUMNS = ("image", "images", "content", "bytes")  # a DataFrame's image column, by these names first
+DEFAULT_TOP_K = 5
+MAX_PIXELS = 25_000_000  # per image, from its header before decoding: serve.max_pixels' default
+
+
 class ImgclsModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: probabilities for a preprocessed float batch of any size."""
+    """pyfunc wrapper: labels for encoded images, or probabilities for a preprocessed float batch."""
 
     def load_context(self, context) -> None:
         from imgcls_core.predict import Predictor
 
         self.predictor = Predictor.from_file(context.artifacts["model"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        images = encoded_images(model_input)
+        if images is not None:
+            top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
+            if top_k < 1:
+                raise ValueError(f"top_k must be at least 1, got {top_k}")
+            return classify_encoded(self.predictor, images, top_k)
+        return self._probabilities(model_input)
+
+    def _probabilities(self, model_input) -> np.ndarray:
         import torch
 
         if isinstance(model_input, dict):  # a named tensor signature hands over {"images": array}
@@ -49,6 +73,78 @@ class ImgclsModel(mlflow.pyfunc.PythonModel):
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
             raise ValueError(f"expected a float32 batch of shape (N, 3, {size}, {size}), got {tuple(batch.shape)}")
         return self.predictor.probabilities(batch).numpy()
+
+
+def _is_encoded(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview, str))
+
+
+def encoded_images(model_input: Any) -> list[Any] | None:
+    """The encoded images in ``model_input`` (bytes or base64 strings), or None for a float batch."""
+    import pandas as pd
+
+    if _is_encoded(model_input):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        named = [c for c in IMAGE_COLUMNS if c in model_input.columns]
+        if not named and len(model_input.columns) != 1:
+            raise ValueError(f"a DataFrame of images needs one column, or one named {' or '.join(IMAGE_COLUMNS)}; "
+                             f"got columns {list(model_input.columns)}")
+        model_input = model_input[named[0] if named else model_input.columns[0]]
+    if isinstance(model_input, dict):
+        key = next((k for k in IMAGE_COLUMNS if k in model_input), None)
+        if key is None and len(model_input) == 1:
+            key = next(iter(model_input))
+        model_input = model_input.get(key) if key is not None else None
+        if model_input is None or _is_encoded(model_input):
+            return None if model_input is None else [model_input]
+    if isinstance(model_input, (pd.Series, np.ndarray)):
+        if model_input.dtype.kind not in "OSU":
+            return None  # numbers: the preprocessed batch
+        model_input = model_input.tolist()
+    if isinstance(model_input, (list, tuple)) and model_input and all(_is_encoded(v) for v in model_input):
+        return list(model_input)
+    return None
+
+
+def _image_bytes(value: Any, row: int) -> bytes:
+    """Raw image bytes from bytes or a base64 string (standard or URL-safe alphabet)."""
+    import base64
+    import binascii
+
+    if not isinstance(value, str):
+        return bytes(value)
+    text = value.strip()
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"row {row}: a string must be a base64-encoded image") from None
+
+
+def classify_encoded(predictor, images: list[Any], top_k: int):
+    """One row per image: ``label``, ``probability``, ``top_k`` and ``error`` (see the module docstring)."""
+    import pandas as pd
+    import torch
+
+    from imgcls_core.data import CorruptImageError, decode_image
+
+    rows: list[dict[str, Any]] = [{"label": None, "probability": None, "top_k": [], "error": None} for _ in images]
+    batch, where = [], []
+    for i, value in enumerate(images):
+        try:
+            batch.append(predictor.transform(decode_image(_image_bytes(value, i), max_pixels=MAX_PIXELS,
+                                                                name=f"row {i}")))
+            where.append(i)
+        except (CorruptImageError, ValueError) as exc:
+            rows[i]["error"] = str(exc)
+    if batch:
+        probs = predictor.probabilities(torch.stack(batch))
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        classes = predictor.pre.classes
+        for i, vs, ids in zip(where, values.tolist(), indices.tolist()):
+            top = [{"label": classes[c], "probability": float(p)} for p, c in zip(vs, ids)]
+            rows[i].update(label=top[0]["label"], probability=top[0]["probability"], top_k=top)
+    return pd.DataFrame(rows, columns=["label", "probability", "top_k", "error"])
 
 
 def model_metadata(model_file: str | Path) -> dict[str, Any]:
@@ -61,13 +157,22 @@ def model_metadata(model_file: str | Path) -> dict[str, Any]:
 
 
 def signature_for(image_size: int, num_classes: int):
+    """The ``top_k`` parameter only: an input schema would make MLflow refuse one of the two inputs
+    (a tensor spec refuses image bytes, a column spec a float batch), so both are described in the
+    model's metadata (``imgcls.inputs``) and checked in ``predict``."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
-    )
+    return ModelSignature(params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]))
+
+
+def inputs_metadata(image_size: int, num_classes: int) -> dict[str, str]:
+    return {
+        "encoded": "image bytes or base64 strings (a list, a 1-D array, a Series, or a DataFrame column named "
+                   "image or the only column) -> DataFrame: label, probability, top_k, error; params: top_k",
+        "preprocessed": f"float32 array (N, 3, {image_size}, {image_size}), normalized as 'preprocessing' "
+                        f"says -> float32 array (N, {num_classes}) of class probabilities",
+    }
 
 
 def requirements() -> list[str]:
@@ -83,7 +188,8 @@ def log_model(run_id: str, model_file: str | Path, *, extra_metadata: dict[str, 
     """
     meta = model_metadata(model_file)
     pre = meta["preprocessing"]
-    metadata = {"imgcls": {**meta, **(extra_metadata or {})}}
+    metadata = {"imgcls": {**meta, "inputs": inputs_metadata(pre["image_size"], len(pre["classes"])),
+                           **(extra_metadata or {})}}
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The explicit signature below describes the input: no example is needed to infer one.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")

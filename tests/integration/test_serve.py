@@ -146,6 +146,78 @@ def test_served_top1_matches_offline_core_image_for_image(serve_url, registry, d
     assert "/v1/predict" in requests.get(f"{serve_url}/openapi.json", timeout=10).json()["paths"]
 
 
+def test_the_registered_model_takes_image_bytes_and_agrees_with_the_endpoint(serve_url, registry, digits_root):
+    """The registered version as a plain MLflow pyfunc, given encoded images (raw bytes, base64 in a
+    DataFrame column): the same top-1 as the Serve app for every test file, labels with
+    probabilities, and a row that is not an image gets its error while the others are answered."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    files = sorted((digits_root / "test").glob("*/*.png"))
+    served = served_top1(serve_url, files, version="1")
+    mlflow.set_tracking_uri(registry["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    classes = model.metadata.metadata["imgcls"]["preprocessing"]["classes"]
+    out = model.predict([f.read_bytes() for f in files], params={"top_k": 3})
+    assert list(out.columns) == ["label", "probability", "top_k", "error"] and len(out) == len(files)
+    assert [classes.index(label) for label in out["label"]] == served  # image for image
+    assert out["error"].isna().all() and all(len(top) == 3 for top in out["top_k"])
+    assert all(top[0]["label"] == label and top[0]["probability"] == pytest.approx(p)
+               for top, label, p in zip(out["top_k"], out["label"], out["probability"]))
+
+    frame = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files[:5]]
+                          + [base64.b64encode(b"not an image").decode()]})
+    mixed = model.predict(frame)
+    assert [classes.index(label) for label in mixed["label"][:5]] == served[:5]
+    assert pd.isna(mixed["label"][5]) and "row 5" in mixed["error"][5]
+
+
+def test_mlflow_models_serve_answers_a_real_png(registry, digits_root, tmp_path):
+    """`mlflow models serve` (--env-manager local) on the registered version: a real PNG, base64 in
+    a dataframe_split request, comes back with its label and top_k probabilities."""
+    import base64
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    digit = sorted((digits_root / "test" / "7").glob("*.png"))[0]
+    log = open(tmp_path / "models_serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "models_serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(digit.read_bytes()).decode()]]},
+                "params": {"top_k": 2}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        (row,) = answer.json()["predictions"]
+        assert row["label"] == "7" and row["error"] is None, row
+        assert len(row["top_k"]) == 2 and row["top_k"][0] == {"label": "7", "probability": row["probability"]}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 def hostile_cases(digit_png: bytes) -> dict[str, dict]:
     """name -> requests.post kwargs, and whether it is a valid image that must be served (200)."""
     rng = np.random.default_rng(0)
