@@ -168,6 +168,8 @@ class TrackingConfig:
     run_name: str | None = None
     register_as: str | None = None  # registered model name for the final model
     promote_margin: float = 0.0  # jobs.promote: test top-1 the challenger must gain over the champion
+    # TensorBoard event files in <train.output_dir>/tensorboard (rank 0), logged to MLflow too
+    tensorboard: bool = True
 
 
 @dataclass

@@ -287,6 +287,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active:
             return None
+        if Path(path).is_dir():  # a folder keeps its name and layout under the run's artifacts
+            self._call(f"artifacts {Path(path).name}/", lambda: self.client.log_artifacts(
+                self.run_id, str(path), artifact_path or Path(path).name))
+            return None
         self._call(f"artifact {Path(path).name}",
                    lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 

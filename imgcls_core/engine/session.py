@@ -34,6 +34,7 @@ from imgcls_core.engine.loop import Batch, Engine
 from imgcls_core.evaluation import (
     EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
 )
+from imgcls_core.tensorboard_log import TensorBoardLog
 from imgcls_core.tracking import SUMMARY_FILE, RegistrationError, Tracker, log_training_outputs
 
 HISTORY_FILE = "history.jsonl"
@@ -120,6 +121,7 @@ class TrainingSession:
         self.out = Path(cfg.train.output_dir)
         self.resumed_from = 0
         self.checkpoint_run_id: str | None = None  # the MLflow run a resumed checkpoint belongs to
+        self.tensorboard = TensorBoardLog(self.out, enabled=self.is_writer and cfg.tracking.tensorboard)
         params = sum(p.numel() for p in engine.model.parameters())
         self.log(f"model={cfg.model.name} params={params:,} {engine.describe()}")
 
@@ -176,15 +178,31 @@ class TrainingSession:
         cfg, engine = self.cfg, self.engine
         if engine.epoch >= cfg.train.epochs:
             self.log(f"run already finished all {cfg.train.epochs} epochs; evaluating its model again")
-        history = fit(engine, self.data.train, self.data.val, self.pre, self._reporter(tracker), stop_after=stop_after,
+        history = fit(engine, self._show_samples(self.data.train), self.data.val, self.pre, self._reporter(tracker),
+                      stop_after=stop_after,
                       on_step=on_step, extra={"mlflow_run_id": tracker.run_id or self.checkpoint_run_id})
         if engine.epoch < cfg.train.epochs:
             self.log(f"stopped after epoch {engine.epoch} of {cfg.train.epochs}; run again with the same "
                      f"train.output_dir (and ray.name) to resume")
             tracker.close(status="KILLED")
+            self.tensorboard.close()
             return RunResult(self.out, history, None, None, False, time.perf_counter() - start, self.resumed_from,
                              mlflow_run_id=tracker.run_id)
         return self._finish(tracker, history, start)
+
+    def _show_samples(self, train):
+        """``train`` as fit takes it (a factory per epoch), the first batch it yields in this session
+        also written to TensorBoard: augmented as the model sees it."""
+        pending = [self.tensorboard.enabled]
+
+        def batches(epoch: int):
+            for batch in train(epoch) if callable(train) else train:
+                if pending[0]:
+                    pending[0] = False
+                    self.tensorboard.samples(batch[0], self.pre.mean, self.pre.std, step=epoch + 1)
+                yield batch
+
+        return batches
 
     def _reporter(self, tracker: Tracker):
         epochs = self.cfg.train.epochs
@@ -196,6 +214,7 @@ class TrainingSession:
                 return
             if self.is_writer:
                 tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+                self.tensorboard.scalars(metrics, step=int(metrics["epoch"]))
                 with (self.out / HISTORY_FILE).open("a") as fh:
                     fh.write(json.dumps(metrics) + "\n")
             self.host.save(metrics, write)
@@ -232,6 +251,11 @@ class TrainingSession:
             self.log(f"skipped {skipped} corrupt image(s) (named in the warnings above)")
         if rows := read_history(self.out):
             files["curves"] = plot_learning_curves(rows, self.out / "learning_curves.png")
+        if self.tensorboard.enabled:
+            if "confusion" in files:
+                self.tensorboard.png("test/confusion_matrix", files["confusion"], step=engine.epoch)
+            self.tensorboard.close()
+            files["tensorboard"] = self.tensorboard.dir
         result.seconds = time.perf_counter() - start
         result.summary = self._summarize(tracker, result, skipped)
         test = result.test

@@ -173,3 +173,30 @@ def test_bad_final_weights_and_schedule_settings_are_config_errors():
     with pytest.raises(ConfigError, match="optim.plateau_metric"):
         load_config(None, ["optim.plateau_metric=f1"])
     assert load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=6"]).optim.cosine_epochs == 6
+
+
+def test_a_run_writes_tensorboard_event_files_and_logs_them_to_mlflow(tiny_config, tmp_path):
+    """Scalars per epoch (metrics and LR), the first augmented batch as images and the test
+    confusion matrix, read back with TensorBoard's own reader; the folder is an MLflow artifact."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config("train.epochs=2", f"train.output_dir={tmp_path / 'tb'}", "tracking.enabled=true",
+                      f"tracking.tracking_uri={uri}", "tracking.experiment=tb")
+    result = train_and_evaluate(cfg, log=lambda _m: None)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/acc1", "lr"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("val/acc1")] == [1, 2]
+    assert [e.value for e in events.Scalars("val/acc1")] == pytest.approx([r["val/acc1"] for r in read_history(
+        tmp_path / "tb")])
+    assert {"train/augmented_samples", "test/confusion_matrix"} <= {t.split("/image/")[0] for t in tags["images"]}
+    artifacts = MlflowClient(uri).list_artifacts(result.mlflow_run_id, "tensorboard")
+    assert any(a.path.startswith("tensorboard/events.out.tfevents") for a in artifacts), artifacts
+
+
+def test_tensorboard_can_be_turned_off(tiny_config, tmp_path):
+    cfg = tiny_config("train.epochs=1", f"train.output_dir={tmp_path / 'off'}", "tracking.tensorboard=false")
+    train_and_evaluate(cfg, log=lambda _m: None)
+    assert (tmp_path / "off" / "model.pt").is_file() and not (tmp_path / "off" / "tensorboard").exists()
