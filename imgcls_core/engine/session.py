@@ -343,7 +343,9 @@ def read_history(out: Path) -> list[dict[str, float]]:
 
 def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport:
     """Evaluate on a held-out split and write test_metrics.json, test_report.txt,
-    confusion_matrix.png and predictions.csv into ``out`` (paths recorded in ``files``)."""
+    confusion_matrix.png and predictions.csv into ``out`` (paths recorded in ``files``), and
+    with the split's records the views inside the model (imgcls_core.explain: filters, feature
+    maps, Grad-CAM galleries of misclassified and correct images)."""
     preds = predict(model, loader, device)
     report = compute_metrics(preds.logits, preds.labels, pre.classes)
     files["test_metrics"] = out / "test_metrics.json"
@@ -354,6 +356,13 @@ def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: P
     files["predictions"] = out / "predictions.csv"
     write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes,
                       paths=records.paths if records is not None else None)
+    if records is not None and hasattr(model, "stage_names"):
+        from imgcls_core.data.presets import build_eval_transform
+        from imgcls_core.explain import write_model_views
+
+        transform = build_eval_transform(pre.image_size, pre.mean, pre.std, pre.crop_ratio)
+        files.update(write_model_views(model, records, transform, preds.logits, preds.labels, pre.classes,
+                                       pre.mean, pre.std, out, device))
     return report
 
 
