@@ -104,6 +104,24 @@ class ServedModel:
         return [[{"label": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
                 for vs, ids in zip(values.tolist(), indices.tolist())]
 
+    def can_explain(self) -> str | None:
+        """Why this version cannot explain a prediction with Grad-CAM, or None when it can."""
+        if self.backend != "torch":
+            return f"explanations need the PyTorch weights; this version is served with serve.backend={self.backend}"
+        if not getattr(self.predictor.model, "stage_names", None):
+            return f"{type(self.predictor.model).__name__} defines no stages to explain"
+        return None
+
+    def explain(self, batch: torch.Tensor, top_k: int) -> list[tuple[list[dict[str, Any]], bytes]]:
+        """Top-k rows as :meth:`classify` gives them, each with a Grad-CAM overlay (PNG bytes) of the
+        top class over the preprocessed input (see imgcls_core.explain)."""
+        from imgcls_core.explain import gradcam, overlay_png, unnormalize
+
+        rows = self.classify(batch, top_k)
+        heat, _classes, _probs = gradcam(self.predictor.model, batch.to(self.predictor.device))
+        shown = unnormalize(batch, self.predictor.pre.mean, self.predictor.pre.std)
+        return [(row, overlay_png(image, h)) for row, image, h in zip(rows, shown, heat)]
+
     def warm_up(self) -> None:
         """One forward pass on a blank image: the first real request then pays no lazy init."""
         size = self.predictor.pre.image_size

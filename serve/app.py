@@ -19,6 +19,7 @@ Every client mistake is a 4xx JSON ``{"error", "detail"}``; overload beyond
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -101,7 +102,9 @@ def build_http_app(service: ClassifierReplica) -> FastAPI:
 
     @api.post("/v1/predict", summary="Classify images",
               description="Multipart files (any field name) or one raw image body "
-                          "(Content-Type image/png, image/jpeg, ...). `?top_k=N` classes per image.")
+                          "(Content-Type image/png, image/jpeg, ...). `?top_k=N` classes per image. "
+                          "`?explain=gradcam` adds each image's Grad-CAM overlay (base64 PNG); with "
+                          "`&format=png` the answer is the overlay itself (one image).")
     async def predict(request: Request) -> JSONResponse:
         return await service.predict(request)
 
@@ -241,20 +244,23 @@ class ClassifierReplica:
 
     # ------------------------------------------------------------------ inference
 
-    async def _run_batch(self, items: list[tuple[torch.Tensor, ServedModel, int]]) -> list[list[dict]]:
-        """``(input, version, top_k)`` items collected by @serve.batch: one forward pass per version
-        present (normally one), each item's top-k of it."""
+    async def _run_batch(self, items: list[tuple[torch.Tensor, ServedModel, int, bool]]) -> list[Any]:
+        """``(input, version, top_k, explain)`` items collected by @serve.batch: one forward pass per
+        version present (normally one), each item's top-k of it; the items to explain go through
+        one Grad-CAM pass of their own and get ``(top_k rows, overlay PNG)``."""
         self.stats.record(len(items))
         self.batch_size_hist.observe(len(items))
-        results: list[list[dict] | None] = [None] * len(items)
+        results: list[Any] = [None] * len(items)
         loop = asyncio.get_running_loop()
-        for model in {id(m): m for _, m, _ in items}.values():
-            idx = [i for i, (_, m, _) in enumerate(items) if m is model]
+        groups = {(id(m), e): (m, e) for _, m, _, e in items}
+        for model, explain in groups.values():
+            idx = [i for i, (_, m, _, e) in enumerate(items) if m is model and e == explain]
             batch = torch.stack([items[i][0] for i in idx])
             top_k = max(items[i][2] for i in idx)
-            out = await loop.run_in_executor(self._forward_pool, model.classify, batch, top_k)
+            out = await loop.run_in_executor(self._forward_pool, model.explain if explain else model.classify,
+                                             batch, top_k)
             for i, row in zip(idx, out):
-                results[i] = row[:items[i][2]]
+                results[i] = (row[0][:items[i][2]], row[1]) if explain else row[:items[i][2]]
         self.images_served.inc(len(items))
         return results
 
@@ -323,22 +329,53 @@ class ClassifierReplica:
                                f"top_k must be an integer from 1 to {len(model.classes)}, got {raw!r}")
         return int(raw)
 
+    def _explain(self, request: Request, model: ServedModel) -> str | None:
+        """``?explain=gradcam`` (the overlay as base64 PNG in the JSON) or with ``&format=png`` (the
+        overlay itself, for one image); None without ``explain``."""
+        explain, fmt = request.query_params.get("explain"), request.query_params.get("format")
+        if explain is None:
+            if fmt is not None:
+                raise RequestError(400, "invalid_parameter", "format goes with explain=gradcam")
+            return None
+        if explain != "gradcam":
+            raise RequestError(400, "invalid_parameter", f"explain must be gradcam, got {explain!r}")
+        if fmt not in (None, "json", "png"):
+            raise RequestError(400, "invalid_parameter", f"format must be json or png, got {fmt!r}")
+        if (why := model.can_explain()) is not None:
+            raise RequestError(400, "explain_unavailable", why)
+        return fmt or "json"
+
     def _prepare(self, model: ServedModel, name: str, data: bytes) -> torch.Tensor:
         return model.preprocess(decode_upload(data, max_pixels=self.cfg.max_pixels, name=name))
 
-    async def _predict(self, request: Request) -> dict[str, Any]:
+    async def _predict(self, request: Request) -> dict[str, Any] | Response:
         self._authorize(request)
         model = self.model  # this request is answered by this version, whatever swaps meanwhile
         top_k = self._top_k(request, model)
+        explain = self._explain(request, model)
         uploads = await self._uploads(request)
+        if explain == "png" and len(uploads) != 1:
+            raise RequestError(400, "invalid_parameter",
+                               f"format=png answers one image; this request has {len(uploads)} (use format=json)")
         loop = asyncio.get_running_loop()
         inputs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, model, name, data)
                                         for name, data in uploads))
-        rows = await asyncio.gather(*(self._batched((x, model, top_k)) for x in inputs))
-        return {
-            "model": {"name": model.name, "version": model.version, "alias": model.alias},
-            "predictions": [{"file": name, "top_k": row} for (name, _), row in zip(uploads, rows)],
-        }
+        rows = await asyncio.gather(*(self._batched((x, model, top_k, explain is not None)) for x in inputs))
+        identity = {"name": model.name, "version": model.version, "alias": model.alias}
+        if explain == "png":
+            (top, png), = rows
+            return Response(png, media_type="image/png", headers={
+                "X-Imgcls-Label": top[0]["label"], "X-Imgcls-Probability": f"{top[0]['probability']:.6f}",
+                "X-Imgcls-Model": f"{model.name}/{model.version}"})
+        predictions = []
+        for (name, _), row in zip(uploads, rows):
+            if explain:
+                top, png = row
+                predictions.append({"file": name, "top_k": top, "gradcam": {
+                    "label": top[0]["label"], "png_base64": base64.b64encode(png).decode()}})
+            else:
+                predictions.append({"file": name, "top_k": row})
+        return {"model": identity, "predictions": predictions}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self)
@@ -355,7 +392,7 @@ class ClassifierReplica:
             raise RequestError(504, "timeout", f"not answered within {self.cfg.request_timeout_s} s",
                                headers={"Retry-After": str(max(1, round(self.cfg.retry_after_s)))}) from None
         self._count("predict", 200, started)
-        return JSONResponse(result)
+        return result if isinstance(result, Response) else JSONResponse(result)
 
     # ------------------------------------------------------------------ introspection
 

@@ -174,6 +174,36 @@ def test_the_registered_model_takes_image_bytes_and_agrees_with_the_endpoint(ser
     assert pd.isna(mixed["label"][5]) and "row 5" in mixed["error"][5]
 
 
+def test_explain_gradcam_returns_the_overlay_with_the_same_answer(serve_url, registry, digits_root):
+    """?explain=gradcam: the prediction as without it, plus a Grad-CAM overlay PNG of the model's
+    input size (base64 in the JSON, or the PNG itself with format=png); bad values are 400 JSON."""
+    import base64
+
+    files = [sorted((digits_root / "test" / str(d)).glob("*.png"))[0] for d in (3, 8)]
+    upload = [("file", (f.name, f.read_bytes(), "image/png")) for f in files]
+    plain = post(serve_url, files=upload, params={"top_k": 2})
+    explained = post(serve_url, files=upload, params={"top_k": 2, "explain": "gradcam"})
+    assert plain.status_code == 200 and explained.status_code == 200, explained.text
+    size = requests.get(f"{serve_url}/v1/model", headers=AUTH, timeout=10).json()["input_size"]
+    for p, e in zip(plain.json()["predictions"], explained.json()["predictions"]):
+        assert [t["index"] for t in e["top_k"]] == [t["index"] for t in p["top_k"]]
+        assert e["gradcam"]["label"] == p["top_k"][0]["label"]
+        image = Image.open(io.BytesIO(base64.b64decode(e["gradcam"]["png_base64"])))
+        assert image.format == "PNG" and image.size == (size, size)
+
+    one = post(serve_url, files=upload[:1], params={"explain": "gradcam", "format": "png"})
+    assert one.status_code == 200 and one.headers["content-type"] == "image/png"
+    assert one.headers["x-imgcls-label"] == plain.json()["predictions"][0]["top_k"][0]["label"]
+    assert Image.open(io.BytesIO(one.content)).size == (size, size)
+    for sent, params, detail in ((upload, {"explain": "gradcam", "format": "png"}, "format=png answers one image"),
+                                 (upload[:1], {"explain": "shap"}, "explain must be gradcam"),
+                                 (upload[:1], {"format": "png"}, "format goes with explain=gradcam"),
+                                 (upload[:1], {"explain": "gradcam", "format": "gif"}, "format must be json or png")):
+        bad = post(serve_url, files=sent, params=params)
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_parameter", (params, bad.text)
+        assert detail in bad.json()["detail"]
+
+
 def test_mlflow_models_serve_answers_a_real_png(registry, digits_root, tmp_path):
     """`mlflow models serve` (--env-manager local) on the registered version: a real PNG, base64 in
     a dataframe_split request, comes back with its label and top_k probabilities."""
