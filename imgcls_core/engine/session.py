@@ -193,12 +193,13 @@ class TrainingSession:
     def _show_samples(self, train):
         """``train`` as fit takes it (a factory per epoch), the first batch it yields in this session
         also written to TensorBoard: augmented as the model sees it."""
-        pending = [self.tensorboard.enabled]
+        pending = self.tensorboard.enabled
 
         def batches(epoch: int):
+            nonlocal pending
             for batch in train(epoch) if callable(train) else train:
-                if pending[0]:
-                    pending[0] = False
+                if pending:
+                    pending = False
                     self.tensorboard.samples(batch[0], self.pre.mean, self.pre.std, step=epoch + 1)
                 yield batch
 
@@ -286,7 +287,7 @@ class TrainingSession:
         else:  # best from a checkpoint written before the best epoch was kept
             chosen = "ema" if "ema" in measured else "last"
             self.log(f"train.final_weights: no {requested} weights were kept; shipping the {chosen} ones")
-        if chosen == "best" and "best" not in val:
+        if chosen == "best":  # its report: the epoch's figure alone is not one
             val["best"] = engine.evaluate(self.data.val_batches(), classes, model=engine.inference_model("best"))
         source = best["source"] if chosen == "best" else chosen
         choice = FinalWeights(requested, chosen, source, engine.epoch if chosen != "best" else best["epoch"],
