@@ -30,10 +30,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
 from jobs.common import BASE_DIR_ENV, dashboard_address, run_main
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 PASS_ON = ("MLFLOW_TRACKING_URI",)
@@ -51,12 +55,14 @@ def runtime_env(base_dir: Path) -> dict:
 STATUS_POLL_S = 0.2
 
 
-async def follow(client, job_id: str, out=sys.stdout) -> str:
-    """Print the job's output as it comes until the job ends; its final status (a JobStatus).
+async def follow(client, job_id: str, out: TextIO | None = None) -> JobStatus:
+    """Print the job's output (to ``out``, default stdout) as it comes until the job ends; its
+    final status.
 
     Ray's log stream (a websocket) ends a few seconds after the job does, so the job's status is
     polled beside it: once the job is finished the stream is dropped, and what it had not
     delivered yet is read from the job's whole log."""
+    out = out or sys.stdout
     printed = 0
 
     async def stream() -> None:
