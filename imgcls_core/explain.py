@@ -45,9 +45,17 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(heatmaps N x H x W in [0, 1], explained classes, their probabilities)`` for a preprocessed
     batch; ``classes`` defaults to the predicted ones. The model's parameters get no gradient."""
+    import threading
+
     _, layer = stage_modules(model)[-1]
     seen: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    me = threading.get_ident()  # a server may run other forward passes of this model meanwhile
+
+    def keep(_module, _inputs, out) -> None:
+        if threading.get_ident() == me:
+            seen.append(out)
+
+    handle = layer.register_forward_hook(keep)
     model.eval()
     try:
         with torch.enable_grad():

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from typing import Any
+from urllib.parse import quote
 
 import torch
 from fastapi import FastAPI, Request
@@ -365,7 +366,7 @@ class ClassifierReplica:
         if explain == "png":
             (top, png), = rows
             return Response(png, media_type="image/png", headers={
-                "X-Imgcls-Label": top[0]["label"], "X-Imgcls-Probability": f"{top[0]['probability']:.6f}",
+                "X-Imgcls-Label": quote(top[0]["label"]), "X-Imgcls-Probability": f"{top[0]['probability']:.6f}",
                 "X-Imgcls-Model": f"{model.name}/{model.version}"})
         predictions = []
         for (name, _), row in zip(uploads, rows):
