@@ -223,7 +223,9 @@ def test_mlflow_models_serve_answers_a_real_png(registry, digits_root, tmp_path)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}, stdout=log, stderr=subprocess.STDOUT,
+        # MLflow starts its server as `uvicorn` from PATH: the venv's bin first, as an activated venv has it
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+             "MLFLOW_TRACKING_URI": registry["uri"]}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         deadline = time.monotonic() + 180
