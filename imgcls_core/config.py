@@ -81,6 +81,9 @@ class AugmentConfig:
     batched: bool = False
 
 
+TORCHVISION_PREFIX = "torchvision:"  # model.pretrained: torchvision weights by name, not a file
+
+
 @dataclass
 class ModelConfig:
     """Which network to build (a name in imgcls_core.models' registry)."""
@@ -613,7 +616,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: {cfg.model.name!r} is not registered; choose one of {list_models()}")
-    if (cfg.model.pretrained or "").startswith("torchvision:"):
+    if (cfg.model.pretrained or "").startswith(TORCHVISION_PREFIX):
         from imgcls_core.models.transfer import torchvision_weights
 
         try:

@@ -176,10 +176,10 @@ def save_gallery(images: torch.Tensor, heatmaps: torch.Tensor, titles: list[str]
     return path
 
 
-def write_model_views(model: nn.Module, records, transform, logits: torch.Tensor, labels: torch.Tensor,
+def write_model_views(model: nn.Module, dataset, logits: torch.Tensor, labels: torch.Tensor,
                       classes: Sequence[str], mean, std, out: Path, device: torch.device) -> dict[str, Path]:
     """The end-of-training views of ``model`` (see the module docstring) from the test split's
-    ``records`` and the test predictions (``logits``/``labels`` in record order); their paths."""
+    preprocessed ``dataset`` and its predictions (``logits``/``labels`` in the same order); their paths."""
     out = Path(out)
     files = {"filters": save_filters(model, out / "filters.png")}
     probs = logits.float().softmax(1)
@@ -187,7 +187,6 @@ def write_model_views(model: nn.Module, records, transform, logits: torch.Tensor
     wrong = [int(i) for i in torch.nonzero(predicted != labels).flatten()]
     wrong.sort(key=lambda i: -float(confidence[i]))  # the most confidently wrong first
     right = [int(i) for i in torch.nonzero(predicted == labels).flatten()][:CORRECT]
-    dataset = records.dataset(transform)
 
     def batch(indices: list[int]) -> torch.Tensor:
         return torch.stack([dataset[i][0] for i in indices]).to(device)

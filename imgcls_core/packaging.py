@@ -124,25 +124,20 @@ def _image_bytes(value: Any, row: int) -> bytes:
 def classify_encoded(predictor, images: list[Any], top_k: int):
     """One row per image: ``label``, ``probability``, ``top_k`` and ``error`` (see the module docstring)."""
     import pandas as pd
-    import torch
 
     from imgcls_core.data import CorruptImageError, decode_image
 
     rows: list[dict[str, Any]] = [{"label": None, "probability": None, "top_k": [], "error": None} for _ in images]
-    batch, where = [], []
+    decoded, where = [], []
     for i, value in enumerate(images):
         try:
-            batch.append(predictor.transform(decode_image(_image_bytes(value, i), max_pixels=MAX_PIXELS,
-                                                                name=f"row {i}")))
+            decoded.append(decode_image(_image_bytes(value, i), max_pixels=MAX_PIXELS, name=f"row {i}"))
             where.append(i)
         except (CorruptImageError, ValueError) as exc:
             rows[i]["error"] = str(exc)
-    if batch:
-        probs = predictor.probabilities(torch.stack(batch))
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        classes = predictor.pre.classes
-        for i, vs, ids in zip(where, values.tolist(), indices.tolist()):
-            top = [{"label": classes[c], "probability": float(p)} for p, c in zip(vs, ids)]
+    if decoded:
+        for i, ranked in zip(where, predictor.classify(decoded, top_k)):  # decoded uint8 images pass as they are
+            top = [{"label": r["label"], "probability": r["probability"]} for r in ranked]
             rows[i].update(label=top[0]["label"], probability=top[0]["probability"], top_k=top)
     return pd.DataFrame(rows, columns=["label", "probability", "top_k", "error"])
 

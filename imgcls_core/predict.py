@@ -76,10 +76,11 @@ class Predictor:
 
     def classify(self, images: list[bytes | str | Path | torch.Tensor], top_k: int = 5) -> list[list[dict]]:
         """Top-k ``{"label", "index", "probability"}`` per image, best first."""
-        probs = self.probabilities(self.preprocess(images))
-        k = min(top_k, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
-        return [
-            [{"label": self.pre.classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
-            for vs, ids in zip(values.tolist(), indices.tolist())
-        ]
+        return top_k_rows(self.probabilities(self.preprocess(images)), self.pre.classes, top_k)
+
+
+def top_k_rows(probs: torch.Tensor, classes: list[str], top_k: int) -> list[list[dict]]:
+    """Top-k ``{"label", "index", "probability"}`` per row of ``N x C`` probabilities, best first."""
+    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    return [[{"label": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
+            for vs, ids in zip(values.tolist(), indices.tolist())]

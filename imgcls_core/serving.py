@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
-from imgcls_core.predict import Predictor
+from imgcls_core.predict import Predictor, top_k_rows
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
 
 TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
@@ -98,11 +98,7 @@ class ServedModel:
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
         """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first."""
-        probs = self.predictor.probabilities(batch)
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        classes = self.predictor.pre.classes
-        return [[{"label": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(vs, ids)]
-                for vs, ids in zip(values.tolist(), indices.tolist())]
+        return top_k_rows(self.predictor.probabilities(batch), self.predictor.pre.classes, top_k)
 
     def can_explain(self) -> str | None:
         """Why this version cannot explain a prediction with Grad-CAM, or None when it can."""

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from imgcls_core.config import Config, ConfigError, load_config
+from imgcls_core.config import TORCHVISION_PREFIX, Config, ConfigError, load_config
 from imgcls_core.tracking import describe_tracking_error, is_unreachable
 
 # Relative paths in a config are resolved against this directory when it is set.
@@ -106,7 +106,7 @@ def resolve_config_paths(cfg: Config) -> Config:
     """Make data.root, train.output_dir, ray.storage_path and a model.pretrained file absolute,
     so workers on any node and in any working directory see the same locations."""
     cfg.data.root = resolve_path(cfg.data.root)
-    if cfg.model.pretrained and not cfg.model.pretrained.startswith("torchvision:"):  # a name, not a path
+    if cfg.model.pretrained and not cfg.model.pretrained.startswith(TORCHVISION_PREFIX):  # a name, not a path
         cfg.model.pretrained = resolve_path(cfg.model.pretrained)
     cfg.train.output_dir = resolve_path(cfg.train.output_dir)
     cfg.ray.storage_path = resolve_path(cfg.ray.storage_path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from imgcls_core.config import Config
+from imgcls_core.config import TORCHVISION_PREFIX, Config
 from imgcls_core.data.records import DatasetSplits, SplitRecords
 from imgcls_core.data.stats import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
 
@@ -36,7 +36,7 @@ class Preprocessing:
 def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
     """ImageNet statistics for pretrained backbones (torchvision weights: their own transforms'
     mean/std), else statistics of the training split."""
-    from imgcls_core.models.transfer import TORCHVISION_PREFIX, torchvision_weights
+    from imgcls_core.models.transfer import torchvision_weights
 
     mode = cfg.data.normalization
     if mode == "auto" and (cfg.model.pretrained or "").startswith(TORCHVISION_PREFIX):

@@ -191,9 +191,11 @@ class TrainingSession:
         return self._finish(tracker, history, start)
 
     def _show_samples(self, train):
-        """``train`` as fit takes it (a factory per epoch), the first batch it yields in this session
-        also written to TensorBoard: augmented as the model sees it."""
-        pending = self.tensorboard.enabled
+        """``train`` as fit takes it, the first batch it yields in this session also written to
+        TensorBoard (augmented as the model sees it); ``train`` itself when TensorBoard is off."""
+        if not self.tensorboard.enabled:
+            return train
+        pending = True
 
         def batches(epoch: int):
             nonlocal pending
@@ -358,11 +360,10 @@ def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: P
     write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes,
                       paths=records.paths if records is not None else None)
     if records is not None and hasattr(model, "stage_names"):
-        from imgcls_core.data.presets import build_eval_transform
         from imgcls_core.explain import write_model_views
 
-        transform = build_eval_transform(pre.image_size, pre.mean, pre.std, pre.crop_ratio)
-        files.update(write_model_views(model, records, transform, preds.logits, preds.labels, pre.classes,
+        # the loader's dataset: the records in order, through the eval transform the model was tested with
+        files.update(write_model_views(model, loader.dataset, preds.logits, preds.labels, pre.classes,
                                        pre.mean, pre.std, out, device))
     return report
 

@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from imgcls_core.config import TORCHVISION_PREFIX
+
 log = logging.getLogger(__name__)
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -68,9 +70,6 @@ def split_head_parameters(model: nn.Module) -> tuple[NamedParams, NamedParams]:
         if param.requires_grad:
             (head if param_name.startswith(name + ".") else backbone).append((param_name, param))
     return backbone, head
-
-
-TORCHVISION_PREFIX = "torchvision:"
 
 
 def torchvision_weights(spec: str):
