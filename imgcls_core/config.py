@@ -40,7 +40,7 @@ class DataConfig:
     # imagefolder: <root>/<split>/<class>/<image>; parquet: <root>/<split>/*.parquet
     # (written by imgcls_core.data.shards); cifar10/cifar100: the python-pickle
     # folder; digits: scikit-learn's digits, materialized under <root> on first use.
-    format: Literal["imagefolder", "parquet", "cifar10", "cifar100", "digits"] = "digits"
+    format: Literal["imagefolder", "parquet", "cifar10", "cifar100", "digits", "multi_digits"] = "digits"
     root: str = "data/digits"
     train_split: str = "train"
     val_split: str = "val"
@@ -60,6 +60,13 @@ class DataConfig:
     # "weighted_sampler" draws training samples with inverse-frequency weights.
     balance: Literal["none", "weighted_loss", "weighted_sampler"] = "none"
     seed: int = 0  # split and shuffling seed
+    # Multi-label: each image has a set of labels (any number, none included). imagefolder then reads
+    # <root>/<split>/<image> files and labels_file; parquet reads a list-of-labels "labels" column;
+    # multi_digits (2-4 real digits composed into one image) is multi-label always.
+    multi_label: bool = False
+    # imagefolder + multi_label: CSV (path,labels with labels separated by spaces) or JSON
+    # ({"<split>/<file>": ["label", ...]}), relative to root; paths are relative to root too
+    labels_file: str = "labels.csv"
 
 
 @dataclass
@@ -126,7 +133,8 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep, fraction of epochs
     gamma: float = 0.1  # multistep and plateau decay factor
     plateau_patience: int = 2  # epochs without val improvement before plateau decays
-    plateau_metric: Literal["acc1", "loss"] = "acc1"  # what plateau watches: val top-1 (up) or val loss (down)
+    # what plateau watches: val top-1 (up), val mAP (up; multi-label) or val loss (down)
+    plateau_metric: Literal["acc1", "mAP", "loss"] = "acc1"
     cosine_epochs: float = 0.0  # cosine_plateau: epochs of cosine decay (after warmup) before plateau takes over
 
 
@@ -159,6 +167,10 @@ class TrainConfig:
     # The weights the run ships (model.pt, MLflow): "last" epoch's, its "ema", the "best" epoch's
     # (raw or EMA, by val top-1), or "auto": whichever of those measures best on val.
     final_weights: Literal["auto", "best", "last", "ema"] = "auto"
+    # Multi-label loss: binary cross-entropy on every class, or the focal loss (torchvision.ops
+    # sigmoid_focal_loss, alpha 0.25) that down-weights the many easy negatives
+    multi_label_loss: Literal["bce", "focal"] = "bce"
+    focal_gamma: float = 2.0
 
 
 @dataclass
@@ -535,6 +547,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("train.checkpoint_every_epochs", 1, 100_000),
     ("train.keep_checkpoints", 1, 1000),
     ("train.checkpoint_every_minutes", 0.0, 1e6),
+    ("train.focal_gamma", 0.0, 10.0),
     ("ray.num_workers", 1, 10_000),
     ("ray.cpus_per_worker", 0.0, 1024),
     ("ray.gpus_per_worker", 0.0, 64),
@@ -607,6 +620,7 @@ def validate(cfg: Config) -> None:
     if cfg.tune.metric.startswith("val_ema/") and cfg.train.ema_decay <= 0:
         raise ConfigError(f"tune.metric: {cfg.tune.metric} is reported only for runs with an EMA of the weights; "
                           f"set train.ema_decay (e.g. 0.98) or use val/{cfg.tune.metric.split('/', 1)[1]}")
+    _validate_multi_label(cfg)
     if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
@@ -623,6 +637,48 @@ def validate(cfg: Config) -> None:
             torchvision_weights(cfg.model.pretrained)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def is_multi_label(cfg: Config | DataConfig) -> bool:
+    """Whether a run's images carry label sets (data.multi_label, or a multi-label data format)."""
+    data = cfg.data if isinstance(cfg, Config) else cfg
+    return data.multi_label or data.format == "multi_digits"
+
+
+def score_name(cfg: Config) -> str:
+    """The metric a run is judged by (best epoch, final weights, checkpoints kept, promotion):
+    top-1 accuracy, or mean average precision for multi-label runs."""
+    return "mAP" if is_multi_label(cfg) else "acc1"
+
+
+def _validate_multi_label(cfg: Config) -> None:
+    """Settings that only make sense with one label per image (or with label sets)."""
+    if not is_multi_label(cfg):
+        if cfg.optim.schedule in ("plateau", "cosine_plateau") and cfg.optim.plateau_metric == "mAP":
+            raise ConfigError("optim.plateau_metric: mAP is reported by multi-label runs only; use acc1 or loss")
+        return
+    if cfg.data.format in ("cifar10", "cifar100", "digits"):
+        raise ConfigError(f"data.multi_label: data.format={cfg.data.format} has one label per image; use "
+                          "imagefolder (with data.labels_file), parquet (a labels column) or multi_digits")
+    single = {
+        "augment.mixup_alpha": cfg.augment.mixup_alpha > 0, "augment.cutmix_alpha": cfg.augment.cutmix_alpha > 0,
+        "train.label_smoothing": cfg.train.label_smoothing > 0, "data.balance": cfg.data.balance != "none",
+        "distill.teacher": cfg.distill.teacher is not None, "ray.ingest": cfg.ray.ingest == "ray_data",
+    }
+    for key, used in single.items():
+        if used:
+            raise ConfigError(f"{key}: not available for multi-label runs (data.multi_label); unset it"
+                              + (" or use ray.ingest=dataloader" if key == "ray.ingest" else ""))
+    if cfg.optim.schedule in ("plateau", "cosine_plateau") and cfg.optim.plateau_metric == "acc1":
+        raise ConfigError("optim.plateau_metric: acc1 is a single-label metric; multi-label runs report mAP "
+                          "(use mAP or loss)")
+
+
+def check_tune_metric(cfg: Config) -> None:
+    """A sweep's metric must be one its runs report (multi-label runs report mAP, not top-1)."""
+    if is_multi_label(cfg) and cfg.tune.metric.split("/")[-1] in ("acc1", "acc5"):
+        raise ConfigError(f"tune.metric: {cfg.tune.metric} is a single-label metric; multi-label runs report "
+                          f"val/mAP (set tune.metric=val/mAP)")
 
 
 def _float_or_none(text: str) -> float | None:

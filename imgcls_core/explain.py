@@ -179,14 +179,25 @@ def save_gallery(images: torch.Tensor, heatmaps: torch.Tensor, titles: list[str]
 def write_model_views(model: nn.Module, dataset, logits: torch.Tensor, labels: torch.Tensor,
                       classes: Sequence[str], mean, std, out: Path, device: torch.device) -> dict[str, Path]:
     """The end-of-training views of ``model`` (see the module docstring) from the test split's
-    preprocessed ``dataset`` and its predictions (``logits``/``labels`` in the same order); their paths."""
+    preprocessed ``dataset`` and its predictions (``logits``/``labels`` in the same order); their paths.
+
+    Multi-label ``labels`` (N x C multi-hot): an image is misclassified when its most probable class
+    is not one of its labels, and the views explain that class."""
     out = Path(out)
     files = {"filters": save_filters(model, out / "filters.png")}
-    probs = logits.float().softmax(1)
+    multi = labels.ndim == 2
+    probs = logits.float().sigmoid() if multi else logits.float().softmax(1)
     confidence, predicted = probs.max(1)
-    wrong = [int(i) for i in torch.nonzero(predicted != labels).flatten()]
+    hit = labels[torch.arange(len(labels)), predicted] > 0.5 if multi else predicted == labels
+    wrong = [int(i) for i in torch.nonzero(~hit).flatten()]
     wrong.sort(key=lambda i: -float(confidence[i]))  # the most confidently wrong first
-    right = [int(i) for i in torch.nonzero(predicted == labels).flatten()][:CORRECT]
+    right = [int(i) for i in torch.nonzero(hit).flatten()][:CORRECT]
+    if multi:
+        names = ["+".join(classes[c] for c in torch.nonzero(row > 0.5).flatten().tolist()) or "none"
+                 for row in labels]
+        labels = labels.argmax(1)  # one class per image below: its first label
+    else:
+        names = [classes[int(y)] for y in labels]
 
     def batch(indices: list[int]) -> torch.Tensor:
         return torch.stack([dataset[i][0] for i in indices]).to(device)
@@ -201,8 +212,8 @@ def write_model_views(model: nn.Module, dataset, logits: torch.Tensor, labels: t
         if not indices:
             continue
         images = batch(indices)
-        heat, explained, p = gradcam(model, images)
-        titles = [f"true {classes[int(labels[i])]}, pred {classes[int(c)]} ({float(q):.2f})"
-                  for i, c, q in zip(indices, explained, p)]
+        heat, explained, _ = gradcam(model, images)
+        titles = [f"true {names[i]}, pred {classes[int(c)]} ({float(probs[i, int(c)]):.2f})"
+                  for i, c in zip(indices, explained)]
         files[name] = save_gallery(images.cpu(), heat, titles, out / f"{name}.png", mean, std)
     return files

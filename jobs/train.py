@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcls_core.config import Config
+from imgcls_core.config import Config, is_multi_label, score_name
 from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.output_dir
 from jobs.common import (
     add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, resolve_path, run_main,
@@ -110,9 +110,9 @@ def check_data(cfg: Config, ingest: str, *, missing: str = "does not exist on th
 
 
 def resolve_ingest(cfg: Config) -> str:
-    """``ray.ingest`` with ``auto`` decided: Ray Data for Parquet shards, else a DataLoader."""
+    """``ray.ingest`` with ``auto`` decided: Ray Data for single-label Parquet shards, else a DataLoader."""
     if cfg.ray.ingest == "auto":
-        return "ray_data" if cfg.data.format == "parquet" else "dataloader"
+        return "ray_data" if cfg.data.format == "parquet" and not is_multi_label(cfg) else "dataloader"
     return cfg.ray.ingest
 
 
@@ -314,7 +314,7 @@ def build_trainer(plan: TrainPlan, *, stop_after: int | None = None, register_as
             storage_path=storage_path or cfg.ray.storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val/acc1",
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=f"val/{score_name(cfg)}",
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,

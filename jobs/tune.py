@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgcls_core.config import Config
+from imgcls_core.config import Config, check_tune_metric
 from jobs.common import (
     INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, run_main,
 )
@@ -211,6 +211,7 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
     # happens more than once in 5 s, which short trials on a local disk always do, at no real cost.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     cfg = resolve_config_paths(cfg)
+    check_tune_metric(cfg)
     space = load_space(cfg.tune.space, cfg)  # fails here, before any trial, on a bad space
     mutations = space.mutations(cfg.tune.pbt_mutate) if cfg.tune.scheduler == "pbt" else {}
     param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from imgcls_core.config import TORCHVISION_PREFIX, Config
+from imgcls_core.config import TORCHVISION_PREFIX, Config, is_multi_label
 from imgcls_core.data.records import DatasetSplits, SplitRecords
 from imgcls_core.data.stats import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
 
@@ -24,6 +24,10 @@ class Preprocessing:
     std: list[float]
     crop_ratio: float
     classes: list[str]
+    # Multi-label: probabilities are per-class sigmoids and a class is present when its probability
+    # is >= threshold (chosen on the validation split at the end of training)
+    multi_label: bool = False
+    threshold: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,4 +54,5 @@ def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float]
 def build_preprocessing(cfg: Config, splits: DatasetSplits) -> Preprocessing:
     """How this run turns images into model input (input size, mean/std, eval crop, class names)."""
     mean, std = resolve_normalization(cfg, splits.train)
-    return Preprocessing(cfg.data.image_size, mean, std, cfg.augment.eval_crop_ratio, list(splits.classes))
+    return Preprocessing(cfg.data.image_size, mean, std, cfg.augment.eval_crop_ratio, list(splits.classes),
+                         multi_label=is_multi_label(cfg))

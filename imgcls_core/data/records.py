@@ -247,16 +247,23 @@ class SplitRecords:
     CIFAR), ``images`` (encoded bytes, e.g. Parquet shards) or ``paths`` (files on
     disk). ``paths`` is always filled: a file path, the source path stored in a
     shard, or an id such as ``"cifar10/train/123"``.
+
+    ``multi_label``: each label is a set of class indices (a sorted tuple, possibly empty) and
+    the dataset yields it as a multi-hot float vector; otherwise one class index per record.
     """
 
     classes: list[str]
-    labels: list[int]
+    labels: list[int] | list[tuple[int, ...]]
     paths: list[str]
     images: Sequence[bytes] | None = None
     arrays: np.ndarray | None = field(default=None, repr=False)
+    multi_label: bool = False
 
     def __post_init__(self) -> None:
-        self.labels = [int(label) for label in self.labels]
+        if self.multi_label:
+            self.labels = [tuple(sorted({int(c) for c in label})) for label in self.labels]
+        else:
+            self.labels = [int(label) for label in self.labels]
         self.paths = [str(p) for p in self.paths]
         n = len(self.labels)
         if len(self.paths) != n:
@@ -270,12 +277,23 @@ class SplitRecords:
                 f"arrays must be uint8 N x 3 x H x W with N={n}, "
                 f"got {self.arrays.dtype} {self.arrays.shape}"
             )
-        bad = sorted({label for label in self.labels if not 0 <= label < len(self.classes)})
+        bad = sorted({c for c in self._flat_labels() if not 0 <= c < len(self.classes)})
         if bad:
             raise ValueError(f"labels {bad} out of range for {len(self.classes)} classes")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def _flat_labels(self) -> list[int]:
+        return [c for label in self.labels for c in label] if self.multi_label else list(self.labels)
+
+    def target(self, index: int) -> int | torch.Tensor:
+        """Record ``index``'s training target: its class index, or a multi-hot float32 vector."""
+        if not self.multi_label:
+            return self.labels[index]
+        hot = torch.zeros(len(self.classes), dtype=torch.float32)
+        hot[list(self.labels[index])] = 1.0
+        return hot
 
     def load(self, index: int) -> torch.Tensor:
         """Record ``index`` as a uint8 ``3 x H x W`` RGB tensor.
@@ -306,6 +324,7 @@ class SplitRecords:
             paths=[self.paths[i] for i in idx],
             images=None if self.images is None else [self.images[i] for i in idx],
             arrays=None if self.arrays is None else self.arrays[np.asarray(idx, dtype=np.int64)],
+            multi_label=self.multi_label,
         )
 
     def fingerprint(self) -> str:
@@ -321,9 +340,9 @@ class SplitRecords:
         return digest.hexdigest()
 
     def class_counts(self) -> list[int]:
-        """Number of records per class index."""
+        """Number of records per class index (multi-label: records carrying each class)."""
         return np.bincount(
-            np.asarray(self.labels, dtype=np.int64), minlength=len(self.classes)
+            np.asarray(self._flat_labels(), dtype=np.int64), minlength=len(self.classes)
         ).tolist()
 
 
@@ -369,7 +388,7 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         n = len(self.records)
         for k in range(min(n, MAX_SUBSTITUTES + 1)):
             i = (index + k) % n
@@ -382,7 +401,7 @@ class RecordDataset(Dataset):
                 continue
             if self.transform is not None:
                 image = self.transform(image)
-            return image, self.records.labels[i]
+            return image, self.records.target(i)
         tries = min(n, MAX_SUBSTITUTES + 1)
         raise CorruptImageError(
             f"{tries} records in a row from index {index} ({self.records.paths[index]}) do not "
@@ -451,7 +470,7 @@ class DatasetSplits:
             if cc[hi] > IMBALANCE_RATIO * cc[lo]:
                 hint = (
                     "; consider data.balance=weighted_loss or weighted_sampler"
-                    if name == "train"
+                    if name == "train" and not self.train.multi_label
                     else ""
                 )
                 lines.append(

@@ -5,6 +5,9 @@ index and the source path relative to the converted folder::
 
     image: binary, label: int64, path: string
 
+Multi-label shards hold a ``labels: list<int64>`` column (the image's set of class indices)
+instead of ``label`` (:data:`MULTI_SCHEMA`).
+
 ``<out>/classes.json`` holds ``{"classes": [...], "class_to_idx": {...}}`` and
 ``<out>/report.json`` the :class:`ConversionReport`. Each split is written to a
 temporary folder and renamed into place, so a crash never leaves a half-written
@@ -38,6 +41,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from imgcls_core.data.records import decode_image
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
+MULTI_SCHEMA = pa.schema([("image", pa.binary()), ("labels", pa.list_(pa.int64())), ("path", pa.string())])
 SPLITS = ("train", "val", "test")
 CLASS_INDEX = "classes.json"
 REPORT = "report.json"
@@ -111,7 +115,8 @@ def write_shards(
     classes: list[str],
     shard_size: int = 2048,
 ) -> SplitShards:
-    """Write ``(encoded bytes, label, path)`` records as ``<out_dir>/<split>/part-NNNNN.parquet``.
+    """Write ``(encoded bytes, label, path)`` records as ``<out_dir>/<split>/part-NNNNN.parquet``
+    (a label that is a list or tuple of class indices: multi-label shards, :data:`MULTI_SCHEMA`).
 
     Replaces an existing split atomically. Writes ``classes.json`` when absent and
     raises ValueError when it exists with other classes.
@@ -137,18 +142,21 @@ def write_shards(
         rows = iter(records)
         while batch := list(itertools.islice(rows, shard_size)):
             images, labels, paths = zip(*batch)
-            bad = sorted({int(y) for y in labels if not 0 <= int(y) < len(classes)})
+            multi = isinstance(labels[0], (list, tuple))
+            flat = [int(c) for y in labels for c in y] if multi else [int(y) for y in labels]
+            bad = sorted({y for y in flat if not 0 <= y < len(classes)})
             if bad:
                 raise ValueError(f"labels {bad} out of range for {len(classes)} classes")
-            for y in labels:
-                counts[int(y)] += 1
+            for y in flat:
+                counts[y] += 1
             table = pa.Table.from_arrays(
                 [
                     pa.array(images, pa.binary()),
-                    pa.array(labels, pa.int64()),
+                    pa.array([[int(c) for c in y] for y in labels] if multi else labels,
+                             pa.list_(pa.int64()) if multi else pa.int64()),
                     pa.array(paths, pa.string()),
                 ],
-                schema=SCHEMA,
+                schema=MULTI_SCHEMA if multi else SCHEMA,
             )
             name = f"part-{len(files):05d}.parquet"
             pq.write_table(table, tmp / name)
@@ -161,7 +169,8 @@ def write_shards(
 
 
 def read_shard_table(root: str | Path, split: str) -> pa.Table:
-    """All rows of ``<root>/<split>/*.parquet`` (in file order) as one table."""
+    """All rows of ``<root>/<split>/*.parquet`` (in file order) as one table (multi-label shards: with
+    a ``labels`` column, :data:`MULTI_SCHEMA`)."""
     directory = Path(root) / split
     if not directory.is_dir():
         raise FileNotFoundError(f"no shard folder {str(directory)!r}")
@@ -171,10 +180,11 @@ def read_shard_table(root: str | Path, split: str) -> pa.Table:
     tables = []
     for f in files:
         table = pq.read_table(f)
-        missing = [n for n in SCHEMA.names if n not in table.column_names]
+        schema = MULTI_SCHEMA if "labels" in table.column_names else SCHEMA
+        missing = [n for n in schema.names if n not in table.column_names]
         if missing:
-            raise ValueError(f"{f} lacks column(s) {missing}; expected schema {SCHEMA}")
-        tables.append(table.select(SCHEMA.names).cast(SCHEMA))
+            raise ValueError(f"{f} lacks column(s) {missing}; expected schema {schema}")
+        tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables)
 
 

@@ -9,6 +9,12 @@ Layouts (``DataConfig.root``):
 - ``cifar10`` / ``cifar100``: the python-pickle folder (``cifar-10-batches-py`` /
   ``cifar-100-python``, or its contents directly under root); nothing is downloaded.
 - ``digits``: scikit-learn's digits, materialized under root on first use.
+- ``multi_digits``: 2-4 of those digits composed into one image, labelled with the set of
+  digits present (multi-label), materialized under root on first use.
+
+Multi-label (``data.multi_label``): an image has a set of labels. ``imagefolder`` then reads the
+images of ``<root>/<split>/`` (any depth) and their labels from ``data.labels_file``; ``parquet``
+reads a list-of-labels ``labels`` column instead of ``label``.
 
 Without a ``<root>/<val_split>`` (always for CIFAR) a stratified, seeded
 ``val_fraction`` of train becomes the validation split.
@@ -26,7 +32,7 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from imgcls_core.config import DataConfig
+from imgcls_core.config import DataConfig, is_multi_label
 from imgcls_core.data.digits import materialize_digits
 from imgcls_core.data.records import DatasetSplits, SplitRecords
 from imgcls_core.data.shards import load_class_index, read_shard_table
@@ -37,15 +43,24 @@ _LAYOUTS = {
     "parquet": "<root>/<split>/part-NNNNN.parquet and <root>/classes.json (python -m jobs.prepare)",
     "cifar10": "<root>/data_batch_1..5, test_batch, batches.meta (or <root>/cifar-10-batches-py/)",
     "cifar100": "<root>/train, test, meta (or <root>/cifar-100-python/)",
+    "multi_digits": "<root>/<split>/<index>.png and <root>/labels.csv (materialized on first use)",
+    "multi_label": "<root>/<split>/<image> and <root>/<labels_file>: CSV rows 'train/001.jpg,cat dog' "
+                   "(header path,labels) or JSON {\"train/001.jpg\": [\"cat\", \"dog\"]}",
 }
 
 
 def load_dataset(cfg: DataConfig) -> DatasetSplits:
     """Train, val and test records for ``cfg`` (test is None when the source has no test split)."""
     root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
+    multi = is_multi_label(cfg)
     if cfg.format == "digits":
         if not (root / ".complete.json").is_file():
             materialize_digits(root, seed=cfg.seed)
+    elif cfg.format == "multi_digits":
+        if not (root / ".complete.json").is_file():
+            from imgcls_core.data.multi_digits import materialize_multi_digits
+
+            materialize_multi_digits(root, seed=cfg.seed)
     elif not root.is_dir():
         raise FileNotFoundError(
             f"data.root {str(root)!r} does not exist; "
@@ -56,6 +71,8 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
         val = None
     elif cfg.format == "parquet":
         train, val, test = _load_parquet(root, cfg)
+    elif multi:
+        train, val, test = _load_labelled_folder(root, cfg)
     else:
         train, val, test = _load_imagefolder(root, cfg)
     _check_classes(root, cfg, train, {cfg.val_split: val, cfg.test_split: test})
@@ -66,14 +83,19 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
                 f"data.val_fraction={cfg.val_fraction}; "
                 "set data.val_fraction in (0, 1) to take one from train"
             )
-        train_idx, val_idx = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = (random_split(len(train), cfg.val_fraction, cfg.seed) if multi
+                              else stratified_split(train.labels, cfg.val_fraction, cfg.seed))
         train, val = train.subset(train_idx), train.subset(val_idx)
     for name, records in (("train", train), ("val", val), ("test", test)):
         if records is not None and len(records) == 0:
             raise ValueError(
-                f"the {name} split of {root} has no images (expected {_LAYOUTS[cfg.format]})"
+                f"the {name} split of {root} has no images (expected {_layout(cfg)})"
             )
     return DatasetSplits(train, val, test, list(train.classes))
+
+
+def _layout(cfg: DataConfig) -> str:
+    return _LAYOUTS["multi_label"] if cfg.multi_label and cfg.format == "imagefolder" else _LAYOUTS[cfg.format]
 
 
 def _check_classes(
@@ -84,12 +106,12 @@ def _check_classes(
     none of (they can never be predicted right)."""
     counts = train.class_counts()
     present = [c for c, n in zip(train.classes, counts) if n]
-    where = root / cfg.train_split if cfg.format in ("imagefolder", "digits", "parquet") else root
+    where = root / cfg.train_split if cfg.format in ("imagefolder", "digits", "parquet", "multi_digits") else root
     if len(present) < 2:
         found = f"only class {present[0]!r}" if present else "no labelled images"
         raise ValueError(
             f"the training split in {where} has {found} ({len(train)} images); a classifier "
-            f"needs images of at least 2 classes (expected {_LAYOUTS[cfg.format]})"
+            f"needs images of at least 2 classes (expected {_layout(cfg)})"
         )
     for split, records in others.items():
         if records is None:
@@ -127,6 +149,17 @@ def stratified_split(
             "Provide an explicit validation split or change the fraction"
         ) from None
     return np.sort(keep), np.sort(held)
+
+
+def random_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` (multi-label records have no single class to stratify by).
+
+    Returns (kept, held-out ``fraction``) index arrays, each sorted."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, round(n * fraction))
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -203,6 +236,94 @@ def _folder_records(
     )
 
 
+# ------------------------------------------------------------------ multi-label folders
+
+
+def _load_labelled_folder(
+    root: Path, cfg: DataConfig
+) -> tuple[SplitRecords, SplitRecords | None, SplitRecords | None]:
+    """Images under ``<root>/<split>/`` with label sets from ``<root>/<data.labels_file>``.
+
+    Classes: ``<root>/classes.json`` when present, else the sorted names found in the train rows.
+    Every image must have a row (an empty label set is a row with no labels) and every row an image."""
+    label_sets = read_label_sets(root / cfg.labels_file)
+    index_file = root / "classes.json"
+    if index_file.is_file():
+        classes = load_class_index(root)
+    else:
+        prefix = f"{cfg.train_split}/"
+        classes = sorted({c for path, names in label_sets.items() if path.startswith(prefix) for c in names})
+    position = {c: i for i, c in enumerate(classes)}
+    listed: set[str] = set()
+
+    def split(name: str, required: bool) -> SplitRecords | None:
+        directory = root / name
+        if not directory.is_dir():
+            if required:
+                raise FileNotFoundError(f"no train split: {str(directory)!r} does not exist; "
+                                        f"expected {_LAYOUTS['multi_label']}")
+            return None
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        keys = [p.relative_to(root).as_posix() for p in files]
+        unlisted = [k for k in keys if k not in label_sets]
+        if unlisted:
+            raise ValueError(f"{len(unlisted)} image(s) under {directory} have no row in {root / cfg.labels_file}, "
+                             f"e.g. {unlisted[:3]}; add them (an image with no labels gets an empty label list)")
+        labels = []
+        for key in keys:
+            unknown = [c for c in label_sets[key] if c not in position]
+            if unknown:
+                raise ValueError(f"{root / cfg.labels_file}: {key} has label(s) {unknown} that "
+                                 + ("are not in classes.json" if index_file.is_file()
+                                    else f"no training image has ({len(classes)} classes)"))
+            labels.append([position[c] for c in label_sets[key]])
+        listed.update(keys)
+        return SplitRecords(list(classes), labels, [str(p) for p in files], multi_label=True)
+
+    train = split(cfg.train_split, True)
+    val, test = split(cfg.val_split, False), split(cfg.test_split, False)
+    missing = sorted(set(label_sets) - listed)
+    if missing:
+        raise ValueError(f"{root / cfg.labels_file} lists {len(missing)} image(s) that are not under the "
+                         f"{cfg.train_split}/{cfg.val_split}/{cfg.test_split} folders of {root}, e.g. {missing[:3]}")
+    return train, val, test
+
+
+def read_label_sets(path: Path) -> dict[str, list[str]]:
+    """``{"<split>/<file>": [label, ...]}`` from a labels CSV (header ``path,labels``; labels separated by
+    spaces) or JSON file (that mapping itself)."""
+    import csv
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"data.labels_file: {str(path)!r} does not exist; multi-label image folders "
+                                f"need one: {_LAYOUTS['multi_label']}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
+            raise ValueError(f'{path}: expected {{"<split>/<file>": ["label", ...]}}')
+        return {Path(k).as_posix(): list(v) for k, v in data.items()}
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
+        raise ValueError(f"{path}: the first row must be the header 'path,labels'")
+    found: dict[str, list[str]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 2:
+            raise ValueError(f"{path}, line {line}: expected 2 fields (path,labels), got {len(row)}: {row}")
+        key = Path(row[0].strip()).as_posix()
+        if key in found:
+            raise ValueError(f"{path}, line {line}: {key} is listed twice")
+        found[key] = row[1].split()
+    return found
+
+
 # ----------------------------------------------------------------------------- parquet
 
 
@@ -220,8 +341,14 @@ def _load_parquet(
                 )
             return None
         table = read_shard_table(root, name)
-        labels = table.column("label").to_pylist()
-        unknown = sorted({label for label in labels if not 0 <= label < len(classes)})
+        multi = "labels" in table.column_names
+        if multi != is_multi_label(cfg):
+            raise ValueError(f"{root / name}: the shards have a {'labels (list)' if multi else 'label'} column, "
+                             f"so they are {'multi' if multi else 'single'}-label; set data.multi_label="
+                             f"{'true' if multi else 'false'}")
+        labels = table.column("labels" if multi else "label").to_pylist()
+        flat = [c for label in labels for c in label] if multi else labels
+        unknown = sorted({label for label in flat if not 0 <= label < len(classes)})
         if unknown:
             raise ValueError(
                 f"{root / name} has label(s) {unknown} that are not in classes.json "
@@ -232,6 +359,7 @@ def _load_parquet(
             labels,
             table.column("path").to_pylist(),
             images=table.column("image").to_pylist(),
+            multi_label=multi,
         )
 
     return split(cfg.train_split, True), split(cfg.val_split, False), split(cfg.test_split, False)

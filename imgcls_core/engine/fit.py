@@ -70,7 +70,7 @@ def fit(
         # Every rank must agree: a checkpoint is reported by all ranks together.
         if minutes > 0 and engine.any_rank(time.monotonic() - last["save"] >= minutes * 60):
             # A mid-epoch checkpoint: resuming from it skips the epoch's first epoch_step batches.
-            checkpoint({"val/acc1": 0.0, **last["val"], "epoch": engine.epoch, "step": engine.step,
+            checkpoint({f"val/{engine.score}": 0.0, **last["val"], "epoch": engine.epoch, "step": engine.step,
                         "epoch_step": engine.epoch_step, "mid_epoch": 1.0})
 
     while engine.epoch < end:

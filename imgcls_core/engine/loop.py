@@ -22,11 +22,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgcls_core.config import Config
+from imgcls_core.config import Config, is_multi_label, score_name
 from imgcls_core.engine.distill import distillation_loss
 from imgcls_core.engine.optim import LRSchedule, build_optimizer, param_groups, scaled_lr
 from imgcls_core.engine.runtime import Runtime, epoch_seed, rng_state, seed_everything, set_rng_state
-from imgcls_core.evaluation import EvalReport, MetricAccumulator
+from imgcls_core.evaluation import EvalReport, MultiLabelReport, accumulator
 from imgcls_core.models import keep_frozen_bn_eval
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -39,6 +39,19 @@ def ddp_without_buffer_broadcast() -> dict[str, bool]:
     job that passes it lets :meth:`Engine.sync_buffers` average the buffers once per epoch instead."""
     params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+
+
+def multi_label_loss(kind: str, gamma: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Loss over every class of N x C multi-hot targets: binary cross-entropy, or torchvision's focal
+    loss (alpha 0.25, ``gamma``), both averaged over images and classes."""
+    if kind == "bce":
+        return nn.BCEWithLogitsLoss()
+    from torchvision.ops import sigmoid_focal_loss
+
+    def focal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sigmoid_focal_loss(logits, targets.to(logits.dtype), gamma=gamma, reduction="mean")
+
+    return focal
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,8 +85,12 @@ class Engine:
         self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
         self.ema = self._build_ema()
+        # Multi-label runs (labels are N x C multi-hot) are judged by val mAP, single-label ones by top-1
+        self.multi_label, self.score = is_multi_label(cfg), score_name(cfg)
+        self.train_accuracy = "train/label_acc" if self.multi_label else "train/acc1"
         weight = class_weights.to(runtime.device) if class_weights is not None else None
-        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+        self.criterion = (multi_label_loss(cfg.train.multi_label_loss, cfg.train.focal_gamma) if self.multi_label
+                          else nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing))
         self.batch_mix = batch_mix
         # Distillation (cfg.distill's temperature and alpha): a frozen network on the student's
         # device and memory format, outside DDP, the EMA and the state dict.
@@ -87,9 +104,10 @@ class Engine:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.epoch_step = 0  # steps taken in the current, unfinished epoch (mid-epoch checkpoints)
-        self.best_acc1 = -1.0
+        self.best_acc1 = -1.0  # the best val score so far (top-1, or mAP when multi-label)
         # The best epoch's weights (train.final_weights best or auto): {"epoch", "source" ("last" or
-        # "ema": the raw or averaged weights), "acc1" (val top-1), "model" (a CPU copy of the state)}.
+        # "ema": the raw or averaged weights), "acc1" (its val score: top-1, or mAP when multi-label),
+        # "model" (a CPU copy of the state)}.
         self.keep_best = cfg.train.final_weights in ("best", "auto")
         self.best: dict[str, Any] | None = None
 
@@ -144,7 +162,7 @@ class Engine:
             raise RuntimeError("the training data yielded no batches; is the training split empty?")
         metrics = {
             "train/loss": sums[0].item() / sums[2].item(),
-            "train/acc1": sums[1].item() / sums[2].item(),
+            self.train_accuracy: sums[1].item() / sums[2].item(),
             "train/images_per_s": sums[2].item() / max(seconds, 1e-9),
             "train/epoch_s": seconds,
             "lr": self.schedule.last_lr(),
@@ -183,8 +201,11 @@ class Engine:
         self.schedule.step_batch()
         self.step += 1
         self._update_ema()
-        correct = (logits.argmax(1) == hard).sum().item()
-        return loss.item(), correct, hard.numel()
+        if self.multi_label:  # the fraction of an image's class decisions (at probability 0.5) that are right
+            correct = ((logits.detach() > 0) == (hard > 0.5)).float().mean(1).sum().item()
+        else:
+            correct = (logits.argmax(1) == hard).sum().item()
+        return loss.item(), correct, hard.shape[0]
 
     def _distill(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The distillation loss of a step (inside the step's autocast); keeps its terms for the metrics.
@@ -215,14 +236,14 @@ class Engine:
         self.schedule.step_epoch(metrics)
         self.epoch += 1
         self.epoch_step = 0
-        self.best_acc1 = max(self.best_acc1, metrics["val/acc1"])
+        self.best_acc1 = max(self.best_acc1, metrics[f"val/{self.score}"])
         if self.keep_best:
             self._offer_best(metrics)
 
     def _offer_best(self, metrics: dict[str, float]) -> None:
-        candidates = [("last", metrics["val/acc1"], self.model)]
-        if self.ema is not None and "val_ema/acc1" in metrics:
-            candidates.append(("ema", metrics["val_ema/acc1"], self.ema.module))
+        candidates = [("last", metrics[f"val/{self.score}"], self.model)]
+        if self.ema is not None and f"val_ema/{self.score}" in metrics:
+            candidates.append(("ema", metrics[f"val_ema/{self.score}"], self.ema.module))
         source, acc1, module = max(candidates, key=lambda c: c[1])  # a tie keeps the raw weights
         if self.best is None or acc1 > self.best["acc1"]:  # a tie keeps the earlier epoch
             self.best = {"epoch": self.epoch, "source": source, "acc1": float(acc1),
@@ -232,13 +253,13 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch], class_names: list[str], use_ema: bool = False,
-                 model: nn.Module | None = None) -> EvalReport:
+                 model: nn.Module | None = None) -> EvalReport | MultiLabelReport:
         """Evaluate on every rank's share and sum the counts over ranks before computing metrics
         (the trained weights, their EMA with ``use_ema``, or ``model``)."""
         if model is None:
             model = self.ema.module if use_ema and self.ema is not None else self.model
         model.eval()
-        acc = MetricAccumulator(len(class_names))
+        acc = accumulator(len(class_names), self.multi_label)
         device = self.runtime.device
         for images, labels in batches:
             images = images.to(device, non_blocking=True, memory_format=self.runtime.memory_format)
@@ -246,7 +267,7 @@ class Engine:
                 logits = model(images)
             acc.update(logits.float().cpu(), labels.cpu())
         if dist.is_available() and dist.is_initialized():
-            acc = MetricAccumulator.from_state({k: self._all_reduce(v) for k, v in acc.state().items()})
+            acc = type(acc).from_state({k: self._all_reduce(v) for k, v in acc.state().items()})
         return acc.report(class_names)
 
     def any_rank(self, flag: bool) -> bool:

@@ -93,7 +93,7 @@ class LRSchedule:
             main = lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=cfg.gamma)
         if cfg.schedule in ("plateau", "cosine_plateau"):
             self.plateau = lr_scheduler.ReduceLROnPlateau(
-                opt, mode="max" if cfg.plateau_metric == "acc1" else "min", factor=cfg.gamma,
+                opt, mode="min" if cfg.plateau_metric == "loss" else "max", factor=cfg.gamma,
                 patience=cfg.plateau_patience,
             )
         if warmup and main:

@@ -32,7 +32,8 @@ from imgcls_core.engine.checkpoint import check_same_model, save_inference_model
 from imgcls_core.engine.fit import StepCallback, WriteCheckpoint, fit
 from imgcls_core.engine.loop import Batch, Engine
 from imgcls_core.evaluation import (
-    EvalReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict, write_predictions,
+    EvalReport, MultiLabelReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict,
+    write_multi_label_predictions, write_predictions,
 )
 from imgcls_core.tensorboard_log import TensorBoardLog
 from imgcls_core.tracking import SUMMARY_FILE, RegistrationError, Tracker, log_training_outputs
@@ -80,8 +81,8 @@ class RunData:
 class RunResult:
     output_dir: Path
     history: list[dict[str, float]]
-    test: EvalReport | None
-    val: EvalReport | None
+    test: EvalReport | MultiLabelReport | None
+    val: EvalReport | MultiLabelReport | None
     used_ema: bool
     seconds: float
     resumed_from: int = 0
@@ -99,16 +100,17 @@ class FinalWeights:
     chosen: str  # best, last or ema
     source: str  # last or ema: the raw or the averaged weights (a best epoch's are one of the two)
     epoch: int  # the epoch they are from
-    val_acc1: dict[str, float]  # val top-1 of every candidate
+    val_score: dict[str, float]  # the val score (metric) of every candidate
+    metric: str = "acc1"  # acc1 (top-1), or mAP for multi-label runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        figures = ", ".join(f"{name} {acc1:.4f}" for name, acc1 in self.val_acc1.items())
+        figures = ", ".join(f"{name} {score:.4f}" for name, score in self.val_score.items())
         what = f"epoch {self.epoch}'s {'EMA' if self.source == 'ema' else 'raw'} weights"
         return (f"final weights: {self.chosen} ({what}; train.final_weights={self.requested}; "
-                f"val top-1 {figures})")
+                f"val {'top-1' if self.metric == 'acc1' else self.metric} {figures})")
 
 
 class TrainingSession:
@@ -240,6 +242,9 @@ class TrainingSession:
 
         final = engine.inference_model(choice.chosen)
         pre = self.pre
+        if isinstance(val, MultiLabelReport):  # the decision threshold, chosen on val, ships with the model
+            pre.threshold = val.threshold
+            self.log(f"multi-label threshold {val.threshold:.3f} (best micro F1 on val: {val.micro_f1:.4f})")
         files = result.files
         files["model"] = save_inference_model(self.out / "model.pt", final.state_dict(), self.cfg.to_dict()["model"],
                                               pre, val.metrics("val/"), weights=choice.to_dict())
@@ -262,22 +267,23 @@ class TrainingSession:
         result.seconds = time.perf_counter() - start
         result.summary = self._summarize(tracker, result, skipped)
         test = result.test
-        self.log(f"done: val top-1 {val.acc1:.4f}" + (f", test top-1 {test.acc1:.4f} (n={test.n})" if test else "")
+        what = "top-1" if val.score_name == "acc1" else val.score_name
+        self.log(f"done: val {what} {val.score:.4f}" + (f", test {what} {test.score:.4f} (n={test.n})" if test else "")
                  + f" in {result.seconds:.1f}s; model {files['model']}"
                  + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
         return result
 
-    def _final_weights(self) -> tuple[FinalWeights, EvalReport]:
+    def _final_weights(self) -> tuple[FinalWeights, EvalReport | MultiLabelReport]:
         """Which weights the run ships, and their validation report (every rank: a collective).
 
-        ``last`` and ``ema`` are measured now; ``best`` is the best epoch's (its val top-1 from that
-        epoch). ``auto`` takes the highest val top-1 of the three; a tie prefers ema, then last: the
-        best epoch was picked on this same val split, so its figure flatters it."""
+        ``last`` and ``ema`` are measured now; ``best`` is the best epoch's (its val score from that
+        epoch: top-1, or mAP for multi-label). ``auto`` takes the highest val score of the three; a tie
+        prefers ema, then last: the best epoch was picked on this same val split, so its figure flatters it."""
         engine, classes, requested = self.engine, self.pre.classes, self.cfg.train.final_weights
         val = {"last": engine.evaluate(self.data.val_batches(), classes)}
         if engine.ema is not None:
             val["ema"] = engine.evaluate(self.data.val_batches(), classes, use_ema=True)
-        measured = {name: report.acc1 for name, report in val.items()}
+        measured = {name: report.score for name, report in val.items()}
         best = engine.best
         if best is not None:
             measured["best"] = best["acc1"]
@@ -293,7 +299,7 @@ class TrainingSession:
             val["best"] = engine.evaluate(self.data.val_batches(), classes, model=engine.inference_model("best"))
         source = best["source"] if chosen == "best" else chosen
         choice = FinalWeights(requested, chosen, source, engine.epoch if chosen != "best" else best["epoch"],
-                              {name: round(acc1, 6) for name, acc1 in measured.items()})
+                              {name: round(score, 6) for name, score in measured.items()}, engine.score)
         return choice, val[chosen]
 
     def _summarize(self, tracker: Tracker, result: RunResult, skipped: int) -> dict:
@@ -319,7 +325,8 @@ class TrainingSession:
             "job": self.job, "mlflow_run_id": tracker.run_id or earlier.get("mlflow_run_id"),
             "epochs": self.engine.epoch, "resumed_from": result.resumed_from, "used_ema": result.used_ema,
             "final_weights": result.final_weights.to_dict() if result.final_weights else None,
-            "val_acc1": result.val.acc1, "test_acc1": test.acc1 if test is not None else None,
+            "metric": result.val.score_name, f"val_{result.val.score_name}": result.val.score,
+            f"test_{result.val.score_name}": test.score if test is not None else None,
             "skipped_images": skipped, "model_file": str(result.files["model"]),
             "model_uri": info.model_uri if info is not None else earlier.get("model_uri"),
             "registered_version": (getattr(info, "registered_model_version", None) if info is not None
@@ -344,21 +351,28 @@ def read_history(out: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path, files: dict) -> EvalReport:
+def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path,
+                      files: dict) -> EvalReport | MultiLabelReport:
     """Evaluate on a held-out split and write test_metrics.json, test_report.txt,
-    confusion_matrix.png and predictions.csv into ``out`` (paths recorded in ``files``), and
-    with the split's records the views inside the model (imgcls_core.explain: filters, feature
-    maps, Grad-CAM galleries of misclassified and correct images)."""
+    confusion_matrix.png (single-label) and predictions.csv into ``out`` (paths recorded in
+    ``files``), and with the split's records the views inside the model (imgcls_core.explain:
+    filters, feature maps, Grad-CAM galleries of misclassified and correct images). Multi-label
+    decisions use the threshold in ``pre``."""
     preds = predict(model, loader, device)
-    report = compute_metrics(preds.logits, preds.labels, pre.classes)
+    paths = records.paths if records is not None else None
     files["test_metrics"] = out / "test_metrics.json"
-    files["test_metrics"].write_text(json.dumps(report.to_dict(), indent=1))
     files["test_report"] = out / "test_report.txt"
-    files["test_report"].write_text(report.summary() + "\n")
-    files["confusion"] = plot_confusion_matrix(report.confusion, pre.classes, out / "confusion_matrix.png")
     files["predictions"] = out / "predictions.csv"
-    write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes,
-                      paths=records.paths if records is not None else None)
+    if pre.multi_label:
+        report = compute_metrics(preds.logits, preds.labels, pre.classes, threshold=pre.threshold)
+        write_multi_label_predictions(files["predictions"], preds.logits, preds.labels, pre.classes, pre.threshold,
+                                      paths=paths)
+    else:
+        report = compute_metrics(preds.logits, preds.labels, pre.classes)
+        files["confusion"] = plot_confusion_matrix(report.confusion, pre.classes, out / "confusion_matrix.png")
+        write_predictions(files["predictions"], preds.logits, preds.labels, pre.classes, paths=paths)
+    files["test_metrics"].write_text(json.dumps(report.to_dict(), indent=1))
+    files["test_report"].write_text(report.summary() + "\n")
     if records is not None and hasattr(model, "stage_names"):
         from imgcls_core.explain import write_model_views
 
@@ -369,10 +383,11 @@ def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: P
 
 
 def epoch_line(m: dict[str, float], epochs: int) -> str:
-    """The line printed after each epoch."""
-    ema = f"  val_ema/acc1 {m['val_ema/acc1']:.4f}" if "val_ema/acc1" in m else ""
+    """The line printed after each epoch (multi-label runs: label accuracy and mAP for top-1)."""
+    train, score = ("train/label_acc", "mAP") if "val/mAP" in m else ("train/acc1", "acc1")
+    ema = f"  val_ema/{score} {m[f'val_ema/{score}']:.4f}" if f"val_ema/{score}" in m else ""
     return (
-        f"epoch {int(m['epoch'])}/{epochs}  train/loss {m['train/loss']:.4f}  train/acc1 {m['train/acc1']:.4f}  "
-        f"val/loss {m['val/loss']:.4f}  val/acc1 {m['val/acc1']:.4f}{ema}  lr {m['lr']:.4g}  "
+        f"epoch {int(m['epoch'])}/{epochs}  train/loss {m['train/loss']:.4f}  {train} {m[train]:.4f}  "
+        f"val/loss {m['val/loss']:.4f}  val/{score} {m[f'val/{score}']:.4f}{ema}  lr {m['lr']:.4g}  "
         f"{m['train/images_per_s']:.0f} img/s  {m['train/epoch_s']:.1f}s"
     )

@@ -117,7 +117,7 @@ def test_aws_rsync_excludes_are_anchored_and_spare_the_packages(aws):
         assert f"/{top}" in excludes, f"/{top} missing from rsync_exclude"
     # An unanchored pattern matches at any depth: "data" would drop imgcls_core/data/.
     package_dirs = {p.name for pkg in ("imgcls_core", "jobs", "serve", "tune_spaces", "configs")
-                    for p in (REPO / pkg).rglob("*") if p.is_dir()}
+                    for p in (REPO / pkg).rglob("*") if p.is_dir() and p.name != "__pycache__"}
     bare = [e for e in excludes if not e.startswith("/") and e.strip("*/") in package_dirs]
     assert not bare, f"unanchored rsync_exclude patterns match package folders: {bare}"
     assert (REPO / "imgcls_core" / "data").is_dir() and "data" in package_dirs

@@ -139,7 +139,7 @@ def test_final_weights_ships_what_was_asked_and_records_it(tiny_config, tmp_path
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["final_weights"] == weights == result.final_weights.to_dict()
     assert weights["requested"] == requested
-    candidates = weights["val_acc1"]
+    candidates = weights["val_score"]
     assert set(candidates) == {"last", "ema", "best"} if requested in ("best", "auto") else {"last", "ema"}
     if requested == "auto":
         top = max(candidates.values())
