@@ -14,9 +14,11 @@ needs nothing else. Two inputs:
   is a DataFrame with a row per image: ``label``, ``probability``, ``top_k``
   (``[{"label", "probability"}]``, ``params={"top_k": k}``, default 5) and
   ``error`` (why a row that is not a decodable image has no label; the other
-  rows are still answered).
+  rows are still answered). A multi-label model adds ``labels`` (every class at
+  or over the threshold chosen on val, ``[{"label", "probability"}]``) and
+  ``probabilities`` (one per class, in class order).
 - **A preprocessed float32 batch** ``N x 3 x S x S`` (any N), as the metadata
-  says: the output is ``N x C`` class probabilities.
+  says: the output is ``N x C`` class probabilities (multi-label: per-class sigmoids).
 
     info = log_model(run_id, "runs/x/model.pt")
     model = mlflow.pyfunc.load_model(info.model_uri)
@@ -127,7 +129,10 @@ def classify_encoded(predictor, images: list[Any], top_k: int):
 
     from imgcls_core.data import CorruptImageError, decode_image
 
-    rows: list[dict[str, Any]] = [{"label": None, "probability": None, "top_k": [], "error": None} for _ in images]
+    multi = predictor.pre.multi_label
+    columns = ["label", "probability", "top_k", *(["labels", "probabilities"] if multi else []), "error"]
+    rows: list[dict[str, Any]] = [{"label": None, "probability": None, "top_k": [], "error": None,
+                                   **({"labels": [], "probabilities": None} if multi else {})} for _ in images]
     decoded, where = [], []
     for i, value in enumerate(images):
         try:
@@ -136,10 +141,16 @@ def classify_encoded(predictor, images: list[Any], top_k: int):
         except (CorruptImageError, ValueError) as exc:
             rows[i]["error"] = str(exc)
     if decoded:
-        for i, ranked in zip(where, predictor.classify(decoded, top_k)):  # decoded uint8 images pass as they are
+        k = len(predictor.pre.classes) if multi else top_k  # multi-label: every class, for labels/probabilities
+        for i, ranked in zip(where, predictor.classify(decoded, k)):  # decoded uint8 images pass as they are
             top = [{"label": r["label"], "probability": r["probability"]} for r in ranked]
-            rows[i].update(label=top[0]["label"], probability=top[0]["probability"], top_k=top)
-    return pd.DataFrame(rows, columns=["label", "probability", "top_k", "error"])
+            rows[i].update(label=top[0]["label"], probability=top[0]["probability"], top_k=top[:top_k])
+            if multi:
+                by_class = {r["label"]: r["probability"] for r in ranked}
+                rows[i].update(labels=[{"label": r["label"], "probability": r["probability"]}
+                                       for r in predictor.present(ranked)],
+                               probabilities=[by_class[c] for c in predictor.pre.classes])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def model_metadata(model_file: str | Path) -> dict[str, Any]:
@@ -161,12 +172,15 @@ def signature_for(image_size: int, num_classes: int):
     return ModelSignature(params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]))
 
 
-def inputs_metadata(image_size: int, num_classes: int) -> dict[str, str]:
+def inputs_metadata(image_size: int, num_classes: int, multi_label: bool = False) -> dict[str, str]:
+    columns = "label, probability, top_k, labels, probabilities, error" if multi_label else \
+        "label, probability, top_k, error"
     return {
         "encoded": "image bytes or base64 strings (a list, a 1-D array, a Series, or a DataFrame column named "
-                   "image or the only column) -> DataFrame: label, probability, top_k, error; params: top_k",
+                   f"image or the only column) -> DataFrame: {columns}; params: top_k",
         "preprocessed": f"float32 array (N, 3, {image_size}, {image_size}), normalized as 'preprocessing' "
-                        f"says -> float32 array (N, {num_classes}) of class probabilities",
+                        f"says -> float32 array (N, {num_classes}) of class probabilities"
+                        + (" (per-class sigmoids)" if multi_label else ""),
     }
 
 
@@ -183,7 +197,8 @@ def log_model(run_id: str, model_file: str | Path, *, extra_metadata: dict[str, 
     """
     meta = model_metadata(model_file)
     pre = meta["preprocessing"]
-    metadata = {"imgcls": {**meta, "inputs": inputs_metadata(pre["image_size"], len(pre["classes"])),
+    metadata = {"imgcls": {**meta, "inputs": inputs_metadata(pre["image_size"], len(pre["classes"]),
+                                                             pre.get("multi_label", False)),
                            **(extra_metadata or {})}}
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The explicit signature below describes the input: no example is needed to infer one.

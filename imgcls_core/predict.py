@@ -21,7 +21,7 @@ from imgcls_core.data import SplitRecords, decode_image
 from imgcls_core.data.presets import build_eval_transform
 from imgcls_core.data.preprocessing import Preprocessing
 from imgcls_core.engine.checkpoint import load_checkpoint
-from imgcls_core.evaluation import EvalReport, compute_metrics, predict
+from imgcls_core.evaluation import EvalReport, MultiLabelReport, compute_metrics, predict
 from imgcls_core.models import build_model
 
 
@@ -61,22 +61,35 @@ class Predictor:
                    for i, img in enumerate(images)]
         return torch.stack([self.transform(t) for t in tensors])
 
-    def evaluate(self, records: SplitRecords, batch_size: int = 256, num_workers: int = 0) -> EvalReport:
-        """Metrics of this model on a labelled split, preprocessed the way the model was trained."""
+    def evaluate(self, records: SplitRecords, batch_size: int = 256,
+                 num_workers: int = 0) -> EvalReport | MultiLabelReport:
+        """Metrics of this model on a labelled split, preprocessed the way the model was trained
+        (multi-label: decisions at the model's threshold)."""
         if list(records.classes) != list(self.pre.classes):
             raise ValueError(f"the split's classes {records.classes[:10]} differ from the model's "
                              f"{self.pre.classes[:10]}; evaluate on data with the classes the model was trained on")
+        if records.multi_label != self.pre.multi_label:
+            kinds = ("multi-label", "single-label")
+            raise ValueError(f"a {kinds[not self.pre.multi_label]} model cannot be evaluated on "
+                             f"{kinds[not records.multi_label]} data")
         loader = DataLoader(records.dataset(self.transform), batch_size=batch_size, num_workers=num_workers)
         preds = predict(self.model, loader, self.device)
-        return compute_metrics(preds.logits, preds.labels, self.pre.classes)
+        return compute_metrics(preds.logits, preds.labels, self.pre.classes,
+                               threshold=self.pre.threshold if self.pre.multi_label else None)
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float().softmax(dim=1).cpu()
+        """Class probabilities of a preprocessed batch: softmax, or per-class sigmoids when multi-label."""
+        logits = self.model(batch.to(self.device)).float()
+        return (logits.sigmoid() if self.pre.multi_label else logits.softmax(dim=1)).cpu()
 
     def classify(self, images: list[bytes | str | Path | torch.Tensor], top_k: int = 5) -> list[list[dict]]:
         """Top-k ``{"label", "index", "probability"}`` per image, best first."""
         return top_k_rows(self.probabilities(self.preprocess(images)), self.pre.classes, top_k)
+
+    def present(self, ranked: list[dict]) -> list[dict]:
+        """The classes of a ranked row (best first, every class) at or over the multi-label threshold."""
+        return [r for r in ranked if r["probability"] >= self.pre.threshold]
 
 
 def top_k_rows(probs: torch.Tensor, classes: list[str], top_k: int) -> list[list[dict]]:

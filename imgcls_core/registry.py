@@ -59,15 +59,17 @@ class Decision:
     new_version: bool
     champion_after: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    metric: str = "acc1"  # what challenger_acc1/champion_acc1 hold: test top-1, or mAP (multi-label)
 
     def summary(self) -> str:
-        lines = [f"challenger: {self.model} v{self.version} (run {self.run_id}) test top-1 {self.challenger_acc1:.4f}"]
+        what = "top-1" if self.metric == "acc1" else self.metric
+        lines = [f"challenger: {self.model} v{self.version} (run {self.run_id}) test {what} {self.challenger_acc1:.4f}"]
         if self.champion_version is None:
             lines.append("champion:   none yet")
         elif self.champion_acc1 is None:
             lines.append(f"champion:   {self.model} v{self.champion_version} (this version)")
         else:
-            lines.append(f"champion:   {self.model} v{self.champion_version} test top-1 {self.champion_acc1:.4f}"
+            lines.append(f"champion:   {self.model} v{self.champion_version} test {what} {self.champion_acc1:.4f}"
                          f" (same test split, this call)")
             lines.append(f"difference: {self.challenger_acc1 - self.champion_acc1:+.4f} (margin {self.margin:+.4f})")
         verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"

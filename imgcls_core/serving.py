@@ -89,16 +89,32 @@ class ServedModel:
             "classes": self.classes, "num_classes": len(pre.classes),
             "input_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
             "test_metrics": metrics, "device": str(self.predictor.device), "backend": self.backend,
+            "multi_label": pre.multi_label, **({"threshold": pre.threshold} if pre.multi_label else {}),
         }
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """A decoded uint8 image -> the float ``3 x S x S`` input this version was trained for."""
         return self.predictor.transform(image)
 
+    @property
+    def multi_label(self) -> bool:
+        return self.predictor.pre.multi_label
+
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
-        """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first."""
-        return top_k_rows(self.predictor.probabilities(batch), self.predictor.pre.classes, top_k)
+        """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first.
+        Multi-label versions rank every class (sigmoid probabilities), so that :meth:`answer` can list
+        those over the threshold whatever ``top_k``."""
+        k = len(self.classes) if self.multi_label else top_k
+        return top_k_rows(self.predictor.probabilities(batch), self.predictor.pre.classes, k)
+
+    def answer(self, ranked: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
+        """One image's prediction in a response: its top-k, and for multi-label versions every class
+        at or over the threshold (``labels``) and the threshold."""
+        if not self.multi_label:
+            return {"top_k": ranked[:top_k]}
+        return {"top_k": ranked[:top_k], "labels": self.predictor.present(ranked),
+                "threshold": self.predictor.pre.threshold}
 
     def can_explain(self) -> str | None:
         """Why this version cannot explain a prediction with Grad-CAM, or None when it can."""

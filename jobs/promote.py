@@ -34,11 +34,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgcls_core.config import Config
+from imgcls_core.config import Config, score_name
 from imgcls_core.tracking import SUMMARY_FILE
 from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths, run_main
 
-ACC_TAG = "test/acc1"
 DATA_TAG = "imgcls.test_data_sha256"
 
 
@@ -98,19 +97,22 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
     version, created = registry.register(run_id, tags)
     number = str(version.version)
     log(f"{'registered' if created else 'found'} {model_name} v{number} for run {run_id}")
+    metric = score_name(cfg)  # test top-1, or test mAP for multi-label data
+    score_tag = f"test/{metric}"
 
-    def test_acc1(v) -> float:
-        if v.tags.get(DATA_TAG) == data_hash and ACC_TAG in v.tags:
-            return float(v.tags[ACC_TAG])  # measured on this very split before
+    def test_score(v) -> float:
+        if v.tags.get(DATA_TAG) == data_hash and score_tag in v.tags:
+            return float(v.tags[score_tag])  # measured on this very split before
         report = Predictor.from_file(registry.model_file(v.version)).evaluate(test, cfg.data.eval_batch_size)
         registry.tag(v.version, {**report.metrics("test/"), DATA_TAG: data_hash})
-        log(f"{model_name} v{v.version}: test top-1 {report.acc1:.4f} on {len(test)} images")
-        return report.acc1
+        log(f"{model_name} v{v.version}: test {'top-1' if metric == 'acc1' else metric} {report.score:.4f} "
+            f"on {len(test)} images")
+        return report.score
 
-    challenger_acc = test_acc1(version)
+    challenger_acc = test_score(version)
     registry.set_alias(CHALLENGER, number)
     promoted, reason, champion, champion_acc = gate_champion(
-        registry, number, challenger_acc, evaluate=test_acc1, margin=margin, force_reason=force_reason, log=log)
+        registry, number, challenger_acc, evaluate=test_score, margin=margin, force_reason=force_reason, log=log)
     after = registry.alias(CHAMPION)
     if promoted and (after is None or str(after.version) != number):
         log(f"warning: {model_name}'s champion is {f'v{after.version}' if after else 'unset'} now: another "
@@ -118,7 +120,7 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
     decision = Decision(model_name, number, run_id, challenger_acc,
                         str(champion.version) if champion is not None else None, champion_acc,
                         margin, promoted, reason, created, str(after.version) if after else None,
-                        extra={"test_images": len(test), "test_data_sha256": data_hash, **tags})
+                        extra={"test_images": len(test), "test_data_sha256": data_hash, **tags}, metric=metric)
     registry.tag(number, {"imgcls.promotion": "promoted" if promoted else "not promoted",
                                    "imgcls.promotion_reason": reason,
                                    "imgcls.compared_with": f"v{decision.champion_version}: {champion_acc}"

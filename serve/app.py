@@ -104,6 +104,7 @@ def build_http_app(service: ClassifierReplica) -> FastAPI:
     @api.post("/v1/predict", summary="Classify images",
               description="Multipart files (any field name) or one raw image body "
                           "(Content-Type image/png, image/jpeg, ...). `?top_k=N` classes per image. "
+                          "A multi-label model also answers `labels`: every class at or over its `threshold`. "
                           "`?explain=gradcam` adds each image's Grad-CAM overlay (base64 PNG); with "
                           "`&format=png` the answer is the overlay itself (one image).")
     async def predict(request: Request) -> JSONResponse:
@@ -260,8 +261,8 @@ class ClassifierReplica:
             top_k = max(items[i][2] for i in idx)
             out = await loop.run_in_executor(self._forward_pool, model.explain if explain else model.classify,
                                              batch, top_k)
-            for i, row in zip(idx, out):
-                results[i] = (row[0][:items[i][2]], row[1]) if explain else row[:items[i][2]]
+            for i, row in zip(idx, out):  # ranked to the largest top_k (multi-label: all); _predict cuts
+                results[i] = row
         self.images_served.inc(len(items))
         return results
 
@@ -371,11 +372,11 @@ class ClassifierReplica:
         predictions = []
         for (name, _), row in zip(uploads, rows):
             if explain:
-                top, png = row
-                predictions.append({"file": name, "top_k": top, "gradcam": {
-                    "label": top[0]["label"], "png_base64": base64.b64encode(png).decode()}})
+                ranked, png = row
+                predictions.append({"file": name, **model.answer(ranked, top_k), "gradcam": {
+                    "label": ranked[0]["label"], "png_base64": base64.b64encode(png).decode()}})
             else:
-                predictions.append({"file": name, "top_k": row})
+                predictions.append({"file": name, **model.answer(row, top_k)})
         return {"model": identity, "predictions": predictions}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
