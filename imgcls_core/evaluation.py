@@ -450,7 +450,7 @@ class MultiLabelAccumulator:
         return MultiLabelReport(
             class_names=list(class_names), n=n, loss=self._state["loss_sum"].item() / n, mAP=m_ap,
             ap=(ap * present).tolist(), threshold=float(threshold),
-            micro_f1=_safe_div(torch.tensor(2 * micro_p * micro_r), torch.tensor(micro_p + micro_r)).item(),
+            micro_f1=2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r > 0 else 0.0,
             macro_f1=f1[present].mean().item() if bool(present.any()) else 0.0,
             micro_precision=micro_p, micro_recall=micro_r, precision=precision.tolist(), recall=recall.tolist(),
             f1=f1.tolist(), support=[int(s) for s in positives.tolist()])

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write Parquet shards of images composed from the real digits here",
     )
     parser.add_argument("--out", metavar="DIR", help="shard folder to write (with --source)")
+    parser.add_argument("--labels", metavar="FILE",
+                        help="multi-label source: a labels CSV (path,labels) or JSON giving each <split>/<image> "
+                             "its label set (relative to --source); writes multi-label shards")
     parser.add_argument(
         "--shards", metavar="DIR", help="also convert the digits to shards here (with --digits)"
     )
@@ -129,10 +132,11 @@ def prepare(args: argparse.Namespace) -> None:
         report = convert_image_folder(
             args.source, args.out, num_workers=args.workers, shard_size=args.shard_size or 2048,
             seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels, labels_file=args.labels,
         )
         print(report.summary())
-        print(f"train on it with: --set data.format=parquet --set data.root={args.out}")
+        multi = " --set data.multi_label=true" if args.labels else ""
+        print(f"train on it with: --set data.format=parquet --set data.root={args.out}{multi}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class SplitShards:
     split: str
     images: int
     shards: list[str]
-    class_counts: dict[str, int]
+    class_counts: dict[str, int]  # images per class (multi-label: images carrying it)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ConversionReport:
 
     source: str
     out: str
-    layout: str  # "splits" (<src>/<split>/<class>/...) or "flat" (<src>/<class>/..., all train)
+    layout: str  # "splits" (<src>/<split>/<class>/...), "flat" (<src>/<class>/..., all train) or "multi_label"
     classes: list[str]
     splits: dict[str, SplitShards]
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -137,6 +137,7 @@ def write_shards(
     tmp = out_dir / f".{split}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     counts = [0] * len(classes)
+    rows_written = 0
     files: list[str] = []
     try:
         rows = iter(records)
@@ -149,6 +150,7 @@ def write_shards(
                 raise ValueError(f"labels {bad} out of range for {len(classes)} classes")
             for y in flat:
                 counts[y] += 1
+            rows_written += len(batch)
             table = pa.Table.from_arrays(
                 [
                     pa.array(images, pa.binary()),
@@ -165,7 +167,7 @@ def write_shards(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SplitShards(split, sum(counts), files, dict(zip(classes, counts)))
+    return SplitShards(split, rows_written, files, dict(zip(classes, counts)))
 
 
 def read_shard_table(root: str | Path, split: str) -> pa.Table:
@@ -217,9 +219,16 @@ def convert_image_folder(
     seed: int = 0,
     val_fraction: float = 0.0,
     test_fraction: float = 0.0,
+    labels_file: str | Path | None = None,
 ) -> ConversionReport:
     """Convert ``<src>/{train,val,test}/<class>/<image>`` (or flat ``<src>/<class>/<image>``, all
     train) to Parquet shards in ``out``.
+
+    With ``labels_file`` (relative to ``src``, or absolute) the images are multi-label: the
+    files the labels CSV/JSON lists (``<split>/<file>``, as data.labels_file reads them) with their
+    label sets, written as multi-label shards (:data:`MULTI_SCHEMA`); classes come from
+    ``<src>/classes.json`` when present, else the sorted labels of the train rows. Held-out splits
+    are then seeded random fractions (a label set has no one class to stratify by).
 
     Rows are written in a seeded random order, so that every shard (and every
     worker's share of a split) holds a mix of all classes: folder order would give
@@ -246,6 +255,10 @@ def convert_image_folder(
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"the output folder {out} must not be inside the source folder {src}")
     split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    if labels_file is not None:
+        return _convert_labelled(src, out, Path(src, labels_file), split_dirs, num_workers=num_workers,
+                                 shard_size=shard_size, max_pixels=max_pixels, seed=seed,
+                                 fractions={"val": val_fraction, "test": test_fraction}, start=start)
     layout = "splits" if split_dirs else "flat"
     if not split_dirs:
         split_dirs = {"train": src}
@@ -269,6 +282,46 @@ def convert_image_folder(
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
     held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed)
+    return _write_splits(src, out, layout, classes, samples, held_out, num_workers=num_workers, shard_size=shard_size,
+                         max_pixels=max_pixels, seed=seed, start=start)
+
+
+def _convert_labelled(src: Path, out: Path, labels_file: Path, split_dirs: dict[str, Path], *, num_workers: int,
+                      shard_size: int, max_pixels: int | None, seed: int, fractions: dict[str, float],
+                      start: float) -> ConversionReport:
+    """convert_image_folder for a multi-label folder (``labels_file``)."""
+    from imgcls_core.data.sources import read_label_sets  # sources imports this module
+
+    if "train" not in split_dirs:
+        raise ValueError(f"{src} has no train folder; a multi-label folder is <src>/<split>/<image> with the "
+                         f"label sets in {labels_file.name}")
+    label_sets = read_label_sets(labels_file)
+    if (src / CLASS_INDEX).is_file():
+        classes = load_class_index(src)
+    else:
+        classes = sorted({c for key, names in label_sets.items() if key.startswith("train/") for c in names})
+    position = {c: i for i, c in enumerate(classes)}
+    samples: dict[str, list[tuple[str, list[int]]]] = {}
+    for key, names in sorted(label_sets.items()):
+        split = key.split("/", 1)[0]
+        if split not in split_dirs:
+            raise ValueError(f"{labels_file}: {key} is not under a split folder ({', '.join(split_dirs)}) of {src}")
+        unknown = [c for c in names if c not in position]
+        if unknown:
+            raise ValueError(f"{labels_file}: {key} has label(s) {unknown} that no training image has "
+                             f"({len(classes)} classes)")
+        samples.setdefault(split, []).append((str(src / key), [position[c] for c in names]))
+    if not samples.get("train"):
+        raise ValueError(f"{labels_file} lists no train/ images")
+    held_out = _hold_out(samples, fractions, seed, stratify=False)
+    return _write_splits(src, out, "multi_label", classes, samples, held_out, num_workers=num_workers,
+                         shard_size=shard_size, max_pixels=max_pixels, seed=seed, start=start)
+
+
+def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples: dict[str, list], held_out: dict,
+                  *, num_workers: int, shard_size: int, max_pixels: int | None, seed: int,
+                  start: float) -> ConversionReport:
+    """Shuffle each split's ``(path, label)`` items (seeded), check-decode them and write the shards."""
     samples = {split: samples[split] for split in SPLITS if split in samples}
     for split, items in samples.items():
         random.Random(f"{seed}/{split}").shuffle(items)
@@ -304,11 +357,12 @@ def convert_image_folder(
 
 
 def _hold_out(
-    samples: dict[str, list[tuple[str, int]]], fractions: dict[str, float], seed: int
+    samples: dict[str, list[tuple[str, int]]], fractions: dict[str, float], seed: int, stratify: bool = True
 ) -> dict[str, dict]:
-    """Move stratified, seeded ``fractions`` of the train files into the splits ``samples``
-    lacks (in place); what was held out, by split. Fractions are of all train files."""
-    from imgcls_core.data.sources import stratified_split  # sources imports this module
+    """Move stratified (or with ``stratify=False`` random), seeded ``fractions`` of the train files
+    into the splits ``samples`` lacks (in place); what was held out, by split. Fractions are of all
+    train files."""
+    from imgcls_core.data.sources import random_split, stratified_split  # sources imports this module
 
     missing = {s: f for s, f in fractions.items() if s not in samples and f > 0}
     if not missing:
@@ -323,7 +377,8 @@ def _hold_out(
             continue
         fraction = missing[split] / left  # of what is left, so that it is of all train files
         try:
-            keep, held = stratified_split([label for _, label in train], fraction, seed)
+            keep, held = (stratified_split([label for _, label in train], fraction, seed) if stratify
+                          else random_split(len(train), fraction, seed))
         except ValueError as exc:
             raise ValueError(
                 f"cannot hold out a {split} split: {exc} (or give the source a {split}/ folder)"

@@ -23,17 +23,14 @@ MODEL = "multi-digits"
 def multi_shards(tmp_path_factory):
     """The composed digits (folder + labels.csv) and the same images as multi-label Parquet shards."""
     from imgcls_core.config import DataConfig
-    from imgcls_core.data import load_dataset
-    from imgcls_core.data.shards import write_shards
+    from imgcls_core.data import convert_image_folder, load_dataset
 
     tmp = tmp_path_factory.mktemp("multi")
     folder = tmp / "multi_digits"
     splits = load_dataset(DataConfig(format="multi_digits", root=str(folder)))
     shards = tmp / "shards"
-    for name, records in splits.splits().items():
-        rows = ((records.images[i] if records.images else open(records.paths[i], "rb").read(), records.labels[i],
-                 records.paths[i]) for i in range(len(records)))
-        write_shards(rows, shards, name, splits.classes, shard_size=700)
+    report = convert_image_folder(folder, shards, labels_file="labels.csv", num_workers=1, shard_size=700)
+    assert {s: w.images for s, w in report.splits.items()} == {"train": 2000, "val": 300, "test": 300}
     return {"folder": folder, "shards": shards, "splits": splits}
 
 
@@ -132,3 +129,30 @@ def test_the_endpoint_answers_every_digit_present_and_the_pyfunc_agrees(served, 
     assert [sorted(int(x["label"]) for x in labels) for labels in frame["labels"]] == served_sets
     assert all(len(p) == len(classes) for p in frame["probabilities"])
     assert np.all((np.array(list(frame["probabilities"])) >= 0) & (np.array(list(frame["probabilities"])) <= 1))
+
+
+def test_a_sweep_optimises_val_map_on_the_labelled_image_folder(ray_session, multi_shards, tmp_path):
+    """jobs.tune with tune.metric=val/mAP on the folder + labels.csv form of the same data; a
+    single-label metric is refused before any trial starts."""
+    from mlflow.tracking import MlflowClient
+
+    from imgcls_core.config import ConfigError
+    from jobs.tune import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["data.format=imagefolder", "data.multi_label=true", f"data.root={multi_shards['folder']}",
+            "data.batch_size=64", "train.epochs=2", "train.log_every=50", f"train.output_dir={tmp_path / 'out'}",
+            f"ray.storage_path={tmp_path / 'results'}", "ray.name=multi", "ray.num_workers=1",
+            "tracking.enabled=true", f"tracking.tracking_uri={uri}", "tracking.experiment=multi-tune",
+            "tune.space=lr_schedules", "tune.num_samples=2", "tune.scheduler=fifo", "tune.seed=0"]
+    with pytest.raises(ConfigError, match="val/mAP"):
+        run_sweep(load_config("configs/multi_digits.yaml", [*args, "tune.metric=val/acc1"]))
+    summary = run_sweep(load_config("configs/multi_digits.yaml", args))
+    print(f"\nmulti-label sweep: best val/mAP {summary['best_metric']:.4f} of {summary['trials']} trials")
+    assert summary["trials"] == 2 and summary["errors"] == 0, summary
+    assert 0.3 < summary["best_metric"] <= 1.0, summary  # 2 epochs; chance-level mAP is about 0.3
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name("multi-tune").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 2
+    assert all(len(client.get_metric_history(c.info.run_id, "val/mAP")) == 2 for c in children)
