@@ -104,6 +104,9 @@ def images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, *, warm
 
 
 def test_acc1(model: nn.Module, pre: Preprocessing, test: SplitRecords, batch_size: int = 256) -> float:
+    if pre.multi_label:
+        raise ValueError("quantization and pruning are gated on test top-1; a multi-label model (judged by mAP) "
+                         "cannot be compressed yet")
     return Predictor(model, pre).evaluate(test, batch_size=batch_size).acc1
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,24 @@ def materialize_digits(root: str | Path, seed: int = 0) -> Path:
     place, so an interrupted run leaves nothing half-written.
     """
     root = Path(root)
-    if (root / MARKER).is_file():
-        return root
-    if root.exists() and not _is_partial_digits_tree(root):
+    if root.exists() and not (root / MARKER).is_file() and not _is_partial_digits_tree(root):
         raise ValueError(
             f"{root} exists and is not a digits folder (no {MARKER}); choose another data.root"
         )
+    return build_once(root, lambda tmp: _build(tmp, seed))
+
+
+def build_once(root: Path, build: Callable[[Path], None]) -> Path:
+    """``root`` as ``build`` writes it (a tree with ``<root>/.complete.json``), built once: in a
+    temporary folder renamed into place, so an interrupted build leaves nothing half-written and a
+    finished tree (another process's included) is returned as it is. What is at ``root`` before
+    (an interrupted tree) is replaced."""
+    if (root / MARKER).is_file():
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        _build(tmp, seed)
+        build(tmp)
         if root.exists():
             shutil.rmtree(root)
         os.rename(tmp, root)

@@ -14,9 +14,6 @@ drawn twice counts once in the label set. Written as a multi-label image folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imgcls_core.data.digits import MARKER, digit_splits
+from imgcls_core.data.digits import MARKER, build_once, digit_splits
 
 SIZE = 32
 CELL = SIZE // 2
@@ -35,29 +32,11 @@ CLASSES = [str(d) for d in range(10)]
 def materialize_multi_digits(root: str | Path, seed: int = 0) -> Path:
     """Write the composed data set under ``root`` (see the module docstring) and return ``root``.
 
-    Like :func:`~imgcls_core.data.digits.materialize_digits`: built in a temporary folder and
-    renamed into place; a finished tree (``<root>/.complete.json``) is returned as it is."""
+    Built once (:func:`~imgcls_core.data.digits.build_once`); a finished tree is returned as it is."""
     root = Path(root)
-    if (root / MARKER).is_file():
-        return root
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and not (root / MARKER).is_file() and any(root.iterdir()):
         raise ValueError(f"{root} exists and is not a multi_digits folder (no {MARKER}); choose another data.root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        _build(tmp, seed)
-        if root.exists():
-            root.rmdir()
-        os.rename(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (root / MARKER).is_file():  # another process finished first
-            return root
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return build_once(root, lambda tmp: _build(tmp, seed))
 
 
 def compose_images(digits: np.ndarray, classes: np.ndarray, rng: np.random.Generator,
