@@ -35,7 +35,7 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_ENABLE_ARTIFACTS_PROG
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-pytest gpu_train serve_gpu}  # a subset reruns only those
+STEPS=${STEPS:-pytest gpu_train serve_gpu tensorrt}  # a subset reruns only those
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 SUMMARY=()
 FAILED=0
@@ -90,13 +90,16 @@ if torch.cuda.is_available():
 EOF" || return 1
 
     want pytest && step pytest_gpu 120 "$PY" -m pytest -p no:cacheprovider -rA --junitxml="$OUT/pytest_gpu.xml" \
-        tests/unit/engine/test_loop.py tests/unit/test_serving.py::test_device_resolution
+        tests/unit/engine/test_loop.py tests/unit/test_serving.py::test_device_resolution tests/unit/test_tensorrt.py
 
     # Two harness runs, not one `--only gpu_train serve_gpu`: each gets its own limit. Both update
     # bench/results/harness.json and BENCHMARKS.md (the second reads what the first wrote).
     want gpu_train && { step bench_gpu_train 240 "$PY" -m bench.run --only gpu_train || stop_ray; collect; }
     # Serve's per-request log lines would reach this driver (the load generator) thousands a second.
     want serve_gpu && { RAY_SERVE_LOG_TO_STDERR=0 step bench_serve_gpu 180 "$PY" -m bench.run --only serve_gpu || stop_ray; collect; }
+    # TensorRT engines need torch-tensorrt (the tensorrt extra; TensorRT's libraries are far more than the 64 MiB a
+    # device call carries); where the machine lacks it, the test above and this step say so and skip.
+    want tensorrt && { step bench_tensorrt 240 "$PY" -m bench.run --only tensorrt; collect; }
     echo; echo "=== summary"; printf '  %s\n' "${SUMMARY[@]}"
     return $FAILED
 }

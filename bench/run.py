@@ -153,6 +153,15 @@ def _gpu_train(r: dict) -> dict[str, float]:
     return out
 
 
+def _tensorrt(r: dict) -> dict[str, float]:
+    if "skipped" in r:
+        return {}
+    return {"TensorRT engine / eager AMP + channels_last, img/s (x)": r["ratios"]["tensorrt_over_eager_amp"],
+            "TensorRT img/s": r["tensorrt_images_per_s"], "eager AMP img/s": r["eager_amp_images_per_s"],
+            "engine max |logit diff| vs eager fp32": r["parity"]["max_abs_diff"],
+            "engine top-1 agreement": r["parity"]["top1_agreement"], "engine build (s)": r["build_s"]}
+
+
 # --max-ongoing above the most clients (256), as serve_throughput's default is above its own: else
 # Serve queues requests outside the replica and the latencies measure that queue.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--num-gpus", "1", "--max-batch-size", "64",
@@ -209,6 +218,9 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
     Bench("serve_gpu", "benchmarks and reliability",
           "ResNet-50 224 px served with batching on one GPU vs in-process batched forward on it",
           SERVE_GPU, (*SERVE_GPU, "--seconds", "3"), _serve_gpu, gpu=True, minutes=4, module="serve_throughput"),
+    Bench("tensorrt", "export and compression",
+          "ResNet-50 224 px, batch 64: a TensorRT fp16 engine (jobs.export --formats tensorrt) vs eager AMP on one GPU",
+          (), ("--seconds", "2", "--repeats", "1"), _tensorrt, gpu=True, minutes=3),
 ]}
 
 

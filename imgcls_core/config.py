@@ -272,8 +272,9 @@ class ServeConfig:
     # 401 to requests without "Authorization: Bearer <token>". Health probes stay open.
     token_env: str = "IMGCLS_SERVE_TOKEN"
     # "torch" runs the registered PyTorch weights; "onnx" runs the version's ONNX export
-    # (made by jobs.export) with ONNX Runtime.
-    backend: Literal["torch", "onnx"] = "torch"
+    # (made by jobs.export) with ONNX Runtime; "tensorrt" the version's TensorRT engine
+    # (jobs.export --formats tensorrt; needs a GPU per replica and the tensorrt extra).
+    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
 
 
 @dataclass

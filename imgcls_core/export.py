@@ -36,7 +36,8 @@ DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx's exporter writes natively (lower ones fail to convert)
 DEFAULT_TOLERANCE = 1e-4
 METADATA_KEY = "imgcls.preprocessing"  # ONNX metadata_props key holding the preprocessing as JSON
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "tensorrt")
+DEFAULT_FORMATS = ("torchscript", "onnx")  # tensorrt needs a CUDA GPU and the tensorrt extra (trt_export)
 
 
 class ExportError(RuntimeError):
@@ -190,9 +191,11 @@ def check_parity(fmt: str, reference: nn.Module, exported: nn.Module, batch: tor
 
 
 def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Path, *,
-                 formats: tuple[str, ...] = FORMATS, opset: int = DEFAULT_OPSET,
-                 tolerance: float = DEFAULT_TOLERANCE, log=print) -> tuple[dict[str, Path], list[ParityReport]]:
-    """Export ``model_file`` to each format under ``out_dir`` and check each against eager on ``batch``.
+                 formats: tuple[str, ...] = DEFAULT_FORMATS, opset: int = DEFAULT_OPSET,
+                 tolerance: float = DEFAULT_TOLERANCE, trt_precision: str = "fp16",
+                 log=print) -> tuple[dict[str, Path], list[ParityReport]]:
+    """Export ``model_file`` to each format under ``out_dir`` and check each against eager on ``batch``
+    (``tensorrt``: an engine folder, imgcls_core.trt_export, held to the fp16 tolerance when in fp16).
 
     Returns ``({format: file}, [ParityReport])``; writes ``parity.json`` beside
     the files. Raises :class:`ExportError` (after writing ``parity.json``) when any
@@ -202,6 +205,11 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     model, pre = load_eager(model_file)
+    if "tensorrt" in formats:  # before any other export is written: the reason, at once
+        from imgcls_core.trt_export import unavailable
+
+        if (why := unavailable()) is not None:
+            raise ExportError(f"tensorrt: {why}")
     size = pre.image_size
     if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
         raise ExportError(f"the check batch must be N x 3 x {size} x {size}, got {tuple(batch.shape)}")
@@ -217,6 +225,13 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
         files["onnx"] = export_onnx(model, pre, batch, out / "model.onnx", opset=opset)
         reports.append(check_parity("onnx", model, OnnxModule(files["onnx"]), batch, tolerance=tolerance))
         log(reports[-1].summary())
+    if "tensorrt" in formats:
+        from imgcls_core.trt_export import TensorRTModule, export_tensorrt, tolerance_for
+
+        files["tensorrt"] = export_tensorrt(model, pre, batch, out / "model.trt", precision=trt_precision)
+        reports.append(check_parity("tensorrt", model, TensorRTModule(files["tensorrt"]), batch,
+                                    tolerance=tolerance_for(trt_precision, tolerance)))
+        log(reports[-1].summary() + f" ({trt_precision})")
     (out / "parity.json").write_text(json.dumps({"opset": opset, "reports": [r.to_dict() for r in reports]},
                                                 indent=1))
     failed = [r for r in reports if not r.passed]
@@ -226,4 +241,7 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
 
 
 def file_size_mb(path: str | Path) -> float:
-    return Path(path).stat().st_size / 2**20
+    """The size of a file, or of every file in a folder (a TensorRT export), in MiB."""
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files) / 2**20

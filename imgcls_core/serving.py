@@ -28,7 +28,8 @@ from imgcls_core.registry import SOURCE_RUN_TAG, Registry
 
 TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
 ONNX_URI_TAG = "export.onnx.uri"  # jobs.export tags each version with where its checked ONNX export lies
-BACKENDS = ("torch", "onnx")
+TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine folder (on a GPU)
+BACKENDS = ("torch", "onnx", "tensorrt")
 
 
 class RequestError(Exception):
@@ -146,7 +147,8 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
     """Download and load ``models:/name@alias`` (or version ``version``) from the registry.
 
     ``backend="onnx"`` runs the version's ONNX export (``jobs.export`` made and checked it)
-    with ONNX Runtime instead of the PyTorch weights; preprocessing comes from the export."""
+    with ONNX Runtime instead of the PyTorch weights, ``backend="tensorrt"`` its TensorRT engine
+    (on the GPU); preprocessing comes from the export."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     registry = Registry(tracking_uri, name)
@@ -154,6 +156,8 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
     with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
         if backend == "onnx":
             predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads)
+        elif backend == "tensorrt":
+            predictor = _tensorrt_predictor(registry, mv, tmp)
         else:
             predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
     return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
@@ -173,6 +177,24 @@ def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, thre
     path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
     # The session reads the whole file now, so the temporary folder can go.
     return Predictor(OnnxModule(path, threads=threads, device=device.type), onnx_preprocessing(path), "cpu")
+
+
+def _tensorrt_predictor(registry: Registry, mv, tmp: str) -> Predictor:
+    import mlflow.artifacts
+
+    from imgcls_core.trt_export import TensorRTModule, unavailable
+
+    if (why := unavailable()) is not None:
+        raise RuntimeError(f"serve.backend=tensorrt: {why}; give replicas serve.num_gpus > 0 on a GPU node "
+                           f"or serve another backend")
+    uri = mv.tags.get(TENSORRT_URI_TAG)
+    if not uri:
+        raise LookupError(f"{registry.name} v{mv.version} has no TensorRT export; make one on a GPU of the kind "
+                          f"that serves it with `python -m jobs.export --model {registry.name} --version "
+                          f"{mv.version} --formats tensorrt`")
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
+    module = TensorRTModule(folder)  # the engine is deserialized into GPU memory now; the folder can go
+    return Predictor(module, module.pre, "cuda")
 
 
 class BatchStats:

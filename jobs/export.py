@@ -1,8 +1,9 @@
-"""Export a model to TorchScript and ONNX, each checked against eager PyTorch on real images.
+"""Export a model to TorchScript and ONNX (and TensorRT on a GPU), each checked against eager PyTorch on real images.
 
     python -m jobs.export --config configs/digits_ray.yaml --model digits                 # models:/digits@champion
     python -m jobs.export --config configs/digits_ray.yaml --model digits --version 3 --opset 18
     python -m jobs.export --config configs/digits.yaml --model-file runs/digits/model.pt --out exports/
+    python -m jobs.export --config configs/digits_ray.yaml --model digits --formats tensorrt   # CUDA + '.[tensorrt]'
 
 The check batch is the first ``--check-images`` images of the test split (the
 validation split when there is none), preprocessed as the model was trained.
@@ -12,7 +13,8 @@ difference, default 1e-4) of eager PyTorch and its top-1 agrees on every image.
 For a registered version, the exports, ``parity.json`` and the figures are
 logged to the version's run under ``exports/v<N>/``, and the version is tagged
 (``export.onnx.uri``, ``export.onnx.max_abs_diff``, ...): the Serve app's
-``serve.backend=onnx`` loads the file ``export.onnx.uri`` names. A failed parity
+``serve.backend=onnx`` loads the file ``export.onnx.uri`` names, ``serve.backend=tensorrt``
+the engine folder ``export.tensorrt.uri`` names (fp16 engines are checked within 0.05). A failed parity
 check prints the figures, logs nothing to the registry and exits 1.
 
 Exit status: 0 when every export passed, 1 on failure (parity included), 2 on bad arguments.
@@ -51,7 +53,7 @@ def check_batch(cfg: Config, model_file: Path, images: int) -> torch.Tensor:
 
 def export_job(cfg: Config, *, model_name: str | None, alias: str | None, version: str | None,
                model_file: str | None, formats: tuple[str, ...], opset: int, tolerance: float,
-               check_images: int, out: str | None, log=print) -> dict:
+               check_images: int, out: str | None, trt_precision: str = "fp16", log=print) -> dict:
     """Export, check, and (for a registry version) log to MLflow; returns the summary written to
     ``<out>/export.json``. Raises ExportError when a parity check fails."""
     from imgcls_core.export import export_model, file_size_mb
@@ -74,7 +76,7 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
     log(f"exporting {source} to {', '.join(formats)} (opset {opset}) in {out_dir}")
     batch = check_batch(cfg, model_path, check_images)
     files, reports = export_model(model_path, batch, out_dir, formats=formats, opset=opset,
-                                  tolerance=tolerance, log=log)
+                                  tolerance=tolerance, trt_precision=trt_precision, log=log)
     summary = {"source": source, "opset": opset, "tolerance": tolerance,
                "files": {fmt: str(path) for fmt, path in files.items()},
                "size_mb": {fmt: round(file_size_mb(path), 3) for fmt, path in files.items()},
@@ -98,7 +100,7 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgcls_core.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
+    from imgcls_core.export import DEFAULT_FORMATS, DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
 
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
@@ -108,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--alias", default="champion", help="registry alias to export (default: champion)")
     which.add_argument("--version", help="registry version number to export")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {','.join(FORMATS)}")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma-separated, from {','.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)}; "
+                             f"tensorrt needs a CUDA GPU and the tensorrt extra)")
+    parser.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16",
+                        help="TensorRT engine precision (default fp16, checked within 0.05 of the eager logits)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"max abs logit difference allowed (default {DEFAULT_TOLERANCE:g})")
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         export_job(cfg, model_name=None if args.model_file else (args.model or cfg.tracking.register_as or "imgcls"),
                    alias=args.alias, version=args.version, model_file=args.model_file, formats=formats,
-                   opset=args.opset, tolerance=args.tolerance, check_images=args.check_images, out=args.out)
+                   opset=args.opset, tolerance=args.tolerance, check_images=args.check_images, out=args.out,
+                   trt_precision=args.trt_precision)
 
     return run_main(body, what="export", tracking_uri=cfg.tracking.tracking_uri)
 
