@@ -268,6 +268,9 @@ class ServeConfig:
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica; a fraction shares a GPU
     torch_threads: int = 0  # intra-op threads per replica (0 = torch's default)
+    # Memory each replica declares to Ray (its "memory" resource), so Ray places replicas only where
+    # they fit; 0 declares none. The default covers a small model's replica (measured RSS in README).
+    memory_mb: int = 1024
     # Bearer token: when this environment variable is set (on the replicas), /v1/* answers
     # 401 to requests without "Authorization: Bearer <token>". Health probes stay open.
     token_env: str = "IMGCLS_SERVE_TOKEN"
@@ -275,6 +278,9 @@ class ServeConfig:
     # (made by jobs.export) with ONNX Runtime; "tensorrt" the version's TensorRT engine
     # (jobs.export --formats tensorrt; needs a GPU per replica and the tensorrt extra).
     backend: Literal["torch", "onnx", "tensorrt"] = "torch"
+    # onnx backend: "int8" runs the version's int8 ONNX file (jobs.compress tags it servable when its
+    # test top-1 is within 1 point of fp32) instead of its fp32 export
+    precision: Literal["fp32", "int8"] = "fp32"
 
 
 @dataclass
@@ -579,6 +585,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("serve.num_cpus", 0.0, 1024.0),
     ("serve.num_gpus", 0.0, 64.0),
     ("serve.torch_threads", 0, 1024),
+    ("serve.memory_mb", 0, 1 << 20),
     ("distill.temperature", 0.05, 100.0),
     ("distill.alpha", 0.0, 1.0),
 ]
@@ -624,6 +631,8 @@ def validate(cfg: Config) -> None:
     _validate_multi_label(cfg)
     if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
+    if cfg.serve.precision == "int8" and cfg.serve.backend != "onnx":
+        raise ConfigError(f"serve.precision: int8 is served by serve.backend=onnx (it is {cfg.serve.backend})")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
                           f"({cfg.serve.max_replicas})")

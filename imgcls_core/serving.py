@@ -29,6 +29,9 @@ from imgcls_core.registry import SOURCE_RUN_TAG, Registry
 TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
 ONNX_URI_TAG = "export.onnx.uri"  # jobs.export tags each version with where its checked ONNX export lies
 TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine folder (on a GPU)
+INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file, when it passed the gate
+INT8_GATE_POINTS = 1.0  # int8 test top-1 at most this many points below fp32 to be servable
+PRECISIONS = ("fp32", "int8")
 BACKENDS = ("torch", "onnx", "tensorrt")
 
 
@@ -75,6 +78,7 @@ class ServedModel:
     run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     backend: str = "torch"
+    precision: str = "fp32"
 
     @property
     def classes(self) -> list[str]:
@@ -90,6 +94,7 @@ class ServedModel:
             "classes": self.classes, "num_classes": len(pre.classes),
             "input_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
             "test_metrics": metrics, "device": str(self.predictor.device), "backend": self.backend,
+            "precision": self.precision,
             "multi_label": pre.multi_label, **({"threshold": pre.threshold} if pre.multi_label else {}),
         }
 
@@ -143,33 +148,46 @@ class ServedModel:
 
 def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",
                       version: str | None = None, device: str = "cpu", backend: str = "torch",
-                      threads: int = 0) -> ServedModel:
+                      threads: int = 0, precision: str = "fp32") -> ServedModel:
     """Download and load ``models:/name@alias`` (or version ``version``) from the registry.
 
     ``backend="onnx"`` runs the version's ONNX export (``jobs.export`` made and checked it)
     with ONNX Runtime instead of the PyTorch weights, ``backend="tensorrt"`` its TensorRT engine
-    (on the GPU); preprocessing comes from the export."""
+    (on the GPU); preprocessing comes from the export. ``precision="int8"`` (onnx only) runs the
+    version's int8 ONNX file, which jobs.compress tagged servable after its accuracy gate."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
+    if precision not in PRECISIONS or (precision == "int8" and backend != "onnx"):
+        raise ValueError(f"serve.precision={precision} with serve.backend={backend}: int8 is served by the onnx "
+                         f"backend; choose from {list(PRECISIONS)}")
     registry = Registry(tracking_uri, name)
     mv = registry.resolve(alias, version)  # LookupError when there is none; MLflow's error when failing
     with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
         if backend == "onnx":
-            predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads)
+            predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads, precision)
         elif backend == "tensorrt":
             predictor = _tensorrt_predictor(registry, mv, tmp)
         else:
             predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
     return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
-                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend)
+                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend, precision)
 
 
-def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int) -> Predictor:
+def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int,
+                    precision: str = "fp32") -> Predictor:
     import mlflow.artifacts
 
     from imgcls_core.export import OnnxModule, onnx_preprocessing
 
-    uri = mv.tags.get(ONNX_URI_TAG)
+    if precision == "int8":
+        uri = mv.tags.get(INT8_URI_TAG)
+        if not uri:
+            raise LookupError(f"{registry.name} v{mv.version} has no servable int8 file; make one with `python -m "
+                              f"jobs.compress --model {registry.name} --version {mv.version} --method static` (it is "
+                              f"servable when its test top-1 is within {INT8_GATE_POINTS:g} point of fp32) or serve "
+                              f"serve.precision=fp32")
+    else:
+        uri = mv.tags.get(ONNX_URI_TAG)
     if not uri:
         raise LookupError(f"{registry.name} v{mv.version} has no ONNX export; make one with "
                           f"`python -m jobs.export --model {registry.name} --version {mv.version}` "

@@ -20,7 +20,9 @@ For a registry model the files and figures are also logged to the version's
 MLflow run (artifacts under ``compress/<method>/``, metrics ``compress/<kind>/*``)
 and the version is tagged ``compress.<kind>.<figure>`` (kind: ``int8``,
 ``int8_dynamic``, ``prune_unstructured``, ``prune_structured``), e.g.
-``compress.int8.acc1_delta``. The job needs no Ray: it runs the same as a plain
+``compress.int8.acc1_delta``. An int8 file whose test top-1 is within 1 point of
+fp32 is also tagged servable (``export.int8.uri``): ``serve.backend=onnx`` with
+``serve.precision=int8`` serves it. The job needs no Ray: it runs the same as a plain
 process and under ``ray job submit``.
 
 Exit status: 0 on success, 1 on failure, 2 on bad arguments.
@@ -92,6 +94,8 @@ def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
         record_in_registry(registry, version, args.method, report.metrics(), files)
         log(f"logged to run {version.run_id}; tagged {args.model} v{version.version} "
             f"compress.{TAG_KIND[args.method]}.*")
+        if args.method in compress.QUANT_METHODS:
+            result["servable"] = tag_servable_int8(registry, version, args.method, report, log)
     files["report"].write_text(json.dumps(result, indent=1))
     return result
 
@@ -108,6 +112,25 @@ def record_in_registry(registry, version, method: str, figures: dict[str, float]
     for path in files.values():
         client.log_artifact(version.run_id, str(path), f"compress/{method}")
     registry.tag(version.version, {f"compress.{kind}.{k}": v for k, v in figures.items()})
+
+
+def tag_servable_int8(registry, version, method: str, report, log=print) -> bool:
+    """Tag the version's int8 ONNX file as servable (``export.int8.uri``: serve.backend=onnx with
+    serve.precision=int8 runs it) when its test top-1 is within INT8_GATE_POINTS of fp32; else say why
+    and leave any earlier servable int8 file of the version as it was."""
+    from imgcls_core.serving import INT8_GATE_POINTS, INT8_URI_TAG
+
+    delta = report.acc1_delta_points
+    if delta < -INT8_GATE_POINTS:
+        log(f"int8 is NOT servable: its test top-1 is {-delta:.2f} points below fp32 "
+            f"(the gate is {INT8_GATE_POINTS:g}); try --method static with more --calibration-images")
+        return False
+    uri = f"runs:/{version.run_id}/compress/{method}/model.int8.onnx"
+    registry.tag(version.version, {INT8_URI_TAG: uri, "export.int8.method": method,
+                                   "export.int8.acc1_delta": round(delta, 4)})
+    log(f"int8 is servable ({delta:+.2f} points of test top-1 against fp32, gate -{INT8_GATE_POINTS:g}): "
+        f"serve it with serve.backend=onnx serve.precision=int8")
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

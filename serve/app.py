@@ -11,7 +11,8 @@ response names the version that served it.
     python -m jobs.submit -- python -m jobs.deploy --config configs/digits_ray.yaml   # as a Ray job
 
 Routes: ``POST /v1/predict`` (multipart files or a raw image body), ``GET /v1/model``,
-``GET /v1/stats``, ``GET /healthz``, ``GET /readyz``, and OpenAPI docs at ``/docs``.
+``GET /v1/stats``, ``GET /healthz``, ``GET /readyz``, OpenAPI docs at ``/docs`` and a page
+to try it at ``/`` (serve/page.py).
 Every client mistake is a 4xx JSON ``{"error", "detail"}``; overload beyond
 ``max_queued_requests`` is a 503 with ``Retry-After`` from Serve's proxy.
 """
@@ -33,7 +34,7 @@ from urllib.parse import quote
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,10 +43,14 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from imgcls_core.config import ConfigError, ServeConfig, load_config
 from imgcls_core.registry import Registry
 from imgcls_core.serving import BatchStats, RequestError, ServedModel, decode_upload, load_served_model
+from serve.page import PREDICT_OPENAPI, page
 
 logger = logging.getLogger("ray.serve")
 
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+MAX_FORM_FIELDS = 100  # non-file multipart fields per request
+QUERY_PARAMETERS = ("top_k", "explain", "format")  # what /v1/predict takes; anything else is a 400
+LOAD_RETRY_BASE_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # back-off of a version that failed to load
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -69,7 +74,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
             "upscale_delay_s": cfg.upscale_delay_s,
             "downscale_delay_s": cfg.downscale_delay_s,
         },
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
+                              **({"memory": cfg.memory_mb * 2**20} if cfg.memory_mb else {})},
         # What may change without restarting replicas: which version they serve.
         "user_config": {"alias": cfg.alias, "version": cfg.version, "poll_interval_s": cfg.poll_interval_s},
         "health_check_period_s": 10.0,
@@ -90,6 +96,12 @@ def build_http_app(service: ClassifierReplica) -> FastAPI:
     async def request_error(_request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @api.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug or a failure inside the replica: JSON like every other answer, and the reason in the log.
+        logger.exception("imgcls: unexpected error", exc_info=exc)
+        return JSONResponse({"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
     @api.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
@@ -101,7 +113,11 @@ def build_http_app(service: ClassifierReplica) -> FastAPI:
         return JSONResponse({"error": error, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @api.post("/v1/predict", summary="Classify images",
+    @api.get("/", include_in_schema=False)
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(page(request.scope.get("root_path", "")))
+
+    @api.post("/v1/predict", summary="Classify images", openapi_extra=PREDICT_OPENAPI,
               description="Multipart files (any field name) or one raw image body "
                           "(Content-Type image/png, image/jpeg, ...). `?top_k=N` classes per image. "
                           "A multi-label model also answers `labels`: every class at or over its `threshold`. "
@@ -146,7 +162,7 @@ class ClassifierReplica:
         self.model: ServedModel = self._load()
         self.stats = BatchStats()
         self.counts: dict[str, int] = {}
-        self.follow = {"last_check": None, "last_error": None, "swaps": 0}
+        self.follow = {"last_check": None, "last_error": None, "swaps": 0, "failed_load": None}
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self._forward_pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrent_batches,
                                                 thread_name_prefix="forward")
@@ -164,7 +180,8 @@ class ClassifierReplica:
     def _load(self) -> ServedModel:
         started = time.perf_counter()
         model = load_served_model(self.tracking_uri, self.name, alias=self.alias, version=self.version,
-                                  device=self.cfg.device, backend=self.cfg.backend, threads=self.cfg.torch_threads)
+                                  device=self.cfg.device, backend=self.cfg.backend, threads=self.cfg.torch_threads,
+                                  precision=self.cfg.precision)
         model.warm_up()
         logger.info("imgcls: loaded %s v%s (%s) in %.1f s", self.name, model.version,
                     f"@{self.alias}" if self.version is None else "pinned", time.perf_counter() - started)
@@ -176,6 +193,7 @@ class ClassifierReplica:
         version = user_config.get("version")
         self.version = None if version in (None, "") else str(version)
         self.poll_interval_s = float(user_config.get("poll_interval_s", self.cfg.poll_interval_s))
+        self.follow["failed_load"] = None  # a new target: no back-off from the old one
         self._wake.set()  # check now, in the background
 
     def _target_version(self) -> str:
@@ -187,12 +205,32 @@ class ClassifierReplica:
         return str(found.version)
 
     def check_for_new_version(self) -> bool:
-        """Load and swap in the version the alias points at now, if it is not the one served."""
+        """Load and swap in the version the alias points at now, if it is not the one served.
+
+        A version that fails to load (a broken artifact, an export it lacks, a GPU it needs) is not
+        downloaded again at every poll: it is retried after 10 s, then 20 s, 40 s ... up to 10 min,
+        and ``/v1/model`` reports it under ``following.failed_load`` meanwhile; the replica keeps
+        serving the version it has."""
         with self._swap_lock:
-            self.follow["last_check"] = time.time()
-            if self._target_version() == self.model.version:
+            now = time.time()
+            self.follow["last_check"] = now
+            target = self._target_version()
+            if target == self.model.version:
+                self.follow["failed_load"] = None
                 return False
-            old, new = self.model, self._load()
+            failed = self.follow.get("failed_load")
+            if failed and failed["version"] == target and now < failed["retry_at"]:
+                return False  # backing off
+            try:
+                new = self._load()
+            except Exception as exc:
+                attempts = failed["attempts"] + 1 if failed and failed["version"] == target else 1
+                delay = min(LOAD_RETRY_MAX_S, LOAD_RETRY_BASE_S * 2 ** (attempts - 1))
+                self.follow["failed_load"] = {"version": target, "error": f"{type(exc).__name__}: {exc}",
+                                              "attempts": attempts, "retry_in_s": delay, "retry_at": now + delay}
+                raise
+            self.follow["failed_load"] = None
+            old = self.model
             self.model = new  # one assignment: requests that started on `old` finish on it
             self.follow["swaps"] += 1
             self.version_gauge.set(_version_number(new.version))
@@ -305,19 +343,21 @@ class ClassifierReplica:
         async def stream():
             yield body
 
-        try:
-            form = await MultiPartParser(request.headers, stream(), max_files=float("inf"), max_fields=100,
-                                         max_part_size=self.cfg.max_body_bytes).parse()
+        try:  # the parser itself stops at the limits: a body of 100,000 tiny parts is refused at part 33
+            form = await MultiPartParser(request.headers, stream(), max_files=self.cfg.max_files,
+                                         max_fields=MAX_FORM_FIELDS, max_part_size=self.cfg.max_body_bytes).parse()
         except MultiPartException as exc:
+            if str(exc).startswith("Too many files"):
+                raise RequestError(413, "too_many_files", f"more than {self.cfg.max_files} files; at most "
+                                                          f"{self.cfg.max_files} per request") from None
+            if str(exc).startswith("Too many fields"):
+                raise RequestError(413, "too_many_fields", f"more than {MAX_FORM_FIELDS} non-file fields") from None
             raise RequestError(400, "malformed_multipart", str(exc)) from None
         files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
         try:
             if not files:
                 raise RequestError(400, "no_images", "the multipart body has no file part; "
                                                      "send images as files (curl -F file=@x.png)")
-            if len(files) > self.cfg.max_files:
-                raise RequestError(413, "too_many_files",
-                                   f"{len(files)} files; at most {self.cfg.max_files} per request")
             return [(upload.filename or key, await upload.read()) for key, upload in files]
         finally:
             await form.close()
@@ -352,6 +392,11 @@ class ClassifierReplica:
 
     async def _predict(self, request: Request) -> dict[str, Any] | Response:
         self._authorize(request)
+        unknown = sorted(set(request.query_params) - set(QUERY_PARAMETERS))
+        repeated = sorted({k for k in request.query_params if len(request.query_params.getlist(k)) > 1})
+        if unknown or repeated:
+            what = f"unknown parameter(s) {unknown}" if unknown else f"parameter(s) {repeated} given more than once"
+            raise RequestError(400, "invalid_parameter", f"{what}; /v1/predict takes {', '.join(QUERY_PARAMETERS)}")
         model = self.model  # this request is answered by this version, whatever swaps meanwhile
         top_k = self._top_k(request, model)
         explain = self._explain(request, model)
@@ -393,6 +438,9 @@ class ClassifierReplica:
             self._count("predict", 504, started, "timeout")
             raise RequestError(504, "timeout", f"not answered within {self.cfg.request_timeout_s} s",
                                headers={"Retry-After": str(max(1, round(self.cfg.retry_after_s)))}) from None
+        except Exception:
+            self._count("predict", 500, started, "internal_error")  # answered by the app's JSON 500 handler
+            raise
         self._count("predict", 200, started)
         return result if isinstance(result, Response) else JSONResponse(result)
 

@@ -206,11 +206,42 @@ def _to_float(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
+MAX_ASPECT = 8  # EvalPreset: longer side / shorter side beyond which the long side is reduced first
+
+
+class BoundAspect(torch.nn.Module):
+    """Bring an image's long side down to ``max_ratio`` x its short side, so that what follows costs
+    no more than the image's pixels whatever its geometry; images within the ratio pass untouched.
+
+    Without it a valid few-KB PNG of 1 x 25,000,000 pixels (within any pixel cap) asks a resize of
+    the short side to S for S x 25 M x S pixels (centre-crop mode) or a separable pass's S x 25 M
+    intermediate (squash mode): gigabytes. ``crop=True`` (centre-crop mode: only the centre of the
+    long side is ever used) centre-crops the long side; ``crop=False`` (squash mode: all of it is)
+    resizes the long side alone, antialiased, which costs one pass over the pixels."""
+
+    def __init__(self, max_ratio: int = MAX_ASPECT, crop: bool = False):
+        super().__init__()
+        self.max_ratio, self.crop = int(max_ratio), crop
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = get_size(image)
+        short = min(h, w)
+        target = self.max_ratio * short
+        if max(h, w) <= target:
+            return image
+        size = [target, w] if h > w else [h, target]
+        if self.crop:
+            return v2.functional.center_crop(image, size)
+        return v2.functional.resize(image, size, interpolation=_INTERPOLATION, antialias=True)
+
+
 class EvalPreset(v2.Compose):
     """Deterministic eval/serving transform: uint8 image (any size) -> float32 ``3 x size x size``.
 
     ``crop_ratio = 1`` squashes the image to ``size x size``; ``crop_ratio < 1`` resizes the
-    short side to ``int(size / crop_ratio)`` and centre-crops ``size`` (ImageNet style).
+    short side to ``int(size / crop_ratio)`` and centre-crops ``size`` (ImageNet style). An image
+    more than :data:`MAX_ASPECT` times longer than wide (or the reverse) has its long side
+    reduced first (:class:`BoundAspect`), so its cost is bounded by its pixel count.
     """
 
     def __init__(
@@ -232,7 +263,8 @@ class EvalPreset(v2.Compose):
                 v2.Resize(int(size / crop_ratio), interpolation=_INTERPOLATION, antialias=True),
                 v2.CenterCrop(size),
             ]
-        super().__init__([v2.ToImage(), *geometry, *_to_float(mean, std), v2.ToPureTensor()])
+        bound = BoundAspect(MAX_ASPECT, crop=crop_ratio < 1.0)
+        super().__init__([v2.ToImage(), bound, *geometry, *_to_float(mean, std), v2.ToPureTensor()])
         self.size, self.crop_ratio = size, crop_ratio
 
 

@@ -7,6 +7,7 @@ takes the overload burst.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -297,6 +298,14 @@ def hostile_cases(digit_png: bytes) -> dict[str, dict]:
         "multipart without files": ({"files": {"note": (None, "no image here")}}, 400),
         "form-urlencoded": ({"data": {"image": "3.png"}}, 415),
         "too many files": ({"files": [("file", (f"{i}.png", digit_png, "image/png")) for i in range(41)]}, 413),
+        "many tiny parts": ({"files": [("file", (f"{i}", b"x", "image/png")) for i in range(5000)]}, 413),
+        "many form fields": ({"files": [*file(digit_png, "image/png")["files"],
+                                        *((f"f{i}", (None, "v")) for i in range(150))]}, 413),
+        # a few KB, within the pixel cap, 2,000,000:1: answered at the cost of its pixels, not of its shape
+        "1 x 2,000,000 png": (file(png(np.full((2_000_000, 1), 128, np.uint8)), "image/png"), 200),
+        "2,000,000 x 1 png": (file(png(np.full((1, 2_000_000), 128, np.uint8)), "image/png"), 200),
+        "unknown parameter": ({**file(digit_png, "image/png"), "params": {"topk": "3"}}, 400),
+        "repeated parameter": ({**file(digit_png, "image/png"), "params": [("top_k", "1"), ("top_k", "2")]}, 400),
         "bad top_k": ({**file(digit_png, "image/png"), "params": {"top_k": "eleven"}}, 400),
         "top_k too large": ({**file(digit_png, "image/png"), "params": {"top_k": "11"}}, 400),
         "missing token": ({**file(digit_png, "image/png"), "headers": {"Authorization": ""}}, 401),
@@ -325,6 +334,42 @@ def test_hostile_inputs_get_4xx_json_and_the_service_stays_healthy(serve_url, di
     assert ok.status_code == 200 and ok.json()["predictions"][0]["top_k"][0]["label"] == "3"
 
 
+def test_an_unexpected_error_is_a_json_500_counted_in_the_metrics():
+    """What no client mistake explains (a bug, a failing device) is answered JSON like everything else,
+    counted under status 500 and kind internal_error (the HTTP layer over a stand-in replica)."""
+    import asyncio
+
+    from imgcls_core.config import ServeConfig
+    from serve.app import ClassifierReplica, build_http_app
+
+    class Metric:
+        def __init__(self):
+            self.calls = []
+
+        def observe(self, value=None, tags=None):
+            self.calls.append(tags)
+
+        inc = observe
+
+    replica = object.__new__(ClassifierReplica)
+    replica.cfg, replica.counts = ServeConfig(), {}
+    replica.latency, replica.input_errors = Metric(), Metric()
+
+    async def broken(_request):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    replica._predict = broken
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.predict(None))
+    assert replica.counts == {"predict 500": 1}
+    assert replica.input_errors.calls == [{"kind": "internal_error"}]
+    handler = build_http_app(replica).exception_handlers[Exception]
+    response = asyncio.run(handler(None, RuntimeError("CUDA error: an illegal memory access was encountered")))
+    assert response.status_code == 500
+    assert json.loads(response.body) == {"error": "internal_error",
+                                         "detail": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+
+
 # A sample of the fuzz corpus (tests/fuzz_corpus.py) over real HTTP: every malformed upload is
 # answered 4xx with the JSON error its decode outcome calls for, and the replica that answered is
 # the same process before and after (before the safe decoder, one corrupt PNG made torchvision
@@ -343,6 +388,23 @@ def replica_pids() -> list[int]:
     actors = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
                          filters=replicas)
     return sorted(a.pid for a in actors)
+
+
+def test_replicas_declare_their_memory_to_ray(serve_url):
+    """serve.memory_mb (default 1024) is each replica's "memory" resource, so Ray places replicas where
+    they fit; the replica's real resident memory is printed beside it."""
+    import ray
+    from ray.util.state import list_actors
+
+    from bench.reliability import rss_mb
+
+    replicas = [("class_name", "=", "ServeReplica:imgcls:Classifier"), ("state", "=", "ALIVE")]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                         filters=replicas, detail=True)
+    assert actors
+    for actor in actors:
+        assert actor.required_resources.get("memory") == 1024 * 2**20, actor.required_resources
+        print(f"replica pid {actor.pid}: declares 1024 MiB, resident {rss_mb(actor.pid):.0f} MB")
 
 
 def replica_id(url: str) -> str:
@@ -557,6 +619,149 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
     serve.delete("onnx")
 
 
+def test_an_int8_file_within_a_point_of_fp32_is_servable_and_serves_the_same_answers(
+        serve_url, registry, digits_root, tmp_path, capsys):
+    """jobs.compress quantizes version 1, gates it (test top-1 within 1 point of fp32) and tags it
+    servable; serve.backend=onnx with serve.precision=int8 runs it and /v1/model says so."""
+    from ray import serve
+
+    from imgcls_core.config import ConfigError
+    from imgcls_core.predict import Predictor
+    from imgcls_core.registry import Registry
+    from jobs.compress import main as compress_main
+    from serve.app import build_app
+
+    with pytest.raises(ConfigError, match="serve.backend=onnx"):
+        load_config(None, ["serve.precision=int8"])
+    assert compress_main(["--set", "data.format=digits", "--set", f"data.root={digits_root}",
+                          "--set", f"tracking.tracking_uri={registry['uri']}", "--model", MODEL, "--version", "1",
+                          "--method", "static", "--calibration-images", "128", "--repeats", "2", "--threads", "1",
+                          "--out", str(tmp_path)]) == 0
+    assert "int8 is servable" in capsys.readouterr().out
+    tags = Registry(registry["uri"], MODEL).client.get_model_version(MODEL, "1").tags
+    assert tags["export.int8.uri"].endswith("compress/static/model.int8.onnx")
+    assert float(tags["export.int8.acc1_delta"]) >= -1.0
+
+    serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "version": "1",
+                         "backend": "onnx", "precision": "int8", "max_replicas": 1, "poll_interval_s": 0}),
+              name="int8", route_prefix="/int8")
+    url = f"{serve_url}/int8"
+    try:
+        info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+        assert info["backend"] == "onnx" and info["precision"] == "int8"
+        files = sorted((digits_root / "test").glob("*/*.png"))
+        labels = [int(f.parent.name) for f in files]
+        fp32 = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
+        served = served_top1(url, files, version="1", alias=None)
+        accuracy = float(np.mean(np.array(served) == np.array(labels)))
+        agree = float(np.mean(np.array(served) == np.array(fp32)))
+        print(f"int8 served: {accuracy:.4f} top-1 on {len(files)} test images, {agree:.4f} agree with fp32")
+        assert accuracy >= float(np.mean(np.array(fp32) == np.array(labels))) - 0.01 and agree >= 0.98
+    finally:
+        serve.delete("int8")
+
+
+class Browser:
+    """Debian's headless Chromium driven through chromedriver's W3C WebDriver HTTP API (no client library)."""
+
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self, tmp):
+        import shutil
+        import socket
+        import subprocess
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        driver = shutil.which("chromedriver")
+        if not (chromium and driver):
+            pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                requests.get(f"{self.base}/status", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        options = {"binary": chromium, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                                "--window-size=1000,760", f"--user-data-dir={tmp}"]}
+        session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": {"goog:chromeOptions": options}}})
+        self.session = f"/session/{session['sessionId']}"
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        r = requests.request(method, f"{self.base}{path}", json=body, timeout=60)
+        assert r.status_code == 200, (path, r.status_code, r.text[:500])
+        return r.json()["value"]
+
+    def go(self, url: str) -> None:
+        self.call("POST", f"{self.session}/url", {"url": url})
+
+    def element(self, css: str) -> str:
+        return self.call("POST", f"{self.session}/element", {"using": "css selector", "value": css})[self.ELEMENT]
+
+    def type(self, css: str, text: str) -> None:
+        self.call("POST", f"{self.session}/element/{self.element(css)}/value", {"text": text})
+
+    def run(self, script: str):
+        return self.call("POST", f"{self.session}/execute/sync", {"script": script, "args": []})
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.call("GET", f"{self.session}/screenshot"))
+
+    def close(self) -> None:
+        try:
+            self.call("DELETE", self.session)
+        finally:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def test_the_page_at_the_root_classifies_a_dropped_in_digit_in_a_real_browser(serve_url, digits_root, tmp_path):
+    """The page at / in headless Chromium: the token typed in, a real digit PNG chosen in its file input,
+    the label read off the page; the OpenAPI schema documents both upload forms and top_k."""
+    digit = sorted((digits_root / "test").glob("7/*.png"))[0]
+    schema = requests.get(f"{serve_url}/openapi.json", timeout=10).json()["paths"]["/v1/predict"]["post"]
+    assert {"multipart/form-data", "image/png"} <= set(schema["requestBody"]["content"])
+    assert {p["name"] for p in schema["parameters"]} >= {"top_k", "explain", "format"}
+    page = requests.get(f"{serve_url}/", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text  # no external assets
+
+    browser = Browser(tmp_path / "chromium")
+    try:
+        browser.go(f"{serve_url}/")
+        browser.type("#token", TOKEN)
+        browser.type("#files", str(digit))
+        deadline, text = time.monotonic() + 30, ""
+        while time.monotonic() < deadline:
+            text = browser.run("return document.querySelector('#results').innerText")
+            if "%" in text:
+                break
+            time.sleep(0.2)
+        model = browser.run("return document.querySelector('#model').innerText")
+        shot = browser.screenshot()
+    finally:
+        browser.close()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    print(f"\nthe page shows: {model} | {lines[:4]}")
+    (api,) = post(serve_url, files=[("file", (digit.name, digit.read_bytes(), "image/png"))]).json()["predictions"]
+    best = api["top_k"][0]  # the page shows what the API answers, whichever version the alias points at now
+    assert lines[0] == digit.name and lines[1] == best["label"] == "7", lines  # the file name, then the best label
+    assert lines[2] == f"{100 * best['probability']:.1f}%", (lines, best)
+    assert model.startswith(f"{MODEL} v") and "10 classes" in model, model
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 5000
+    (tmp_path / "page.png").write_bytes(shot)
+    import os
+
+    if os.environ.get("IMGCLS_WRITE_DOCS"):  # the screenshot in docs/ comes from this test
+        from pathlib import Path
+
+        Path("docs/endpoint_page.png").write_bytes(shot)
+
+
 def test_client_cli_sends_many_files_in_several_requests(serve_url, digits_root, capsys, monkeypatch):
     from serve.client import main
 
@@ -593,6 +798,49 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
     assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500, result["windows"]
     assert result["max_rss_growth_mb"] is not None and result["max_rss_growth_mb"] <= 64, result["replica_rss_mb"]
     assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_version_that_fails_to_load_is_retried_with_backoff_while_the_old_one_serves(serve_url, registry, digits_root):
+    """champion moved to a version whose model.pt is broken: the replica keeps serving the version it has,
+    /v1/model reports the failed load, and it is not downloaded again at every 1 s poll but after 10 s."""
+    from pathlib import Path
+
+    from imgcls_core.registry import CHAMPION, Registry, register_model_file
+
+    reg = Registry(registry["uri"], MODEL)
+    before = str(reg.alias(CHAMPION).version)
+    broken = register_model_file(registry["uri"], MODEL, registry["model_file"], experiment="serve", run_name="broken")
+    location = reg.client.get_model_version_download_uri(MODEL, str(broken.version))  # the artifact folder
+    if location.startswith("models:/"):
+        location = reg.client.get_logged_model(location.rsplit("/", 1)[-1]).artifact_location
+    files = list(Path(location.removeprefix("file://")).rglob("model.pt"))
+    assert files
+    for f in files:
+        f.write_bytes(b"not a checkpoint")
+    digit = sorted((digits_root / "test").glob("3/*.png"))[0].read_bytes()
+
+    def info() -> dict:
+        return requests.get(f"{serve_url}/v1/model", headers=AUTH, timeout=10).json()
+
+    reg.set_alias(CHAMPION, str(broken.version))
+    try:
+        deadline = time.monotonic() + 20
+        while info()["following"]["failed_load"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        failed = info()["following"]["failed_load"]
+        assert failed and failed["version"] == str(broken.version) and failed["attempts"] == 1, failed
+        assert failed["retry_in_s"] == 10 and failed["error"], failed
+        time.sleep(4)  # four polls of 1 s: none of them downloads it again
+        now = info()
+        assert now["following"]["failed_load"]["attempts"] == 1 and now["version"] == before, now["following"]
+        r = post(serve_url, files=[("file", ("3.png", digit, "image/png"))])
+        assert r.status_code == 200 and r.json()["model"]["version"] == before
+    finally:
+        reg.set_alias(CHAMPION, before)
+    deadline = time.monotonic() + 20
+    while info()["following"]["failed_load"] is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert info()["following"]["failed_load"] is None and info()["version"] == before
 
 
 def test_killed_replica_under_load_is_replaced_and_few_requests_fail(serve_url, registry, digits_root):

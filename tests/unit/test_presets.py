@@ -258,3 +258,39 @@ def test_train_preset_uses_the_gray_aware_jitter():
 
     preset = TrainPreset(16, (0.5,) * 3, (0.25,) * 3, strength=0.2)
     assert any(isinstance(t, GrayAwareColorJitter) for t in preset.transforms)
+
+
+@pytest.mark.parametrize("crop_ratio", [1.0, 0.875])
+@pytest.mark.parametrize("shape", [(3, 1, 2_000_000), (3, 2_000_000, 1), (3, 40, 9_000)])
+def test_eval_cost_is_bounded_by_the_pixels_whatever_the_aspect_ratio(crop_ratio, shape):
+    """A valid image of extreme shape (a few-KB PNG can be 1 x 2,000,000) reaches the resize with its
+    long side at most MAX_ASPECT x its short side; before, the centre-crop preset asked a 32 x 64 M
+    resize of it (about 20 GB) and the squash preset a 32 x 2 M intermediate."""
+    from imgcls_core.data.presets import MAX_ASPECT, BoundAspect
+
+    preset = build_eval_transform(32, [128 / 255] * 3, [0.25] * 3, crop_ratio)
+    seen = []
+
+    def check(module, args):
+        h, w = args[0].shape[-2:]
+        assert max(h, w) <= MAX_ASPECT * min(h, w), f"{type(module).__name__} got {h} x {w}"
+        seen.append(type(module).__name__)
+
+    for step in preset.transforms:  # every step after the bound, before it runs
+        if isinstance(step, (v2.Resize, v2.CenterCrop)):
+            step.register_forward_pre_hook(check)
+    out = preset(torch.full(shape, 128, dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and "Resize" in seen
+    assert torch.allclose(out, torch.zeros_like(out), atol=1e-5)  # uniform grey 128 at the mean: zeros
+    assert any(isinstance(step, BoundAspect) for step in preset.transforms)
+
+
+def test_images_within_the_aspect_bound_are_transformed_exactly_as_before():
+    from imgcls_core.data.presets import MAX_ASPECT, BoundAspect
+
+    image = torch.randint(0, 256, (3, 40, 40 * MAX_ASPECT), dtype=torch.uint8)
+    assert BoundAspect()(image) is image
+    wide = torch.randint(0, 256, (3, 10, 1000), dtype=torch.uint8)
+    assert BoundAspect(crop=True)(wide).shape == (3, 10, 10 * MAX_ASPECT)
+    assert torch.equal(BoundAspect(crop=True)(wide), wide[:, :, 460:540])  # the centre
+    assert BoundAspect()(wide).shape == (3, 10, 10 * MAX_ASPECT)  # squash mode: resized, all of it kept
