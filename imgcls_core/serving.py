@@ -175,44 +175,43 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
 
 def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int,
                     precision: str = "fp32") -> Predictor:
-    import mlflow.artifacts
-
     from imgcls_core.export import OnnxModule, onnx_preprocessing
 
     if precision == "int8":
-        uri = mv.tags.get(INT8_URI_TAG)
-        if not uri:
-            raise LookupError(f"{registry.name} v{mv.version} has no servable int8 file; make one with `python -m "
-                              f"jobs.compress --model {registry.name} --version {mv.version} --method static` (it is "
-                              f"servable when its test top-1 is within {INT8_GATE_POINTS:g} point of fp32) or serve "
-                              f"serve.precision=fp32")
+        path = _download_tagged(registry, mv, INT8_URI_TAG, tmp, (
+            f"no servable int8 file; make one with `python -m jobs.compress --model {registry.name} --version "
+            f"{mv.version} --method static` (it is servable when its test top-1 is within {INT8_GATE_POINTS:g} "
+            f"point of fp32) or serve serve.precision=fp32"))
     else:
-        uri = mv.tags.get(ONNX_URI_TAG)
-    if not uri:
-        raise LookupError(f"{registry.name} v{mv.version} has no ONNX export; make one with "
-                          f"`python -m jobs.export --model {registry.name} --version {mv.version}` "
-                          f"or serve it with serve.backend=torch")
-    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
+        path = _download_tagged(registry, mv, ONNX_URI_TAG, tmp, (
+            f"no ONNX export; make one with `python -m jobs.export --model {registry.name} --version {mv.version}` "
+            f"or serve it with serve.backend=torch"))
     # The session reads the whole file now, so the temporary folder can go.
     return Predictor(OnnxModule(path, threads=threads, device=device.type), onnx_preprocessing(path), "cpu")
 
 
 def _tensorrt_predictor(registry: Registry, mv, tmp: str) -> Predictor:
-    import mlflow.artifacts
-
     from imgcls_core.trt_export import TensorRTModule, unavailable
 
     if (why := unavailable()) is not None:
         raise RuntimeError(f"serve.backend=tensorrt: {why}; give replicas serve.num_gpus > 0 on a GPU node "
                            f"or serve another backend")
-    uri = mv.tags.get(TENSORRT_URI_TAG)
-    if not uri:
-        raise LookupError(f"{registry.name} v{mv.version} has no TensorRT export; make one on a GPU of the kind "
-                          f"that serves it with `python -m jobs.export --model {registry.name} --version "
-                          f"{mv.version} --formats tensorrt`")
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
+    folder = _download_tagged(registry, mv, TENSORRT_URI_TAG, tmp, (
+        f"no TensorRT export; make one on a GPU of the kind that serves it with `python -m jobs.export --model "
+        f"{registry.name} --version {mv.version} --formats tensorrt`"))
     module = TensorRTModule(folder)  # the engine is deserialized into GPU memory now; the folder can go
     return Predictor(module, module.pre, "cuda")
+
+
+def _download_tagged(registry: Registry, mv, tag: str, tmp: str, missing: str) -> str:
+    """The artifact the version's ``tag`` names, downloaded into ``tmp``; LookupError("<name> v<N> has
+    <missing>") when the version has no such tag."""
+    import mlflow.artifacts
+
+    uri = mv.tags.get(tag)
+    if not uri:
+        raise LookupError(f"{registry.name} v{mv.version} has {missing}")
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
 
 
 class BatchStats:

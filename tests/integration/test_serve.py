@@ -580,12 +580,23 @@ def test_a_version_registered_at_training_is_found_not_duplicated(registry):
     assert not created and str(version.version) == "1"
 
 
+def served_and_eager(url: str, registry, digits_root):
+    """Every test digit through the app at ``url`` (version 1) and through eager PyTorch: (files, labels,
+    eager top-1, served top-1, served accuracy)."""
+    from imgcls_core.predict import Predictor
+
+    files = sorted((digits_root / "test").glob("*/*.png"))
+    labels = [int(f.parent.name) for f in files]
+    eager = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
+    served = served_top1(url, files, version="1", alias=None)
+    return files, labels, eager, served, float(np.mean(np.array(served) == np.array(labels)))
+
+
 def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url, registry, digits_root, tmp_path):
     """jobs.export logs a checked ONNX file to version 1; serve.backend=onnx runs it with ONNX Runtime
     and answers like the offline PyTorch core, image for image."""
     from ray import serve
 
-    from imgcls_core.predict import Predictor
     from imgcls_core.registry import Registry
     from jobs.export import main as export_main
     from serve.app import build_app
@@ -605,11 +616,7 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
     url = f"{serve_url}/onnx"
     info = requests.get(f"{url}/v1/model", timeout=10).json()
     assert info["backend"] == "onnx" and info["version"] == "1"
-    files = sorted((digits_root / "test").glob("*/*.png"))
-    labels = [int(f.parent.name) for f in files]
-    offline = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
-    served = served_top1(url, files, version="1", alias=None)
-    accuracy = float(np.mean(np.array(served) == np.array(labels)))
+    files, labels, offline, served, accuracy = served_and_eager(url, registry, digits_root)
     print(f"onnx backend: {accuracy:.4f} top-1 on {len(files)} test images; "
           f"{sum(a != b for a, b in zip(served, offline))} differ from eager PyTorch")
     assert accuracy >= 0.97, accuracy
@@ -626,7 +633,6 @@ def test_an_int8_file_within_a_point_of_fp32_is_servable_and_serves_the_same_ans
     from ray import serve
 
     from imgcls_core.config import ConfigError
-    from imgcls_core.predict import Predictor
     from imgcls_core.registry import Registry
     from jobs.compress import main as compress_main
     from serve.app import build_app
@@ -649,11 +655,7 @@ def test_an_int8_file_within_a_point_of_fp32_is_servable_and_serves_the_same_ans
     try:
         info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
         assert info["backend"] == "onnx" and info["precision"] == "int8"
-        files = sorted((digits_root / "test").glob("*/*.png"))
-        labels = [int(f.parent.name) for f in files]
-        fp32 = [p[0]["index"] for p in Predictor.from_file(registry["model_file"]).classify(files, top_k=1)]
-        served = served_top1(url, files, version="1", alias=None)
-        accuracy = float(np.mean(np.array(served) == np.array(labels)))
+        files, labels, fp32, served, accuracy = served_and_eager(url, registry, digits_root)
         agree = float(np.mean(np.array(served) == np.array(fp32)))
         print(f"int8 served: {accuracy:.4f} top-1 on {len(files)} test images, {agree:.4f} agree with fp32")
         assert accuracy >= float(np.mean(np.array(fp32) == np.array(labels))) - 0.01 and agree >= 0.98
