@@ -45,6 +45,19 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(heatmaps N x H x W in [0, 1], explained classes, their probabilities)`` for a preprocessed
     batch; ``classes`` defaults to the predicted ones. The model's parameters get no gradient."""
+    cam, logits, classes = _gradcam(model, images, classes)
+    return cam, classes, logits.softmax(1).gather(1, classes[:, None])[:, 0]
+
+
+def gradcam_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(heatmaps of the predicted classes, the batch's logits)`` from one forward pass (cpu, float)."""
+    cam, logits, _ = _gradcam(model, images, None)
+    return cam, logits
+
+
+def _gradcam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(heatmaps, logits, explained classes)``, all on the cpu."""
     import threading
 
     _, layer = stage_modules(model)[-1]
@@ -69,8 +82,7 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None
     cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * maps).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    probs = logits.detach().float().softmax(1).gather(1, classes[:, None])[:, 0]
-    return cam.cpu(), classes.detach().cpu(), probs.cpu()
+    return cam.cpu(), logits.detach().float().cpu(), classes.detach().cpu()
 
 
 def unnormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

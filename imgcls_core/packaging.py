@@ -141,8 +141,7 @@ def classify_encoded(predictor, images: list[Any], top_k: int):
         except (CorruptImageError, ValueError) as exc:
             rows[i]["error"] = str(exc)
     if decoded:
-        k = len(predictor.pre.classes) if multi else top_k  # multi-label: every class, for labels/probabilities
-        for i, ranked in zip(where, predictor.classify(decoded, k)):  # decoded uint8 images pass as they are
+        for i, ranked in zip(where, predictor.classify(decoded, top_k)):  # decoded uint8 images pass as they are
             top = [{"label": r["label"], "probability": r["probability"]} for r in ranked]
             rows[i].update(label=top[0]["label"], probability=top[0]["probability"], top_k=top[:top_k])
             if multi:

@@ -80,12 +80,21 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a preprocessed batch: softmax, or per-class sigmoids when multi-label."""
-        logits = self.model(batch.to(self.device)).float()
+        return self.to_probabilities(self.model(batch.to(self.device)))
+
+    def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.detach().float()
         return (logits.sigmoid() if self.pre.multi_label else logits.softmax(dim=1)).cpu()
 
+    def rank(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
+        """Top-k ``{"label", "index", "probability"}`` per row of ``probs``, best first; a multi-label
+        model ranks every class, so that callers can also take those over the threshold (:meth:`present`)
+        whatever ``top_k`` (they cut the top-k themselves)."""
+        return top_k_rows(probs, self.pre.classes, len(self.pre.classes) if self.pre.multi_label else top_k)
+
     def classify(self, images: list[bytes | str | Path | torch.Tensor], top_k: int = 5) -> list[list[dict]]:
-        """Top-k ``{"label", "index", "probability"}`` per image, best first."""
-        return top_k_rows(self.probabilities(self.preprocess(images)), self.pre.classes, top_k)
+        """:meth:`rank` of the images' probabilities."""
+        return self.rank(self.probabilities(self.preprocess(images)), top_k)
 
     def present(self, ranked: list[dict]) -> list[dict]:
         """The classes of a ranked row (best first, every class) at or over the multi-label threshold."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
-from imgcls_core.predict import Predictor, top_k_rows
+from imgcls_core.predict import Predictor
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
 
 TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test metrics under this prefix
@@ -108,11 +108,9 @@ class ServedModel:
 
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
-        """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first.
-        Multi-label versions rank every class (sigmoid probabilities), so that :meth:`answer` can list
-        those over the threshold whatever ``top_k``."""
-        k = len(self.classes) if self.multi_label else top_k
-        return top_k_rows(self.predictor.probabilities(batch), self.predictor.pre.classes, k)
+        """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first
+        (multi-label versions rank every class: :meth:`answer` cuts the top-k)."""
+        return self.predictor.rank(self.predictor.probabilities(batch), top_k)
 
     def answer(self, ranked: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
         """One image's prediction in a response: its top-k, and for multi-label versions every class
@@ -132,11 +130,11 @@ class ServedModel:
 
     def explain(self, batch: torch.Tensor, top_k: int) -> list[tuple[list[dict[str, Any]], bytes]]:
         """Top-k rows as :meth:`classify` gives them, each with a Grad-CAM overlay (PNG bytes) of the
-        top class over the preprocessed input (see imgcls_core.explain)."""
-        from imgcls_core.explain import gradcam, overlay_png, unnormalize
+        top class over the preprocessed input (see imgcls_core.explain); one forward pass gives both."""
+        from imgcls_core.explain import gradcam_and_logits, overlay_png, unnormalize
 
-        rows = self.classify(batch, top_k)
-        heat, _classes, _probs = gradcam(self.predictor.model, batch.to(self.predictor.device))
+        heat, logits = gradcam_and_logits(self.predictor.model, batch.to(self.predictor.device))
+        rows = self.predictor.rank(self.predictor.to_probabilities(logits), top_k)
         shown = unnormalize(batch, self.predictor.pre.mean, self.predictor.pre.std)
         return [(row, overlay_png(image, h)) for row, image, h in zip(rows, shown, heat)]
 

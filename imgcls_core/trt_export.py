@@ -18,6 +18,7 @@ missing, so CPU machines get a clear message, never an import error deep inside.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -94,7 +95,7 @@ def export_tensorrt(model: nn.Module, pre: Preprocessing, batch: torch.Tensor, f
                           "specialized to 1")
     dtype = PRECISIONS[precision]
     size = tuple(batch.shape[1:])
-    cuda_model = _copy(model).to("cuda", dtype).eval()
+    cuda_model = copy.deepcopy(model).to("cuda", dtype).eval()
     example = batch[: min(len(batch), max_batch)].to("cuda", dtype)
     dim = torch.export.Dim("batch", min=1, max=max_batch)
     try:
@@ -129,8 +130,3 @@ def tolerance_for(precision: str, tolerance: float) -> float:
     FP16_TOLERANCE for fp16 (half precision cannot match fp32 logits to 1e-4)."""
     return max(tolerance, FP16_TOLERANCE) if precision == "fp16" else tolerance
 
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)

@@ -89,15 +89,13 @@ def classify(predictor, paths: list[Path], *, top_k: int, batch_size: int) -> It
                 decoded[i] = decode_image(path)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is one error row
                 rows[i]["error"] = _reason(exc)
-        multi = predictor.pre.multi_label  # rank every class: labels lists those over the threshold
-        ranked = _classify_batch(predictor, list(decoded.values()), len(predictor.pre.classes) if multi else top_k)
-        for i, result in zip(decoded, ranked):
+        for i, result in zip(decoded, _classify_batch(predictor, list(decoded.values()), top_k)):
             if isinstance(result, Exception):
                 rows[i]["error"] = _reason(result)
             else:
                 rows[i].update(label=result[0]["label"], probability=f"{result[0]['probability']:.6f}",
                                top_k=json.dumps([[c["label"], round(c["probability"], 6)] for c in result[:top_k]]))
-                if multi:
+                if predictor.pre.multi_label:  # every class is ranked: those over the threshold
                     rows[i]["labels"] = " ".join(c["label"] for c in predictor.present(result))
         yield from rows
 

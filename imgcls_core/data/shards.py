@@ -290,27 +290,19 @@ def _convert_labelled(src: Path, out: Path, labels_file: Path, split_dirs: dict[
                       shard_size: int, max_pixels: int | None, seed: int, fractions: dict[str, float],
                       start: float) -> ConversionReport:
     """convert_image_folder for a multi-label folder (``labels_file``)."""
-    from imgcls_core.data.sources import read_label_sets  # sources imports this module
+    from imgcls_core.data.sources import label_set_classes, read_label_sets  # sources imports this module
 
     if "train" not in split_dirs:
         raise ValueError(f"{src} has no train folder; a multi-label folder is <src>/<split>/<image> with the "
                          f"label sets in {labels_file.name}")
     label_sets = read_label_sets(labels_file)
-    if (src / CLASS_INDEX).is_file():
-        classes = load_class_index(src)
-    else:
-        classes = sorted({c for key, names in label_sets.items() if key.startswith("train/") for c in names})
-    position = {c: i for i, c in enumerate(classes)}
+    classes, encode = label_set_classes(src, labels_file, label_sets, "train")
     samples: dict[str, list[tuple[str, list[int]]]] = {}
-    for key, names in sorted(label_sets.items()):
+    for key in sorted(label_sets):
         split = key.split("/", 1)[0]
         if split not in split_dirs:
             raise ValueError(f"{labels_file}: {key} is not under a split folder ({', '.join(split_dirs)}) of {src}")
-        unknown = [c for c in names if c not in position]
-        if unknown:
-            raise ValueError(f"{labels_file}: {key} has label(s) {unknown} that no training image has "
-                             f"({len(classes)} classes)")
-        samples.setdefault(split, []).append((str(src / key), [position[c] for c in names]))
+        samples.setdefault(split, []).append((str(src / key), encode(key)))
     if not samples.get("train"):
         raise ValueError(f"{labels_file} lists no train/ images")
     held_out = _hold_out(samples, fractions, seed, stratify=False)

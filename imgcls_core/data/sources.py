@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from imgcls_core.config import DataConfig, is_multi_label
 from imgcls_core.data.digits import materialize_digits
 from imgcls_core.data.records import DatasetSplits, SplitRecords
-from imgcls_core.data.shards import load_class_index, read_shard_table
+from imgcls_core.data.shards import CLASS_INDEX, load_class_index, read_shard_table
 
 _LAYOUTS = {
     "imagefolder": "<root>/<split>/<class>/<image>, e.g. <root>/train/cat/001.jpg",
@@ -247,13 +247,7 @@ def _load_labelled_folder(
     Classes: ``<root>/classes.json`` when present, else the sorted names found in the train rows.
     Every image must have a row (an empty label set is a row with no labels) and every row an image."""
     label_sets = read_label_sets(root / cfg.labels_file)
-    index_file = root / "classes.json"
-    if index_file.is_file():
-        classes = load_class_index(root)
-    else:
-        prefix = f"{cfg.train_split}/"
-        classes = sorted({c for path, names in label_sets.items() if path.startswith(prefix) for c in names})
-    position = {c: i for i, c in enumerate(classes)}
+    classes, encode = label_set_classes(root, root / cfg.labels_file, label_sets, cfg.train_split)
     listed: set[str] = set()
 
     def split(name: str, required: bool) -> SplitRecords | None:
@@ -269,14 +263,7 @@ def _load_labelled_folder(
         if unlisted:
             raise ValueError(f"{len(unlisted)} image(s) under {directory} have no row in {root / cfg.labels_file}, "
                              f"e.g. {unlisted[:3]}; add them (an image with no labels gets an empty label list)")
-        labels = []
-        for key in keys:
-            unknown = [c for c in label_sets[key] if c not in position]
-            if unknown:
-                raise ValueError(f"{root / cfg.labels_file}: {key} has label(s) {unknown} that "
-                                 + ("are not in classes.json" if index_file.is_file()
-                                    else f"no training image has ({len(classes)} classes)"))
-            labels.append([position[c] for c in label_sets[key]])
+        labels = [encode(key) for key in keys]
         listed.update(keys)
         return SplitRecords(list(classes), labels, [str(p) for p in files], multi_label=True)
 
@@ -287,6 +274,30 @@ def _load_labelled_folder(
         raise ValueError(f"{root / cfg.labels_file} lists {len(missing)} image(s) that are not under the "
                          f"{cfg.train_split}/{cfg.val_split}/{cfg.test_split} folders of {root}, e.g. {missing[:3]}")
     return train, val, test
+
+
+def label_set_classes(root: Path, labels_file: Path, label_sets: dict[str, list[str]], train_split: str
+                      ) -> tuple[list[str], Callable[[str], list[int]]]:
+    """A multi-label folder's classes (``<root>/classes.json`` when present, else the sorted labels of
+    the ``train_split`` rows) and ``encode(key)``: the class indices of a row of ``label_sets``, or a
+    ValueError naming the labels that are not classes."""
+    from_index = (root / CLASS_INDEX).is_file()
+    if from_index:
+        classes = load_class_index(root)
+    else:
+        prefix = f"{train_split}/"
+        classes = sorted({c for key, names in label_sets.items() if key.startswith(prefix) for c in names})
+    position = {c: i for i, c in enumerate(classes)}
+
+    def encode(key: str) -> list[int]:
+        unknown = [c for c in label_sets[key] if c not in position]
+        if unknown:
+            raise ValueError(f"{labels_file}: {key} has label(s) {unknown} that "
+                             + ("are not in classes.json" if from_index
+                                else f"no training image has ({len(classes)} classes)"))
+        return [position[c] for c in label_sets[key]]
+
+    return classes, encode
 
 
 def read_label_sets(path: Path) -> dict[str, list[str]]:
