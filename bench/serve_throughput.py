@@ -1,23 +1,27 @@
-"""The Serve app's throughput and latency, against the model's in-process forward and a naive server.
+"""What the Serve app costs and delivers, against a naive server and the in-process ceiling.
 
-    python -m bench.serve_throughput [--seconds 8] [--concurrency 1 4 16 48] [--max-batch-size 32]
+    python -m bench.serve_throughput [--seconds 8] [--concurrency 1 4 16 48] [--modes proxy direct haproxy]
 
-All in one run on this machine, with the same model file (the digits default:
-ResNet-18 at width 0.25, 32 x 32 input; weights are random, which does not
-change the cost) and one CPU thread for the model everywhere:
+One run on this machine, one model file (the digits default: ResNet-18 at width 0.25,
+32 x 32 input, random weights, which do not change the cost), one torch thread per model:
 
-``--width 1 --image-size 64`` repeats it with a model whose forward pass dominates the
-per-request work.
+(a) in process, end to end: decode + preprocess + batched forward of ``--max-batch-size``
+    PNGs in one process (the practical ceiling), and the batched forward alone;
+(b) bench/naive_server.py: uvicorn + FastAPI, one image per request, forward inline;
+(c) the Serve app (one replica, 1 CPU) in each ``--modes`` ingress, each in a fresh Ray
+    instance: ``proxy`` (Serve's default HTTP proxy actor), ``proxy_grpc`` (the proxy with
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC to the replica, user code on its main loop,
+    buffered request logs), ``direct`` (the same mode, clients on the replica's own HTTP
+    port) and ``haproxy`` (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of direct ingress).
 
-(a) in process: the batched forward pass alone (batch = max_batch_size), and
-    decode + preprocess + forward one image at a time;
-(b) the Serve app (1 replica, @serve.batch) under N concurrent closed-loop
-    clients each sending one PNG per request: images/s and p50/p99 latency;
-(c) the same clients against bench/naive_server.py (uvicorn, no batching).
-
-Prints served/in-process images/s, and served vs naive images/s and latency at
-each concurrency. The load generator shares the machine's cores with the
-servers, so absolute figures are lower bounds; ratios are measured side by side.
+The load generator (bench/loadgen.py) is a process of its own for every point. Each point
+reports images/s, p50/p99 latency, the mean batch the replica formed, and server CPU-ms per
+image: the CPU time (from /proc) of every process of the server over the measured window
+(the uvicorn process; or the Ray driver and all its descendants: GCS, raylet, dashboard,
+Serve controller, proxy or HAProxy, replicas), divided by the images answered. Clients send
+one PNG per request, then ``--images-per-request`` PNGs per request as multipart files.
+``--width 1 --image-size 64`` repeats it with a model whose forward pass dominates.
+``--serve-set key=value`` sets ``serve`` config keys of the app (e.g. ``batcher=timeout``).
 """
 
 from __future__ import annotations
@@ -89,17 +93,28 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
     while len(batch) < batch_size:
         batch = torch.cat([batch, batch])[:batch_size]
 
-    def rate(fn, per_call: int) -> float:
+    def rate(fn, per_call: int) -> tuple[float, float]:
+        """(images/s, CPU-ms per image) of calling ``fn`` for ``seconds``."""
         fn()
-        calls, started = 0, time.perf_counter()
+        calls, started, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds:
             fn()
             calls += 1
-        return calls * per_call / (time.perf_counter() - started)
+        images = calls * per_call
+        return images / (time.perf_counter() - started), 1000 * (time.process_time() - cpu0) / images
 
-    forward = rate(lambda: predictor.probabilities(batch), batch_size)
-    single = rate(lambda: predictor.probabilities(predictor.transform(decode_upload(images[0], max_pixels=10**7))[None]), 1)
-    return {"batched_forward_images_per_s": forward, "one_image_end_to_end_images_per_s": single}
+    pngs = (images * (batch_size // len(images) + 1))[:batch_size]
+
+    def end_to_end():  # what a replica does for a batch of uploads, in one thread
+        x = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in pngs])
+        return predictor.rank(predictor.probabilities(x), 5)
+
+    forward, _ = rate(lambda: predictor.probabilities(batch), batch_size)
+    e2e, e2e_cpu = rate(end_to_end, batch_size)
+    single, _ = rate(lambda: predictor.probabilities(
+        predictor.transform(decode_upload(images[0], max_pixels=10**7))[None]), 1)
+    return {"batched_forward_images_per_s": forward, "end_to_end_images_per_s": e2e,
+            "end_to_end_cpu_ms_per_image": e2e_cpu, "one_image_end_to_end_images_per_s": single}
 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
@@ -161,36 +176,228 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
-def sweep(url: str, images: list[bytes], levels: list[int], seconds: float, label: str) -> list[dict]:
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a live process, from /proc/<pid>/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is the state
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+
+
+def tree_cpu_s(roots: list[int], exclude: set[int]) -> dict[int, float]:
+    """CPU seconds so far of every live process under ``roots`` (themselves included), minus the
+    subtrees of ``exclude``."""
+    stats = {int(p.name): s for p in Path("/proc").iterdir() if p.name.isdigit() and (s := _stat(int(p.name)))}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        if pid in exclude or pid in out:
+            continue
+        out[pid] = stats[pid][1]
+        todo += children.get(pid, [])
+    return out
+
+
+def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int, seconds: float,
+                  server_roots: list[int], stats_url: str | None = None, headers: list[str] = ()) -> dict:
+    """One closed-loop point with bench.loadgen in its own process; adds server CPU-ms per image
+    and (from the replica's /v1/stats) the mean batch formed over the window."""
+    import json
+
+    import requests
+
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--images", str(image_dir), "--concurrency",
+           str(concurrency), "--seconds", str(seconds), "--images-per-request", str(per_request), "--out", str(out)]
+    for h in headers:
+        cmd += ["--header", h]
+    gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cpu: dict[str, dict[int, float]] = {}
+    batches: dict[str, dict] = {}
+    for line in gen.stdout:
+        edge = line.strip().removeprefix("window ")
+        if edge in ("start", "end"):
+            cpu[edge] = tree_cpu_s(server_roots, {gen.pid})
+            if stats_url:
+                batches[edge] = requests.get(stats_url, timeout=10).json()["batches"]["histogram"]
+    if gen.wait() != 0:
+        raise RuntimeError(f"the load generator failed: {' '.join(cmd)}")
+    row = json.loads(out.read_text())
+    out.unlink()
+    used = sum(v - cpu["start"].get(pid, 0.0) for pid, v in cpu["end"].items())
+    row["server_cpu_s"] = used
+    row["server_cpu_ms_per_image"] = 1000 * used / (row["images_per_s"] * seconds) if row["images_per_s"] else None
+    if batches:
+        delta = {int(k): v - batches["start"].get(k, 0) for k, v in batches["end"].items()}
+        formed = sum(delta.values())
+        row["mean_batch"] = sum(k * v for k, v in delta.items()) / formed if formed else 0.0
+    return row
+
+
+def _print(label: str, row: dict) -> None:
+    batch = f"  batch {row['mean_batch']:5.1f}" if "mean_batch" in row else ""
+    print(f"  {label:<26} c={row['concurrency']:<3} x{row['images_per_request']:<2} {row['images_per_s']:7.1f} img/s"
+          f"  p50 {row['p50_ms'] or float('nan'):7.1f} ms  p99 {row['p99_ms'] or float('nan'):7.1f} ms"
+          f"  server {row['server_cpu_ms_per_image'] or float('nan'):5.2f} CPU-ms/img{batch}  errors {row['errors']}",
+          flush=True)
+
+
+def sweep(url: str, image_dir: Path, args, roots: list[int], label: str, per_request: list[int],
+          stats_url: str | None = None) -> list[dict]:
     rows = []
-    for c in levels:
-        row = asyncio.run(load(url, images, c, seconds))
-        print(f"  {label:<6} c={c:<3} {row['images_per_s']:8.1f} img/s  p50 {row['p50_ms'] or float('nan'):7.1f} ms"
-              f"  p99 {row['p99_ms'] or float('nan'):7.1f} ms  errors {row['errors']}", flush=True)
-        rows.append(row)
+    for k in per_request:
+        for c in args.concurrency:
+            row = measure_point(url, image_dir, c, k, args.seconds, roots, stats_url)
+            _print(label, row)
+            rows.append(row)
     return rows
 
 
-def run_naive(model_file: Path, images: list[bytes], args) -> list[dict]:
-    print("(c) naive FastAPI server (uvicorn, one image per request)", flush=True)
+def run_naive(model_file: Path, image_dir: Path, args) -> list[dict]:
+    print("(b) naive FastAPI server (uvicorn, one image per request)", flush=True)
     port = free_port()
     env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/docs")
-        return sweep(f"http://127.0.0.1:{port}/v1/predict", images, args.concurrency, args.seconds, "naive")
+        return sweep(f"http://127.0.0.1:{port}/v1/predict", image_dir, args, [proc.pid], "naive", [1])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- the Serve app
+
+MODES = {  # environment of the Ray instance (read where Ray and the Serve controller start)
+    "proxy": {},
+    "proxy_grpc": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # HAProxy without its per-request metrics log lines (parsed in Python by the proxy actor)
+    "haproxy_nometrics": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                          "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+}
+
+
+def find_direct_port(first: int, count: int = 100) -> int:
+    """The replica's direct-ingress HTTP port: the first port from ``first`` that answers /healthz."""
+    import requests
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for port in range(first, first + count):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                    return port
+            except requests.RequestException:
+                continue
+        time.sleep(1)
+    raise TimeoutError(f"no replica answered on ports {first}..{first + count - 1}")
+
+
+def serve_settings(args, uri: str) -> dict:
+    settings = {"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": 1,
+                "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
+                "max_ongoing_requests": args.max_ongoing, "max_replicas": 1,
+                "max_queued_requests": -1, "poll_interval_s": 0, "memory_mb": 0}
+    for item in args.serve_set:
+        key, _, value = item.partition("=")
+        settings[key] = value
+    return settings
+
+
+def served_child(args) -> None:
+    """Runs in a fresh process whose environment selects the mode: Ray, the app, every point."""
+    import json
+
+    import ray
+    from ray import serve
+
+    from imgcls_core.registry import CHAMPION, Registry, register_model_file
+    from jobs.common import init_local_ray
+    from serve.app import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-served-"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    version = register_model_file(uri, MODEL, Path(args.model_file), experiment="bench")
+    Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
+    if "backend=onnx" in args.serve_set:  # the version's checked ONNX export, as jobs.export makes it
+        from imgcls_core.config import load_config
+        from imgcls_core.export import DEFAULT_OPSET, DEFAULT_TOLERANCE
+        from jobs.export import export_job
+
+        export_job(load_config(None, [f"tracking.tracking_uri={uri}"]), model_name=MODEL, alias=CHAMPION,
+                   version=None, model_file=None, formats=("onnx",), opset=DEFAULT_OPSET, tolerance=DEFAULT_TOLERANCE,
+                   check_images=32,
+                   out=str(tmp / "export"))
+    init_local_ray(num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=True,
+                   dashboard_host="127.0.0.1", dashboard_port=free_port(), configure_logging=False,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(serve_settings(args, uri)), name="bench", route_prefix="/")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        if args.served == "direct":
+            base = f"http://127.0.0.1:{find_direct_port(int(os.environ['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']))}"
+        wait_ready(f"{base}/readyz")
+        rows = sweep(f"{base}/v1/predict", Path(args.images_dir), args, [os.getpid()], args.label,
+                     [1, args.images_per_request], stats_url=f"{base}/v1/stats")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    Path(args.out).write_text(json.dumps(rows))
+
+
+def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]:
+    """``spec``: a mode, optionally with serve keys for this run alone: ``haproxy:batcher=timeout,backend=onnx``."""
+    import json
+
+    mode, _, extra = spec.partition(":")
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r} in {spec!r}; choose from {list(MODES)}")
+    settings = [*args.serve_set, *filter(None, extra.split(","))]
+    print(f"(c) Serve app, {spec}, 1 replica", flush=True)
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    first = min(free_port(), 65000)  # replicas' direct-ingress ports: a range of its own
+    env = {**os.environ, **MODES[mode], "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 200)}
+    cmd = [sys.executable, "-m", "bench.serve_throughput", "--served", mode, "--model-file", str(model_file),
+           "--images-dir", str(image_dir), "--out", str(out), "--seconds", str(args.seconds),
+           "--concurrency", *map(str, args.concurrency), "--images-per-request", str(args.images_per_request),
+           "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing),
+           "--num-gpus", str(args.num_gpus), "--label", spec, *[f"--serve-set={s}" for s in settings]]
+    subprocess.run(cmd, env=env, check=True)
+    rows = json.loads(out.read_text())
+    out.unlink()
+    return rows
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def best(rows: list[dict], per_request: int = 1) -> dict:
+    return max((r for r in rows if r["images_per_request"] == per_request), key=lambda r: r["images_per_s"])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 48])
+    parser.add_argument("--images-per-request", type=int, default=8, help="the multipart points' images per request")
+    parser.add_argument("--modes", nargs="+", default=["proxy", "haproxy"], metavar="MODE[:KEY=VALUE,...]",
+                        help=f"ingress modes ({', '.join(MODES)}), each optionally with serve keys of its own")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-ongoing", type=int, default=128,
                         help="replica max_ongoing_requests: above the clients, so the proxy never queues")
     parser.add_argument("--model", default="resnet18", help="any imgcls_core model (resnet50 for the GPU figure)")
@@ -198,79 +405,61 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs per replica; > 0 also runs the in-process forward on the GPU")
     parser.add_argument("--image-size", type=int, default=32, help="network input side (the PNGs are resized to it)")
+    parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serve config key of the app, repeatable")
     parser.add_argument("--name", default="serve_throughput", help="results file name under bench/results")
     parser.add_argument("--skip-naive", action="store_true", help="measure the Serve app only")
+    # internal: one mode's measurements, in a child process with that mode's environment
+    for hidden in ("--served", "--model-file", "--images-dir", "--out", "--label"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.served:
+        return served_child(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-serve-"))
     model_file = make_model_file(tmp / "model.pt", args.image_size, args.width, args.model)
     device = "cuda" if args.num_gpus > 0 else "cpu"
     images = digit_pngs()
+    image_dir = tmp / "png"
+    image_dir.mkdir()
+    for i, data in enumerate(images):
+        (image_dir / f"{i:03d}.png").write_bytes(data)
     print("(a) in process, 1 thread", flush=True)
     local = in_process(model_file, images, args.max_batch_size, args.seconds, device)
-    print(f"  batched forward {local['batched_forward_images_per_s']:.0f} img/s; one image end to end "
+    print(f"  end to end (decode + preprocess + batched forward) {local['end_to_end_images_per_s']:.0f} img/s, "
+          f"{local['end_to_end_cpu_ms_per_image']:.2f} CPU-ms/img; batched forward alone "
+          f"{local['batched_forward_images_per_s']:.0f} img/s; one image at a time "
           f"{local['one_image_end_to_end_images_per_s']:.0f} img/s", flush=True)
+    naive = [] if args.skip_naive else run_naive(model_file, image_dir, args)
+    served = {mode: run_served(mode, model_file, image_dir, args) for mode in args.modes}
 
-    naive = [{"concurrency": c, "images_per_s": 0.0, "p50_ms": None, "p99_ms": None} for c in args.concurrency]
-    if not args.skip_naive:
-        naive = run_naive(model_file, images, args)
-
-    print("(b) Serve app, 1 replica, batching", flush=True)
-
-    import ray
-    from ray import serve
-
-    from imgcls_core.registry import CHAMPION, Registry, register_model_file
-    from serve.app import build_app
-
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    version = register_model_file(uri, MODEL, model_file, experiment="bench")
-    Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
-    from jobs.common import init_local_ray
-
-    init_local_ray(num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=False,
-                   configure_logging=False,
-                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": 1,
-                         "num_gpus": args.num_gpus,
-                         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
-                         "max_ongoing_requests": args.max_ongoing, "max_replicas": 1,
-                         "max_queued_requests": -1, "poll_interval_s": 0}),
-              name="bench", route_prefix="/")
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz")
-        served = sweep(f"http://127.0.0.1:{port}/v1/predict", images, args.concurrency, args.seconds, "served")
-        import requests
-
-        batches = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=10).json()["batches"]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-    best_served = max(r["images_per_s"] for r in served)
-    best_naive = max(r["images_per_s"] for r in naive) or float("nan")
-    ratios = {
-        "served_over_in_process_forward": best_served / local["batched_forward_images_per_s"],
-        "served_over_in_process_one_image": best_served / local["one_image_end_to_end_images_per_s"],
-        "served_over_naive_at_saturation": best_served / best_naive,
-        "by_concurrency": [
-            {"concurrency": s["concurrency"],
-             "images_per_s_served_over_naive": s["images_per_s"] / n["images_per_s"] if n["images_per_s"] else float("nan"),
-             "p50_served_over_naive": (s["p50_ms"] / n["p50_ms"]) if s["p50_ms"] and n["p50_ms"] else float("nan"),
-             "p99_served_over_naive": (s["p99_ms"] / n["p99_ms"]) if s["p99_ms"] and n["p99_ms"] else float("nan")}
-            for s, n in zip(served, naive)],
-    }
-    print(f"\nserved at saturation / in-process batched forward: {ratios['served_over_in_process_forward']:.3f}")
-    print(f"served at saturation / in-process one image end to end: {ratios['served_over_in_process_one_image']:.2f}")
-    print(f"served / naive at saturation: {ratios['served_over_naive_at_saturation']:.2f}")
-    for row in ratios["by_concurrency"]:
-        print(f"  c={row['concurrency']:<3} img/s x{row['images_per_s_served_over_naive']:.2f}  "
-              f"p50 x{row['p50_served_over_naive']:.2f}  p99 x{row['p99_served_over_naive']:.2f}  (served / naive)")
-    print(f"batches formed by the replica: mean {batches['mean_batch_size']:.1f}, max {batches['max_batch_size']}")
-    result = {"config": vars(args), "in_process": local, "served": served, "naive": naive,
-              "batches": batches, "ratios": ratios}
+    ratios: dict = {"by_mode": {}}
+    for mode, rows in served.items():
+        one, many = best(rows, 1), best(rows, args.images_per_request)
+        r = {"served_img_s_at_saturation": one["images_per_s"],
+             "server_cpu_ms_per_image_at_saturation": one["server_cpu_ms_per_image"],
+             f"x{args.images_per_request}_over_in_process_end_to_end":
+                 many["images_per_s"] / local["end_to_end_images_per_s"],
+             "served_over_in_process_forward": one["images_per_s"] / local["batched_forward_images_per_s"]}
+        if naive:
+            r["served_over_naive_at_saturation"] = one["images_per_s"] / best(naive)["images_per_s"]
+            by_c = {n["concurrency"]: n for n in naive}
+            r["by_concurrency"] = [
+                {"concurrency": s["concurrency"],
+                 "images_per_s_served_over_naive": s["images_per_s"] / by_c[s["concurrency"]]["images_per_s"],
+                 "p99_served_over_naive": (s["p99_ms"] / by_c[s["concurrency"]]["p99_ms"])
+                 if s["p99_ms"] and by_c[s["concurrency"]]["p99_ms"] else float("nan")}
+                for s in rows if s["images_per_request"] == 1 and by_c.get(s["concurrency"], {}).get("images_per_s")]
+        ratios["by_mode"][mode] = r
+        print(f"\n{mode}: served {one['images_per_s']:.0f} img/s at saturation, "
+              f"{one['server_cpu_ms_per_image']:.2f} server CPU-ms/img"
+              + (f", x{r['served_over_naive_at_saturation']:.2f} the naive server" if naive else "")
+              + f"; {args.images_per_request} images per request: "
+                f"x{r[f'x{args.images_per_request}_over_in_process_end_to_end']:.2f} in-process end to end")
+    if naive:
+        n = best(naive)
+        print(f"naive: {n['images_per_s']:.0f} img/s at saturation, {n['server_cpu_ms_per_image']:.2f} CPU-ms/img")
+    result = {"config": vars(args), "in_process": local, "naive": naive, "served": served, "ratios": ratios}
     save(args.name, result)
     return result
 

@@ -248,8 +248,12 @@ class ServeConfig:
     poll_interval_s: float = 15.0  # how often replicas check where the alias points (0 = never)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     top_k: int = 5  # default number of classes per image in a response
-    max_batch_size: int = 32  # images per forward pass (@serve.batch)
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    max_batch_size: int = 32  # images per forward pass
+    # "dynamic": each forward pass takes every image queued when the model becomes free (as
+    # Triton's dynamic batcher); "timeout": Ray Serve's @serve.batch, which seals a batch
+    # batch_wait_timeout_s after its first image. BENCHMARKS.md compares them.
+    batcher: Literal["dynamic", "timeout"] = "dynamic"
+    batch_wait_timeout_s: float = 0.01  # how long a "timeout" batch waits to fill
     max_concurrent_batches: int = 1  # forward passes a replica runs at once
     # Requests a replica accepts at once; raised to at least max_batch_size x
     # max_concurrent_batches so that batches can fill.

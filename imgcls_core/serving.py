@@ -14,9 +14,11 @@ and a short machine-readable error code, so every client mistake is answered
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +212,63 @@ def _download_tagged(registry: Registry, mv, tag: str, tmp: str, missing: str) -
     if not uri:
         raise LookupError(f"{registry.name} v{mv.version} has {missing}")
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=registry.tracking_uri)
+
+
+class DynamicBatcher:
+    """Batches requests as Triton's dynamic batcher does: whenever a forward slot is free, the
+    next batch is everything queued at that moment (up to ``max_batch_size``), without waiting.
+
+    Under light load an image runs at once, alone; under heavy load the queue grows while the
+    model is busy, so batches grow with the load and no request waits for a timer. (Ray Serve's
+    ``@serve.batch`` instead seals a batch a fixed ``batch_wait_timeout_s`` after its first item,
+    whatever the model is doing.) ``run`` maps a list of items to a list of results, one each;
+    an exception fails every item of that batch. Use from one event loop.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int,
+                 max_concurrent_batches: int = 1):
+        if max_batch_size < 1 or max_concurrent_batches < 1:
+            raise ValueError("max_batch_size and max_concurrent_batches must be >= 1")
+        self._run, self.max_batch_size = run, max_batch_size
+        self._free = max_concurrent_batches
+        self._queue: deque[tuple[Any, asyncio.Future]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self._free and self._queue:
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item, future = self._queue.popleft()
+                if not future.done():  # its request was cancelled (client gone, timeout)
+                    batch.append((item, future))
+            if batch:
+                self._free -= 1
+                asyncio.ensure_future(self._batch(batch))
+
+    async def _batch(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._free += 1
+            self._start()
 
 
 class BatchStats:

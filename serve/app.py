@@ -42,7 +42,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imgcls_core.config import ConfigError, ServeConfig, load_config
 from imgcls_core.registry import Registry
-from imgcls_core.serving import BatchStats, RequestError, ServedModel, decode_upload, load_served_model
+from imgcls_core.serving import (BatchStats, DynamicBatcher, RequestError, ServedModel, decode_upload,
+                                 load_served_model)
 from serve.page import PREDICT_OPENAPI, page
 
 logger = logging.getLogger("ray.serve")
@@ -166,9 +167,13 @@ class ClassifierReplica:
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self._forward_pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrent_batches,
                                                 thread_name_prefix="forward")
-        self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
-                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-                                    max_concurrent_batches=self.cfg.max_concurrent_batches)(self._run_batch)
+        if self.cfg.batcher == "dynamic":
+            self._batched = DynamicBatcher(self._run_batch, self.cfg.max_batch_size,
+                                           self.cfg.max_concurrent_batches).submit
+        else:
+            self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
+                                        batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                                        max_concurrent_batches=self.cfg.max_concurrent_batches)(self._run_batch)
         self._init_metrics()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -285,7 +290,7 @@ class ClassifierReplica:
     # ------------------------------------------------------------------ inference
 
     async def _run_batch(self, items: list[tuple[torch.Tensor, ServedModel, int, bool]]) -> list[Any]:
-        """``(input, version, top_k, explain)`` items collected by @serve.batch: one forward pass per
+        """``(input, version, top_k, explain)`` items collected by the batcher: one forward pass per
         version present (normally one), each item's top-k of it; the items to explain go through
         one Grad-CAM pass of their own and get ``(top_k rows, overlay PNG)``."""
         self.stats.record(len(items))
