@@ -46,7 +46,7 @@ def start_local_ray(cpus: int) -> None:
     from the workers, before it frees the workers of a trial a scheduler stopped;
     RAY_API_SERVER_ADDRESS points it at this instance rather than at whichever
     /tmp/ray/ray_current_cluster names."""
-    from bench.serve_throughput import free_port
+    from jobs.common import free_port
     from jobs.common import init_local_ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -19,7 +19,7 @@ from imgcls_core.predict import Predictor
 from imgcls_core.serving import RequestError, decode_upload
 
 torch.set_num_threads(int(os.environ.get("IMGCLS_NAIVE_THREADS", "1")))
-predictor = Predictor.from_file(os.environ["IMGCLS_NAIVE_MODEL"])
+predictor = Predictor.from_file(os.environ["IMGCLS_NAIVE_MODEL"], device=os.environ.get("IMGCLS_NAIVE_DEVICE", "cpu"))
 app = FastAPI(title="naive baseline")
 
 

@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    from bench.serve_throughput import MODEL, digit_pngs, free_port, make_model_file, wait_ready
+    from bench.serve_throughput import MODEL, digit_pngs, make_model_file, wait_ready
+    from jobs.common import free_port
     from imgcls_core.registry import CHAMPION, Registry, register_model_file
     from serve.app import build_app
 

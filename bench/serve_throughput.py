@@ -40,14 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import save
+from jobs.common import free_port
 
 MODEL = "bench-serve"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_model_file(path: Path, image_size: int = 32, width: float = 0.25, name: str = "resnet18") -> Path:
@@ -119,47 +114,11 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
                headers: dict | None = None) -> dict:
-    """``concurrency`` closed-loop clients for ``warmup_s + seconds``; the figures count the requests
-    that COMPLETED inside the measured window (a request started there but answered after it, as
-    happens when latency exceeds the window, is not counted: it would credit the window with work
-    done later). Clients still waiting when the window closes are cancelled."""
-    import aiohttp
+    """bench.loadgen's closed loop in this process (one PNG per request): only requests COMPLETED
+    inside the measured window count, and clients still waiting when it closes are cancelled."""
+    from bench.loadgen import run
 
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    started_at = time.perf_counter()
-    measure_from = started_at + warmup_s
-    stop_at = measure_from + seconds
-
-    async def client(k: int, session: aiohttp.ClientSession) -> None:
-        i = k
-        while (sent := time.perf_counter()) < stop_at:
-            data = images[i % len(images)]
-            i += concurrency
-            try:
-                async with session.post(url, data=data, headers={"Content-Type": "image/png", **(headers or {})}) as r:
-                    await r.read()
-                    status = r.status
-            except aiohttp.ClientError as exc:
-                status = type(exc).__name__
-            done = time.perf_counter()
-            if measure_from <= done <= stop_at:
-                if status == 200:
-                    latencies.append(done - sent)
-                else:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        tasks = [asyncio.create_task(client(k, session)) for k in range(concurrency)]
-        await asyncio.wait(tasks, timeout=stop_at - time.perf_counter() + 0.05)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    lat = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "images_per_s": len(latencies) / seconds,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "ok": len(latencies), "errors": errors}
+    return await run(url, images, concurrency, seconds, warmup_s, 1, headers or {})
 
 
 def wait_ready(url: str, timeout_s: float = 120) -> None:
@@ -265,7 +224,8 @@ def sweep(url: str, image_dir: Path, args, roots: list[int], label: str, per_req
 def run_naive(model_file: Path, image_dir: Path, args) -> list[dict]:
     print("(b) naive FastAPI server (uvicorn, one image per request)", flush=True)
     port = free_port()
-    env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1",
+           "IMGCLS_NAIVE_DEVICE": "cuda" if args.num_gpus > 0 else "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env)
     try:
@@ -278,11 +238,17 @@ def run_naive(model_file: Path, image_dir: Path, args) -> list[dict]:
 
 # --------------------------------------------------------------------------- the Serve app
 
+OFF = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
 MODES = {  # environment of the Ray instance (read where Ray and the Serve controller start)
-    "proxy": {},
-    "proxy_grpc": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "proxy": OFF,  # Serve's default: a Python proxy actor, requests to replicas as actor calls
+    # the throughput-optimized mode's individual flags on the default proxy path: user code and the
+    # router on the replica's main loop, buffered request logs, no logging to stderr
+    "proxy_flags": {**OFF, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"},
+    # the whole mode, clients still on the proxy (which then reaches replicas over gRPC)
+    "proxy_grpc": {**OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "direct": {**OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},  # clients on a replica's own port
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},  # imgcls's choice
     # HAProxy without its per-request metrics log lines (parsed in Python by the proxy actor)
     "haproxy_nometrics": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                           "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},

@@ -221,7 +221,8 @@ class DynamicBatcher:
     Under light load an image runs at once, alone; under heavy load the queue grows while the
     model is busy, so batches grow with the load and no request waits for a timer. (Ray Serve's
     ``@serve.batch`` instead seals a batch a fixed ``batch_wait_timeout_s`` after its first item,
-    whatever the model is doing.) ``run`` maps a list of items to a list of results, one each;
+    whatever the model is doing.) Items submitted in the same turn of the event loop (the images
+    of one request) join the same batch. ``run`` maps a list of items to a list of results, one each;
     an exception fails every item of that batch. Use from one event loop.
     """
 
@@ -232,18 +233,23 @@ class DynamicBatcher:
         self._run, self.max_batch_size = run, max_batch_size
         self._free = max_concurrent_batches
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
+        self._scheduled = False
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     async def submit(self, item: Any) -> Any:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._queue.append((item, future))
-        self._start()
+        if not self._scheduled:  # at the end of this loop turn: the images of one request go together
+            self._scheduled = True
+            loop.call_soon(self._start)
         return await future
 
     def _start(self) -> None:
+        self._scheduled = False
         while self._free and self._queue:
             batch = []
             while self._queue and len(batch) < self.max_batch_size:

@@ -36,12 +36,46 @@ def worker_niceness_default() -> None:
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
 
 
+#: The Serve ingress the endpoint runs behind (BENCHMARKS.md, serve_throughput): Ray Serve's
+#: throughput-optimized mode (each replica answers HTTP itself, user code on its main loop,
+#: buffered request logs) with HAProxy as the stable front on serve's HTTP port, balancing over
+#: the replicas' own ports and following replacements. Read where Ray and the Serve controller
+#: start: cluster/local/env.sh exports the same for `ray start`, the KubeRay RayService sets it
+#: on its pods, and :func:`serve_ingress_default` sets it before a ray.init that starts Ray.
+SERVE_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#: HAProxy's statistics page and Prometheus exporter listen on fixed ports (8404, 9101) on every
+#: interface (Ray's template); a Ray instance owned by one process (tests, benchmarks) moves them
+#: to free ports so that it can run beside the local cluster.
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def serve_ingress_default(own_ports: bool = False) -> None:
+    """The Serve ingress of :data:`SERVE_INGRESS_ENV` (unless this environment chose another): call
+    before this process starts a Ray instance. ``own_ports`` also gives HAProxy free ports."""
+    for key, value in SERVE_INGRESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if own_ports:
+        for key in HAPROXY_PORT_ENVS:
+            os.environ.setdefault(key, str(free_port()))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_local_ray(**kwargs) -> None:
     """``ray.init(address="local", **kwargs)``: a new Ray instance owned by this process (benchmarks,
-    the test session), its training workers at niceness 0."""
+    the test session), its training workers at niceness 0, Serve in the ingress of
+    :data:`SERVE_INGRESS_ENV`."""
     import ray
 
     worker_niceness_default()
+    serve_ingress_default(own_ports=True)
     ray.init(address="local", **kwargs)
 
 
@@ -159,7 +193,8 @@ def init_ray(address: str | None = None, log=print, **kwargs) -> None:
     if os.environ.get(API_SERVER_ENV) and "runtime_env" not in kwargs:
         kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}}
     address = ray_init_address(address, log)
-    worker_niceness_default()  # only read when ray.init starts a local instance
+    worker_niceness_default()  # these two are only read when ray.init starts a local instance
+    serve_ingress_default(own_ports=address in (None, "local"))
     # A Ray instance started here inherits this process's environment: its workers (the training
     # tracker, Serve replicas) keep MLflow's retries rather than the driver's fail-fast settings.
     driver_only = {key: os.environ.pop(key) for key, value in _fail_fast_set.items() if os.environ.get(key) == value}

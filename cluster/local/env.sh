@@ -24,3 +24,11 @@ export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHE
 # mid-step: 1.2-1.3x slower train passes on 2 cores (jobs/common.py, WORKER_NICENESS_ENV).
 # The raylet reads this when `ray start` starts it.
 export RAY_worker_niceness="${RAY_worker_niceness:-0}"
+# The Serve ingress (jobs/common.py, SERVE_INGRESS_ENV; measured in BENCHMARKS.md, serve_throughput):
+# throughput-optimized Serve (replicas answer HTTP themselves) behind HAProxy on $SERVE_PORT.
+# Read by the Serve controller and replicas, which inherit the environment of `ray start`.
+# HAProxy's statistics page and Prometheus exporter listen on these ports.
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+export RAY_SERVE_HAPROXY_STATS_PORT="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}"
+export RAY_SERVE_HAPROXY_METRICS_PORT="${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"

@@ -29,7 +29,7 @@ def test_every_benchmark_is_a_module_with_a_main():
 
 
 @pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput", "gpu_train",
-                                  "serve_gpu"])
+                                  "serve_heavy", "serve_options"])
 def test_figures_come_from_the_recorded_results(name):
     figures = summarize(BENCHES[name], [recorded(name)])["figures"]
     assert figures and all(f["median"] is not None for f in figures.values()), figures
@@ -110,7 +110,8 @@ def test_load_counts_only_requests_answered_inside_the_window(delay_s, completed
     the clients still waiting are cancelled when it closes instead of holding the sweep."""
     from aiohttp import web
 
-    from bench.serve_throughput import free_port, load
+    from bench.serve_throughput import load
+    from jobs.common import free_port
 
     async def main():
         runner = _slow_server(delay_s)
