@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -63,7 +64,11 @@ def _serve(r: dict) -> dict[str, float]:
     k = r["config"]["images_per_request"]
     out = {"in-process end to end (decode + preprocess + batched forward) img/s":
                r["in_process"]["end_to_end_images_per_s"],
-           "in-process end to end CPU-ms per image": r["in_process"]["end_to_end_cpu_ms_per_image"]}
+           "in-process end to end CPU-ms per image": r["in_process"]["end_to_end_cpu_ms_per_image"],
+           "preprocessing CPU-ms per image, normalised per image (as served)": r["in_process"].get(
+               "preprocess_cpu_ms_per_image"),
+           "preprocessing CPU-ms per image, uint8 batch normalised once (rejected)": r["in_process"].get(
+               "preprocess_uint8_batch_normalised_once_cpu_ms_per_image")}
     for mode, ratios in r["ratios"]["by_mode"].items():
         if "served_over_naive_at_saturation" in ratios:
             out[f"{mode}: served / naive, img/s at saturation (x)"] = ratios["served_over_naive_at_saturation"]
@@ -258,6 +263,7 @@ def run_one(bench: Bench, quick: bool, log=print) -> dict:
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"bench.{bench.name} exited {done.returncode} after {seconds:.0f} s without a result")
         result = json.loads(out.read_text())
+        shutil.copyfile(out, RESULTS / f"{bench.name}.json")  # the last run's raw result, beside harness.json
     result["seconds"] = seconds
     log(f"[bench.run] {bench.name}: done in {seconds:.0f} s")
     return result

@@ -278,10 +278,12 @@ class ServeConfig:
     # Bearer token: when this environment variable is set (on the replicas), /v1/* answers
     # 401 to requests without "Authorization: Bearer <token>". Health probes stay open.
     token_env: str = "IMGCLS_SERVE_TOKEN"
-    # "torch" runs the registered PyTorch weights; "onnx" runs the version's ONNX export
-    # (made by jobs.export) with ONNX Runtime; "tensorrt" the version's TensorRT engine
+    # "auto" runs the version's checked ONNX export (jobs.export) with ONNX Runtime when it has one
+    # and it answers a batch of max_batch_size faster than PyTorch on the replica (timed at load;
+    # /v1/model says which and why), else the PyTorch weights; "torch" the registered PyTorch
+    # weights; "onnx" the ONNX export; "tensorrt" the version's TensorRT engine
     # (jobs.export --formats tensorrt; needs a GPU per replica and the tensorrt extra).
-    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
+    backend: Literal["auto", "torch", "onnx", "tensorrt"] = "auto"
     # onnx backend: "int8" runs the version's int8 ONNX file (jobs.compress tags it servable when its
     # test top-1 is within 1 point of fp32) instead of its fp32 export
     precision: Literal["fp32", "int8"] = "fp32"

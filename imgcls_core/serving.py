@@ -34,7 +34,7 @@ TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine 
 INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file, when it passed the gate
 INT8_GATE_POINTS = 1.0  # int8 test top-1 at most this many points below fp32 to be servable
 PRECISIONS = ("fp32", "int8")
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
 class RequestError(Exception):
@@ -81,6 +81,10 @@ class ServedModel:
     tags: dict[str, str] = field(default_factory=dict)
     backend: str = "torch"
     precision: str = "fp32"
+    # serve.backend=auto: the PyTorch weights kept for Grad-CAM when ONNX Runtime answers, and why
+    # this backend was chosen (both timed on one batch at load)
+    explainer: Predictor | None = None
+    choice: dict[str, Any] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -96,7 +100,7 @@ class ServedModel:
             "classes": self.classes, "num_classes": len(pre.classes),
             "input_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
             "test_metrics": metrics, "device": str(self.predictor.device), "backend": self.backend,
-            "precision": self.precision,
+            "precision": self.precision, **({"backend_choice": self.choice} if self.choice else {}),
             "multi_label": pre.multi_label, **({"threshold": pre.threshold} if pre.multi_label else {}),
         }
 
@@ -124,18 +128,24 @@ class ServedModel:
 
     def can_explain(self) -> str | None:
         """Why this version cannot explain a prediction with Grad-CAM, or None when it can."""
-        if self.backend != "torch":
+        weights = self._weights()
+        if weights is None:
             return f"explanations need the PyTorch weights; this version is served with serve.backend={self.backend}"
-        if not getattr(self.predictor.model, "stage_names", None):
-            return f"{type(self.predictor.model).__name__} defines no stages to explain"
+        if not getattr(weights.model, "stage_names", None):
+            return f"{type(weights.model).__name__} defines no stages to explain"
         return None
+
+    def _weights(self) -> Predictor | None:
+        """The PyTorch predictor (for Grad-CAM): the one serving, or the one kept beside ONNX Runtime."""
+        return self.predictor if self.backend == "torch" else self.explainer
 
     def explain(self, batch: torch.Tensor, top_k: int) -> list[tuple[list[dict[str, Any]], bytes]]:
         """Top-k rows as :meth:`classify` gives them, each with a Grad-CAM overlay (PNG bytes) of the
         top class over the preprocessed input (see imgcls_core.explain); one forward pass gives both."""
         from imgcls_core.explain import gradcam_and_logits, overlay_png, unnormalize
 
-        heat, logits = gradcam_and_logits(self.predictor.model, batch.to(self.predictor.device))
+        weights = self._weights()
+        heat, logits = gradcam_and_logits(weights.model, batch.to(weights.device))
         rows = self.predictor.rank(self.predictor.to_probabilities(logits), top_k)
         shown = unnormalize(batch, self.predictor.pre.mean, self.predictor.pre.std)
         return [(row, overlay_png(image, h)) for row, image, h in zip(rows, shown, heat)]
@@ -147,14 +157,16 @@ class ServedModel:
 
 
 def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",
-                      version: str | None = None, device: str = "cpu", backend: str = "torch",
-                      threads: int = 0, precision: str = "fp32") -> ServedModel:
+                      version: str | None = None, device: str = "cpu", backend: str = "auto",
+                      threads: int = 0, precision: str = "fp32", batch_size: int = 32) -> ServedModel:
     """Download and load ``models:/name@alias`` (or version ``version``) from the registry.
 
     ``backend="onnx"`` runs the version's ONNX export (``jobs.export`` made and checked it)
     with ONNX Runtime instead of the PyTorch weights, ``backend="tensorrt"`` its TensorRT engine
-    (on the GPU); preprocessing comes from the export. ``precision="int8"`` (onnx only) runs the
-    version's int8 ONNX file, which jobs.compress tagged servable after its accuracy gate."""
+    (on the GPU); preprocessing comes from the export. ``backend="auto"`` runs the ONNX export when
+    the version has one and it answers a batch of ``batch_size`` faster than PyTorch here, else the
+    PyTorch weights (:func:`_fastest`). ``precision="int8"`` (onnx only) runs the version's int8
+    ONNX file, which jobs.compress tagged servable after its accuracy gate."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     if precision not in PRECISIONS or (precision == "int8" and backend != "onnx"):
@@ -162,6 +174,7 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
                          f"backend; choose from {list(PRECISIONS)}")
     registry = Registry(tracking_uri, name)
     mv = registry.resolve(alias, version)  # LookupError when there is none; MLflow's error when failing
+    explainer = choice = None
     with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # weights end up in memory
         if backend == "onnx":
             predictor = _onnx_predictor(registry, mv, tmp, resolve_device(device), threads, precision)
@@ -169,8 +182,43 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
             predictor = _tensorrt_predictor(registry, mv, tmp)
         else:
             predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
+            if backend == "auto":
+                backend, predictor, explainer, choice = _fastest(registry, mv, tmp, predictor, threads, batch_size)
     return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
-                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend, precision)
+                       mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend, precision,
+                       explainer, choice)
+
+
+def _fastest(registry: Registry, mv, tmp: str, weights: Predictor, threads: int,
+             batch_size: int) -> tuple[str, Predictor, Predictor | None, dict[str, Any]]:
+    """serve.backend=auto: ``(backend, predictor, PyTorch predictor kept for Grad-CAM, why)``.
+
+    A version with a checked ONNX export (``jobs.export`` tags it after its parity check) is timed
+    both ways on one blank batch of ``batch_size`` (best of 3 after a warm-up) on this replica's
+    device and threads; the faster answers. Without an export the PyTorch weights answer."""
+    import time
+
+    if not mv.tags.get(ONNX_URI_TAG):
+        return "torch", weights, None, {"chosen": "torch", "reason": "the version has no checked ONNX export "
+                                        f"(python -m jobs.export --model {registry.name} --version {mv.version})"}
+    onnx = _onnx_predictor(registry, mv, tmp, weights.device, threads)
+    size = weights.pre.image_size
+    batch = torch.zeros(batch_size, 3, size, size)
+
+    def best_ms(predictor: Predictor) -> float:
+        predictor.probabilities(batch)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            predictor.probabilities(batch)
+            times.append((time.perf_counter() - started) * 1000)
+        return min(times)
+
+    timed = {"torch": best_ms(weights), "onnx": best_ms(onnx)}
+    chosen = "onnx" if timed["onnx"] < timed["torch"] else "torch"
+    choice = {"chosen": chosen, "batch": batch_size, **{f"{k}_ms": round(v, 3) for k, v in timed.items()},
+              "reason": f"{chosen} answered a batch of {batch_size} faster"}
+    return (chosen, onnx, weights, choice) if chosen == "onnx" else (chosen, weights, None, choice)
 
 
 def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int,

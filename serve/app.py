@@ -186,7 +186,7 @@ class ClassifierReplica:
         started = time.perf_counter()
         model = load_served_model(self.tracking_uri, self.name, alias=self.alias, version=self.version,
                                   device=self.cfg.device, backend=self.cfg.backend, threads=self.cfg.torch_threads,
-                                  precision=self.cfg.precision)
+                                  precision=self.cfg.precision, batch_size=self.cfg.max_batch_size)
         model.warm_up()
         logger.info("imgcls: loaded %s v%s (%s) in %.1f s", self.name, model.version,
                     f"@{self.alias}" if self.version is None else "pinned", time.perf_counter() - started)

@@ -625,6 +625,23 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
                          timeout=30).status_code == 400
     serve.delete("onnx")
 
+    # serve.backend's default, auto: the export and the weights timed on a batch at load, the faster answers
+    serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "version": "1",
+                         "max_replicas": 1, "poll_interval_s": 0, "max_batch_size": 16}),
+              name="auto", route_prefix="/auto")
+    url = f"{serve_url}/auto"
+    info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+    choice = info["backend_choice"]
+    print(f"backend auto: {choice}")
+    assert info["backend"] == choice["chosen"] == min(("torch", "onnx"), key=lambda k: choice[f"{k}_ms"])
+    assert choice["batch"] == 16
+    _, _, _, served_auto, _ = served_and_eager(url, registry, digits_root)
+    assert served_auto == offline
+    explained = post(url, files=[("file", ("a.png", files[0].read_bytes(), "image/png"))],
+                     params={"explain": "gradcam"})
+    assert explained.status_code == 200 and explained.json()["predictions"][0]["gradcam"]["png_base64"]
+    serve.delete("auto")
+
 
 def test_an_int8_file_within_a_point_of_fp32_is_servable_and_serves_the_same_answers(
         serve_url, registry, digits_root, tmp_path, capsys):

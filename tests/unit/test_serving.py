@@ -105,8 +105,41 @@ def test_onnx_backend_needs_an_export_and_says_how_to_make_one(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     version = register_model_file(uri, "animals", model_file, experiment="unit")
     Registry(uri, "animals").set_alias(CHAMPION, version.version)
-    assert load_served_model(uri, "animals").backend == "torch"
+    auto = load_served_model(uri, "animals")  # serve.backend's default, "auto"
+    assert auto.backend == "torch" and "no checked ONNX export" in auto.choice["reason"]
     with pytest.raises(LookupError, match=r"no ONNX export; make one with `python -m jobs.export --model animals"):
         load_served_model(uri, "animals", backend="onnx")
     with pytest.raises(ValueError, match="unknown serving backend 'tflite'"):
         load_served_model(uri, "animals", backend="tflite")
+
+
+def test_auto_backend_serves_the_faster_of_the_export_and_the_weights_and_still_explains(tmp_path):
+    """A version with a checked ONNX export: both are timed on a batch at load, the faster answers,
+    the answers match the weights', and Grad-CAM still has the PyTorch weights."""
+    from imgcls_core.engine.checkpoint import save_inference_model
+    from imgcls_core.export import export_model
+    from imgcls_core.registry import CHAMPION, Registry, register_model_file
+    from imgcls_core.serving import ONNX_URI_TAG, load_served_model
+
+    served = served_model()
+    model_file = save_inference_model(tmp_path / "model.pt", served.predictor.model.state_dict(),
+                                      {"name": "cnn3", "width": 0.25}, served.predictor.pre)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = register_model_file(uri, "animals", model_file, experiment="unit")
+    registry = Registry(uri, "animals")
+    registry.set_alias(CHAMPION, version.version)
+    batch = torch.stack([served.preprocess(decode_upload(png(20 + i, 12), max_pixels=10**6)) for i in range(4)])
+    export_model(model_file, batch, tmp_path / "export", formats=("onnx",), log=lambda _m: None)
+    registry.client.log_artifacts(version.run_id, str(tmp_path / "export"), artifact_path="exports")
+    registry.tag(version.version, {ONNX_URI_TAG: f"runs:/{version.run_id}/exports/model.onnx"})
+
+    auto = load_served_model(uri, "animals", batch_size=8)
+    choice = auto.choice
+    assert choice["batch"] == 8 and choice["torch_ms"] > 0 and choice["onnx_ms"] > 0
+    assert auto.backend == choice["chosen"] == min(("torch", "onnx"), key=lambda k: choice[f"{k}_ms"])
+    assert auto.info()["backend_choice"] == choice
+    eager = load_served_model(uri, "animals", backend="torch")
+    assert [r[0]["index"] for r in auto.classify(batch, 3)] == [r[0]["index"] for r in eager.classify(batch, 3)]
+    assert auto.can_explain() is None
+    (rows, overlay), *_ = auto.explain(batch[:2], 2)
+    assert overlay.startswith(b"\x89PNG") and rows[0]["index"] == eager.classify(batch[:1], 1)[0][0]["index"]
