@@ -21,7 +21,9 @@ image: the CPU time (from /proc) of every process of the server over the measure
 Serve controller, proxy or HAProxy, replicas), divided by the images answered. Clients send
 one PNG per request, then ``--images-per-request`` PNGs per request as multipart files.
 ``--width 1 --image-size 64`` repeats it with a model whose forward pass dominates.
-``--serve-set key=value`` sets ``serve`` config keys of the app (e.g. ``batcher=timeout``).
+``--serve-set key=value`` sets ``serve`` config keys of the app (e.g. ``batcher=timeout``);
+``--export`` gives the served version its checked ONNX export first, as ``jobs.export`` does,
+so that ``serve.backend: auto`` (the default) can choose ONNX Runtime when it measures faster.
 """
 
 from __future__ import annotations
@@ -309,7 +311,7 @@ def served_child(args) -> None:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = register_model_file(uri, MODEL, Path(args.model_file), experiment="bench")
     Registry(uri, MODEL).set_alias(CHAMPION, str(version.version))
-    if "backend=onnx" in args.serve_set:  # the version's checked ONNX export, as jobs.export makes it
+    if args.export or "backend=onnx" in args.serve_set:  # the version's checked ONNX export, as jobs.export makes it
         from imgcls_core.config import load_config
         from imgcls_core.export import DEFAULT_OPSET, DEFAULT_TOLERANCE
         from jobs.export import export_job
@@ -354,6 +356,7 @@ def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]
            "--images-dir", str(image_dir), "--out", str(out), "--seconds", str(args.seconds),
            "--concurrency", *map(str, args.concurrency), "--images-per-request", str(args.images_per_request),
            "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing),
+           *(["--export"] if args.export else []),
            "--num-gpus", str(args.num_gpus), "--label", spec, *[f"--serve-set={s}" for s in settings]]
     subprocess.run(cmd, env=env, check=True)
     rows = json.loads(out.read_text())
@@ -387,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a serve config key of the app, repeatable")
     parser.add_argument("--name", default="serve_throughput", help="results file name under bench/results")
     parser.add_argument("--skip-naive", action="store_true", help="measure the Serve app only")
+    parser.add_argument("--export", action="store_true",
+                        help="give the served version its checked ONNX export first (jobs.export), so that "
+                             "serve.backend=auto (the default) can choose ONNX Runtime")
     # internal: one mode's measurements, in a child process with that mode's environment
     for hidden in ("--served", "--model-file", "--images-dir", "--out", "--label"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)

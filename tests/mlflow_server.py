@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs.common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW_SERVER = REPO / "cluster" / "mlflow" / "server.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:

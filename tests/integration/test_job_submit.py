@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from jobs.common import HAPROXY_PORT_ENVS, SERVE_INGRESS_ENV, free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
@@ -53,6 +48,10 @@ def ray_head(tmp_path_factory):
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # Serve's ingress, as env.sh exports it for start.sh's head; HAProxy's two fixed ports moved off
+    # those of any other Ray instance of this session
+    env.update(SERVE_INGRESS_ENV)
+    env.update({key: str(free_port()) for key in HAPROXY_PORT_ENVS})
     # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     gcs, metrics = free_port(), free_port()
