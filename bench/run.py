@@ -218,12 +218,11 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           ("--seconds", "4", "--modes", "proxy", "haproxy"),
           ("--seconds", "2", "--concurrency", "1", "8", "--modes", "haproxy"), _serve, minutes=4),
     Bench("serve_heavy", "inference service",
-          "the same with a model whose forward pass dominates: ResNet-18 full width, 64 px, behind HAProxy; the "
-          "version has its checked ONNX export, served by the default backend (auto) and by PyTorch",
-          ("--width", "1", "--image-size", "64", "--seconds", "4", "--concurrency", "4", "16", "48", "--export",
-           "--modes", "haproxy", "haproxy:backend=torch", "--name", "serve_heavy"),
-          ("--width", "1", "--image-size", "64", "--seconds", "2", "--concurrency", "8", "--export",
-           "--modes", "haproxy", "--name", "serve_heavy"), _serve, minutes=4, module="serve_throughput"),
+          "the same with a model whose forward pass dominates: ResNet-18 full width, 64 px, behind HAProxy",
+          ("--width", "1", "--image-size", "64", "--seconds", "4", "--concurrency", "4", "16", "48",
+           "--modes", "haproxy", "--name", "serve_heavy"),
+          ("--width", "1", "--image-size", "64", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
+           "--name", "serve_heavy"), _serve, minutes=3, module="serve_throughput"),
     Bench("serve_options", "inference service",
           "the ingress and batching options evaluated: Serve's proxy (timeout-sealed and dynamic batches), the "
           "proxy with Serve's performance flags, the proxy over gRPC, direct ingress, HAProxy without metrics, HAProxy with timeout-sealed batches, ONNX Runtime",

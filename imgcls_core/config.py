@@ -255,9 +255,10 @@ class ServeConfig:
     batcher: Literal["dynamic", "timeout"] = "dynamic"
     batch_wait_timeout_s: float = 0.01  # how long a "timeout" batch waits to fill
     max_concurrent_batches: int = 1  # forward passes a replica runs at once
-    # Requests a replica accepts at once; raised to at least max_batch_size x
-    # max_concurrent_batches so that batches can fill.
-    max_ongoing_requests: int = 8
+    # Requests a replica accepts at once (raised to at least max_batch_size x max_concurrent_batches
+    # so that batches can fill); those beyond a forward pass wait in the batcher's queue, and the next
+    # batch takes them. Beyond this, max_queued_requests more wait at the replica, then 503.
+    max_ongoing_requests: int = 64
     max_queued_requests: int = 64  # per caller (proxy); beyond it: 503 + Retry-After (-1 = unbounded)
     retry_after_s: float = 1.0  # the Retry-After of a 503
     request_timeout_s: float = 30.0  # a request still unanswered after this gets a 504
