@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import save
-from jobs.common import free_port
+from jobs.common import SERVE_INGRESS_ENV, free_port
 
 MODEL = "bench-serve"
 
@@ -152,6 +152,9 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
 # --------------------------------------------------------------------------- CPU accounting
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
+
+
 def _stat(pid: int) -> tuple[int, float] | None:
     """(parent pid, user + system CPU seconds) of a live process, from /proc/<pid>/stat."""
     try:
@@ -159,8 +162,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is the state
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def tree_cpu_s(roots: list[int], exclude: set[int]) -> dict[int, float]:
@@ -181,7 +183,7 @@ def tree_cpu_s(roots: list[int], exclude: set[int]) -> dict[int, float]:
 
 
 def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int, seconds: float,
-                  server_roots: list[int], stats_url: str | None = None, headers: list[str] = ()) -> dict:
+                  server_roots: list[int], stats_url: str | None = None) -> dict:
     """One closed-loop point with bench.loadgen in its own process; adds server CPU-ms per image
     and (from the replica's /v1/stats) the mean batch formed over the window."""
     import json
@@ -191,8 +193,6 @@ def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int,
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--images", str(image_dir), "--concurrency",
            str(concurrency), "--seconds", str(seconds), "--images-per-request", str(per_request), "--out", str(out)]
-    for h in headers:
-        cmd += ["--header", h]
     gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     cpu: dict[str, dict[int, float]] = {}
     batches: dict[str, dict] = {}
@@ -262,10 +262,9 @@ MODES = {  # environment of the Ray instance (read where Ray and the Serve contr
     # the whole mode, clients still on the proxy (which then reaches replicas over gRPC)
     "proxy_grpc": {**OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "direct": {**OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},  # clients on a replica's own port
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},  # imgcls's choice
+    "haproxy": SERVE_INGRESS_ENV,  # imgcls's choice
     # HAProxy without its per-request metrics log lines (parsed in Python by the proxy actor)
-    "haproxy_nometrics": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                          "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+    "haproxy_nometrics": {**SERVE_INGRESS_ENV, "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
 }
 
 
