@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from jobs.common import free_port
+
 
 DASHBOARD: dict[str, str] = {}
 
@@ -24,15 +26,12 @@ def ray_session():
     The dashboard runs because Ray Train's placement-group cleaner (which frees the workers
     of trials Ray Tune stops) asks the state API it serves; RAY_API_SERVER_ADDRESS points
     the workers at this instance rather than at whatever /tmp/ray/ray_current_cluster names."""
-    import socket
 
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         from jobs.common import init_local_ray
 
         init_local_ray(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",

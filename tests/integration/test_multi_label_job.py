@@ -6,13 +6,12 @@ the same labels."""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import requests
 
 from imgcls_core.config import load_config
+from jobs.common import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -83,9 +82,7 @@ def served(trained):
 
     from serve.app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"tracking_uri": trained["uri"], "model_name": MODEL, "num_cpus": 0.25,
                          "max_replicas": 1, "poll_interval_s": 0}), name="multi", route_prefix="/")

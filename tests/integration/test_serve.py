@@ -24,6 +24,7 @@ import requests
 from PIL import Image
 
 from imgcls_core.config import load_config
+from jobs.common import free_port
 from tests.fuzz_corpus import build_corpus, run_isolated
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -60,15 +61,11 @@ def registry(digits_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_url(ray_session, registry):
-    import socket
-
     from ray import serve
 
     from serve.app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "poll_interval_s": 1.0}
     import os
@@ -211,14 +208,11 @@ def test_mlflow_models_serve_answers_a_real_png(registry, digits_root, tmp_path)
     import base64
     import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     digit = sorted((digits_root / "test" / "7").glob("*.png"))[0]
     log = open(tmp_path / "models_serve.log", "w")
     server = subprocess.Popen(
@@ -716,16 +710,13 @@ class Browser:
 
     def __init__(self, tmp):
         import shutil
-        import socket
         import subprocess
 
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         driver = shutil.which("chromedriver")
         if not (chromium and driver):
             pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.proc = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.base = f"http://127.0.0.1:{port}"
         for _ in range(100):

@@ -15,6 +15,7 @@ from imgcls_core.config import load_config
 from imgcls_core.engine import Engine, setup_runtime
 from imgcls_core.engine.loop import ddp_without_buffer_broadcast
 from imgcls_core.models import create_model
+from jobs.common import free_port
 
 
 def _rank(rank: int, port: int, out: str) -> None:
@@ -39,11 +40,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_end_each_pass_with_the_same_buffers(tmp_path):
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.start_processes(_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     running = [k for k in r0["model"] if k.endswith("running_mean")]
