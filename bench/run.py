@@ -65,6 +65,9 @@ def _serve(r: dict) -> dict[str, float]:
     out = {"in-process end to end (decode + preprocess + batched forward) img/s":
                r["in_process"]["end_to_end_images_per_s"],
            "in-process end to end CPU-ms per image": r["in_process"]["end_to_end_cpu_ms_per_image"],
+           # what batching alone can give on these cores: the bound on served / naive for a forward-bound model
+           "in-process batched / one image at a time, img/s (x)":
+               r["in_process"]["batched_forward_images_per_s"] / r["in_process"]["one_image_end_to_end_images_per_s"],
            "preprocessing CPU-ms per image, normalised per image (as served)": r["in_process"].get(
                "preprocess_cpu_ms_per_image"),
            "preprocessing CPU-ms per image, uint8 batch normalised once (rejected)": r["in_process"].get(
@@ -79,6 +82,8 @@ def _serve(r: dict) -> dict[str, float]:
         for row in rows:
             at = f"{mode} c={row['concurrency']} x{row['images_per_request']}"
             out[f"{at}: img/s"] = row["images_per_s"]
+            if not row["images_per_s"]:  # no request completed inside the window: no latency or cost to show
+                continue
             out[f"{at}: p50 ms"], out[f"{at}: p99 ms"] = row["p50_ms"], row["p99_ms"]
             out[f"{at}: server CPU-ms/img"] = row["server_cpu_ms_per_image"]
             if "mean_batch" in row:
@@ -178,6 +183,7 @@ def _tensorrt(r: dict) -> dict[str, float]:
 # runs its forward pass on the same GPU.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--num-gpus", "1", "--max-batch-size", "64",
              "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy", "--name", "serve_gpu")
+SERVE_HEAVY = ("--width", "1", "--image-size", "64", "--export", "--seconds", "4", "--concurrency", "4", "16", "48")
 # The options the ingress and batching were chosen from (BENCHMARKS.md keeps the rejected ones).
 SERVE_OPTIONS = ("--modes", "proxy:batcher=timeout", "proxy", "proxy_flags", "proxy_grpc", "direct", "haproxy_nometrics",
                  "haproxy:batcher=timeout", "haproxy:backend=onnx", "--name", "serve_options")
@@ -218,11 +224,17 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           ("--seconds", "4", "--modes", "proxy", "haproxy"),
           ("--seconds", "2", "--concurrency", "1", "8", "--modes", "haproxy"), _serve, minutes=4),
     Bench("serve_heavy", "inference service",
-          "the same with a model whose forward pass dominates: ResNet-18 full width, 64 px, behind HAProxy",
-          ("--width", "1", "--image-size", "64", "--seconds", "4", "--concurrency", "4", "16", "48",
-           "--modes", "haproxy", "--name", "serve_heavy"),
-          ("--width", "1", "--image-size", "64", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
-           "--name", "serve_heavy"), _serve, minutes=3, module="serve_throughput"),
+          "the same with a model whose forward pass dominates: ResNet-18 full width, 64 px, behind HAProxy, one "
+          "core's worth each (1 replica x 1 thread vs a 1-thread naive server); the version has its checked ONNX "
+          "export, so serve.backend auto may choose ONNX Runtime; and the replica held to PyTorch",
+          (*SERVE_HEAVY, "--modes", "haproxy", "haproxy:backend=torch", "--name", "serve_heavy"),
+          (*SERVE_HEAVY[:4], "--seconds", "2", "--concurrency", "8", "--modes", "haproxy", "--name", "serve_heavy"),
+          _serve, minutes=5, module="serve_throughput"),
+    Bench("serve_heavy_2cores", "inference service",
+          "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads",
+          (*SERVE_HEAVY, "--replicas", "2", "--modes", "haproxy", "--name", "serve_heavy_2cores"),
+          (*SERVE_HEAVY[:4], "--replicas", "2", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
+           "--name", "serve_heavy_2cores"), _serve, minutes=3, module="serve_throughput"),
     Bench("serve_options", "inference service",
           "the ingress and batching options evaluated: Serve's proxy (timeout-sealed and dynamic batches), the "
           "proxy with Serve's performance flags, the proxy over gRPC, direct ingress, HAProxy without metrics, HAProxy with timeout-sealed batches, ONNX Runtime",
@@ -252,8 +264,9 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
 ]}
 
 
-def run_one(bench: Bench, quick: bool, log=print) -> dict:
-    """One run of one benchmark in a fresh process; its result dict (with a 'seconds' key)."""
+def run_one(bench: Bench, quick: bool, log=print, keep: Path | None = None) -> dict:
+    """One run of one benchmark in a fresh process; its result dict (with a 'seconds' key).
+    ``keep``: a folder to copy the raw result to, as <name>.json."""
     with tempfile.TemporaryDirectory(prefix=f"imgcls-bench-{bench.name}-") as tmp:
         out = Path(tmp) / "result.json"
         env = {**os.environ, "IMGCLS_BENCH_OUT": str(out)}
@@ -263,7 +276,8 @@ def run_one(bench: Bench, quick: bool, log=print) -> dict:
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"bench.{bench.name} exited {done.returncode} after {seconds:.0f} s without a result")
         result = json.loads(out.read_text())
-        shutil.copyfile(out, RESULTS / f"{bench.name}.json")  # the last run's raw result, beside harness.json
+        if keep is not None:
+            shutil.copyfile(out, keep / f"{bench.name}.json")
     result["seconds"] = seconds
     log(f"[bench.run] {bench.name}: done in {seconds:.0f} s")
     return result
@@ -383,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[bench.run] {bench.name}: {args.repeats} run(s), about {bench.minutes * args.repeats:.0f} min here")
         try:
-            runs = [run_one(bench, args.quick) for _ in range(args.repeats)]
+            # the last run's raw result stays beside harness.json
+            runs = [run_one(bench, args.quick, keep=RESULTS) for _ in range(args.repeats)]
         except RuntimeError as exc:
             print(f"[bench.run] {exc}")
             failed.append(bench.name)

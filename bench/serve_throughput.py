@@ -3,12 +3,14 @@
     python -m bench.serve_throughput [--seconds 8] [--concurrency 1 4 16 48] [--modes proxy direct haproxy]
 
 One run on this machine, one model file (the digits default: ResNet-18 at width 0.25,
-32 x 32 input, random weights, which do not change the cost), one torch thread per model:
+32 x 32 input, random weights, which do not change the cost), one torch thread per model
+(``--threads``) and one replica (``--replicas``); the naive server and the in-process runs get
+as many threads as all the replicas together, so that both sides have the same cores:
 
 (a) in process, end to end: decode + preprocess + batched forward of ``--max-batch-size``
     PNGs in one process (the practical ceiling), and the batched forward alone;
 (b) bench/naive_server.py: uvicorn + FastAPI, one image per request, forward inline;
-(c) the Serve app (one replica, 1 CPU) in each ``--modes`` ingress, each in a fresh Ray
+(c) the Serve app (``--replicas``, 1 CPU each) in each ``--modes`` ingress, each in a fresh Ray
     instance: ``proxy`` (Serve's default HTTP proxy actor), ``proxy_grpc`` (the proxy with
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC to the replica, user code on its main loop,
     buffered request logs), ``direct`` (the same mode, clients on the replica's own HTTP
@@ -78,13 +80,14 @@ def digit_pngs(n: int = 64) -> list[bytes]:
     return out
 
 
-def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float, device: str = "cpu") -> dict:
+def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float, device: str = "cpu",
+               threads: int = 1) -> dict:
     import torch
 
     from imgcls_core.predict import Predictor
     from imgcls_core.serving import decode_upload
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     predictor = Predictor.from_file(model_file, device=device)
     batch = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in images[:batch_size]])
     while len(batch) < batch_size:
@@ -239,6 +242,7 @@ def run_naive(model_file: Path, image_dir: Path, args) -> list[dict]:
     print("(b) naive FastAPI server (uvicorn, one image per request)", flush=True)
     port = free_port()
     env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1",
+           "IMGCLS_NAIVE_THREADS": str(args.threads * args.replicas),
            "IMGCLS_NAIVE_DEVICE": "cuda" if args.num_gpus > 0 else "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env)
@@ -285,9 +289,10 @@ def find_direct_port(first: int, count: int = 100) -> int:
 
 
 def serve_settings(args, uri: str) -> dict:
-    settings = {"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": 1,
+    settings = {"tracking_uri": uri, "model_name": MODEL, "num_cpus": 1, "torch_threads": args.threads,
                 "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
-                "max_ongoing_requests": args.max_ongoing, "max_replicas": 1,
+                "max_ongoing_requests": args.max_ongoing, "min_replicas": args.replicas,
+                "max_replicas": args.replicas,
                 "max_queued_requests": -1, "poll_interval_s": 0, "memory_mb": 0}
     for item in args.serve_set:
         key, _, value = item.partition("=")
@@ -319,7 +324,7 @@ def served_child(args) -> None:
                    version=None, model_file=None, formats=("onnx",), opset=DEFAULT_OPSET, tolerance=DEFAULT_TOLERANCE,
                    check_images=32,
                    out=str(tmp / "export"))
-    init_local_ray(num_cpus=2, num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=True,
+    init_local_ray(num_cpus=max(2, args.replicas), num_gpus=1 if args.num_gpus > 0 else 0, include_dashboard=True,
                    dashboard_host="127.0.0.1", dashboard_port=free_port(), configure_logging=False,
                    runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = free_port()
@@ -331,7 +336,9 @@ def served_child(args) -> None:
             base = f"http://127.0.0.1:{find_direct_port(int(os.environ['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']))}"
         wait_ready(f"{base}/readyz")
         rows = sweep(f"{base}/v1/predict", Path(args.images_dir), args, [os.getpid()], args.label,
-                     [1, args.images_per_request], stats_url=f"{base}/v1/stats")
+                     [1, args.images_per_request],
+                     # one replica's batch histogram: with several, consecutive reads may reach different ones
+                     stats_url=f"{base}/v1/stats" if args.replicas == 1 else None)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -346,7 +353,7 @@ def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]
     if mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r} in {spec!r}; choose from {list(MODES)}")
     settings = [*args.serve_set, *filter(None, extra.split(","))]
-    print(f"(c) Serve app, {spec}, 1 replica", flush=True)
+    print(f"(c) Serve app, {spec}, {args.replicas} replica(s) x {args.threads} thread(s)", flush=True)
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     first = min(free_port(), 65000)  # replicas' direct-ingress ports: a range of its own
     env = {**os.environ, **MODES[mode], "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
@@ -355,6 +362,7 @@ def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]
            "--images-dir", str(image_dir), "--out", str(out), "--seconds", str(args.seconds),
            "--concurrency", *map(str, args.concurrency), "--images-per-request", str(args.images_per_request),
            "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing),
+           "--threads", str(args.threads), "--replicas", str(args.replicas),
            *(["--export"] if args.export else []),
            "--num-gpus", str(args.num_gpus), "--label", spec, *[f"--serve-set={s}" for s in settings]]
     subprocess.run(cmd, env=env, check=True)
@@ -378,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["proxy", "haproxy"], metavar="MODE[:KEY=VALUE,...]",
                         help=f"ingress modes ({', '.join(MODES)}), each optionally with serve keys of its own")
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) threads per replica")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="Serve replicas (1 CPU each); the naive server and the in-process runs get "
+                             "threads x replicas threads")
     parser.add_argument("--max-ongoing", type=int, default=128,
                         help="replica max_ongoing_requests: above the clients, so the proxy never queues")
     parser.add_argument("--model", default="resnet18", help="any imgcls_core model (resnet50 for the GPU figure)")
@@ -407,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     image_dir.mkdir()
     for i, data in enumerate(images):
         (image_dir / f"{i:03d}.png").write_bytes(data)
-    print("(a) in process, 1 thread", flush=True)
-    local = in_process(model_file, images, args.max_batch_size, args.seconds, device)
+    print(f"(a) in process, {args.threads * args.replicas} thread(s)", flush=True)
+    local = in_process(model_file, images, args.max_batch_size, args.seconds, device, args.threads * args.replicas)
     print(f"  end to end (decode + preprocess + batched forward) {local['end_to_end_images_per_s']:.0f} img/s, "
           f"{local['end_to_end_cpu_ms_per_image']:.2f} CPU-ms/img; batched forward alone "
           f"{local['batched_forward_images_per_s']:.0f} img/s; one image at a time "

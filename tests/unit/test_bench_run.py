@@ -29,7 +29,7 @@ def test_every_benchmark_is_a_module_with_a_main():
 
 
 @pytest.mark.parametrize("name", ["train_vs_local", "ingest", "quantize", "distill", "serve_throughput", "gpu_train",
-                                  "serve_heavy", "serve_options"])
+                                  "serve_heavy", "serve_heavy_2cores", "serve_options"])
 def test_figures_come_from_the_recorded_results(name):
     figures = summarize(BENCHES[name], [recorded(name)])["figures"]
     assert figures and all(f["median"] is not None for f in figures.values()), figures
@@ -55,7 +55,8 @@ def test_gpu_benchmark_runs_on_the_cpu_through_the_harness(tmp_path):
     tiny = replace(BENCHES["gpu_train"], args=("--device", "cpu", "--model", "resnet18", "--width", "0.25",
                                                "--image-size", "32", "--batch-size", "8", "--steps", "2",
                                                "--warmup", "1", "--repeats", "1"))
-    result = run_one(tiny, quick=False, log=lambda _m: None)
+    result = run_one(tiny, quick=False, log=lambda _m: None, keep=tmp_path)
+    assert json.loads((tmp_path / "gpu_train.json").read_text())["plain_images_per_s"] == result["plain_images_per_s"]
     assert result["gpu"] is None and result["nvidia_reference"] is None
     assert result["plain_images_per_s"] > 0 and result["ray_train_images_per_s"] > 0
     assert "device=cpu amp=off" in result["runtime"]
