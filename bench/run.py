@@ -65,7 +65,7 @@ def _serve(r: dict) -> dict[str, float]:
     out = {"in-process end to end (decode + preprocess + batched forward) img/s":
                r["in_process"]["end_to_end_images_per_s"],
            "in-process end to end CPU-ms per image": r["in_process"]["end_to_end_cpu_ms_per_image"],
-           # what batching alone can give on these cores: the bound on served / naive for a forward-bound model
+           # what batching alone gives the PyTorch forward pass on these cores (a CPU gains little from it)
            "in-process batched / one image at a time, img/s (x)":
                r["in_process"]["batched_forward_images_per_s"] / r["in_process"]["one_image_end_to_end_images_per_s"],
            "preprocessing CPU-ms per image, normalised per image (as served)": r["in_process"].get(
