@@ -183,7 +183,8 @@ def _tensorrt(r: dict) -> dict[str, float]:
 # runs its forward pass on the same GPU.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--num-gpus", "1", "--max-batch-size", "64",
              "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy", "--name", "serve_gpu")
-SERVE_HEAVY = ("--width", "1", "--image-size", "64", "--export", "--seconds", "4", "--concurrency", "4", "16", "48")
+SERVE_HEAVY_MODEL = ("--width", "1", "--image-size", "64")
+SERVE_HEAVY = (*SERVE_HEAVY_MODEL, "--export", "--seconds", "4", "--concurrency", "4", "16", "48")
 # The options the ingress and batching were chosen from (BENCHMARKS.md keeps the rejected ones).
 SERVE_OPTIONS = ("--modes", "proxy:batcher=timeout", "proxy", "proxy_flags", "proxy_grpc", "direct", "haproxy_nometrics",
                  "haproxy:batcher=timeout", "haproxy:backend=onnx", "--name", "serve_options")
@@ -228,12 +229,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           "core's worth each (1 replica x 1 thread vs a 1-thread naive server); the version has its checked ONNX "
           "export, so serve.backend auto may choose ONNX Runtime; and the replica held to PyTorch",
           (*SERVE_HEAVY, "--modes", "haproxy", "haproxy:backend=torch", "--name", "serve_heavy"),
-          (*SERVE_HEAVY[:4], "--seconds", "2", "--concurrency", "8", "--modes", "haproxy", "--name", "serve_heavy"),
+          (*SERVE_HEAVY_MODEL, "--seconds", "2", "--concurrency", "8", "--modes", "haproxy", "--name", "serve_heavy"),
           _serve, minutes=5, module="serve_throughput"),
     Bench("serve_heavy_2cores", "inference service",
           "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads",
           (*SERVE_HEAVY, "--replicas", "2", "--modes", "haproxy", "--name", "serve_heavy_2cores"),
-          (*SERVE_HEAVY[:4], "--replicas", "2", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
+          (*SERVE_HEAVY_MODEL, "--replicas", "2", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
            "--name", "serve_heavy_2cores"), _serve, minutes=3, module="serve_throughput"),
     Bench("serve_options", "inference service",
           "the ingress and batching options evaluated: Serve's proxy (timeout-sealed and dynamic batches), the "

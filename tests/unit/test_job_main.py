@@ -8,15 +8,7 @@ import time
 import pytest
 
 from imgcls_core.config import ConfigError
-from jobs.common import FAIL_FAST_MLFLOW, TRACEBACK_ENV, fail_fast_mlflow, run_main
-
-
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
+from jobs.common import FAIL_FAST_MLFLOW, TRACEBACK_ENV, fail_fast_mlflow, free_port, run_main
 
 
 def raises(exc: BaseException):
@@ -100,7 +92,7 @@ def test_a_ray_worker_error_is_reported_as_the_workers_own(capsys):
 def test_an_unreachable_tracking_server_is_one_line_naming_it_fast(capsys):
     from mlflow.tracking import MlflowClient
 
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     code = run_main(lambda: MlflowClient(uri).get_experiment_by_name("x"), what="promotion")
     took = time.monotonic() - started
@@ -115,7 +107,7 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_fast(capsys):
 def test_an_unreachable_server_behind_another_error_is_still_named(capsys):
     from mlflow.tracking import MlflowClient
 
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
     def body():
         try:
