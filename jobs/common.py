@@ -47,16 +47,23 @@ SERVE_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 #: interface (Ray's template); a Ray instance owned by one process (tests, benchmarks) moves them
 #: to free ports so that it can run beside the local cluster.
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+#: A direct-ingress replica that stops (``serve.delete``, ``serve.shutdown``, a redeploy, a scale
+#: down) stays open for this many seconds first, 30 by default, so that load balancers on other
+#: nodes can deregister it; each of those calls blocks that long. A one-node Ray instance owned
+#: by one process has its HAProxy beside the replicas and holds them open for 2 s.
+SERVE_DRAIN_ENV = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
 
 def serve_ingress_default(own_ports: bool = False) -> None:
     """The Serve ingress of :data:`SERVE_INGRESS_ENV` (unless this environment chose another): call
-    before this process starts a Ray instance. ``own_ports`` also gives HAProxy free ports."""
+    before this process starts a Ray instance. ``own_ports`` (a one-node instance of this process's
+    own) also gives HAProxy free ports and stopping replicas the short drain of :data:`SERVE_DRAIN_ENV`."""
     for key, value in SERVE_INGRESS_ENV.items():
         os.environ.setdefault(key, value)
     if own_ports:
         for key in HAPROXY_PORT_ENVS:
             os.environ.setdefault(key, str(free_port()))
+        os.environ.setdefault(*SERVE_DRAIN_ENV)
 
 
 def free_port() -> int:

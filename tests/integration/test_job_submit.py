@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common import HAPROXY_PORT_ENVS, SERVE_INGRESS_ENV, free_port
+from jobs.common import HAPROXY_PORT_ENVS, SERVE_DRAIN_ENV, SERVE_INGRESS_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -52,6 +52,7 @@ def ray_head(tmp_path_factory):
     # those of any other Ray instance of this session
     env.update(SERVE_INGRESS_ENV)
     env.update({key: str(free_port()) for key in HAPROXY_PORT_ENVS})
+    env.setdefault(*SERVE_DRAIN_ENV)  # `serve shutdown -y` waits the drain: 2 s, not 30
     # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     gcs, metrics = free_port(), free_port()

@@ -209,6 +209,28 @@ def test_init_ray_starts_local_instances_with_workers_at_niceness_zero(monkeypat
     assert seen["env"] == "5"
 
 
+def test_only_an_instance_of_this_process_drains_stopping_replicas_briefly(monkeypatch):
+    """A one-node instance started by ray.init holds stopping replicas open 2 s (serve.delete and
+    serve.shutdown wait that long), a cluster keeps Serve's 30 s for its load balancers, and a
+    user's own value stays."""
+    import ray
+
+    from jobs.common import SERVE_DRAIN_ENV, init_ray
+
+    key, short = SERVE_DRAIN_ENV
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get(key)))
+    for address, expected in (("127.0.0.1:6379", None), (None, short)):
+        monkeypatch.delenv(key, raising=False)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        init_ray(address, log=lambda _line: None)
+        assert seen.pop() == expected, address
+    monkeypatch.setenv(key, "7")
+    init_ray(None, log=lambda _line: None)
+    assert seen.pop() == "7"
+
+
 def test_local_cluster_env_sets_worker_niceness():
     env = (REPO / "cluster" / "local" / "env.sh").read_text()
     assert 'export RAY_worker_niceness="${RAY_worker_niceness:-0}"' in env
