@@ -49,9 +49,13 @@ SERVE_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 #: A direct-ingress replica that stops (``serve.delete``, ``serve.shutdown``, a redeploy, a scale
 #: down) stays open for this many seconds first, 30 by default, so that load balancers on other
-#: nodes can deregister it; each of those calls blocks that long. A one-node Ray instance owned
-#: by one process has its HAProxy beside the replicas and holds them open for 2 s.
+#: nodes can deregister it; each of those calls blocks that long. A one-node Ray instance (owned
+#: by one process, or the local cluster: cluster/local/env.sh) has its HAProxy beside the
+#: replicas and holds them open for 2 s.
 SERVE_DRAIN_ENV = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+#: `ray start --block` drains its node on SIGTERM, asking a GCS that a process-group SIGTERM stops
+#: too and waiting 30 s for it; a one-node cluster has nowhere to drain to (cluster/local/env.sh).
+NODE_DRAIN_ENV = ("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 
 
 def serve_ingress_default(own_ports: bool = False) -> None:

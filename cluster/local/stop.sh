@@ -15,7 +15,7 @@ stop_group() {  # stop_group NAME PIDFILE GRACE_SECONDS
     rm -f "$pidfile"
 }
 
-stop_group "Ray head" "$IMGCLS_STATE_DIR/ray.pid" 90     # the head drains its workers first
+stop_group "Ray head" "$IMGCLS_STATE_DIR/ray.pid" 90     # the head stops its workers first
 # ray.init() with no address joins the cluster this file names: once that head is gone, a later
 # local run would wait minutes for it instead of starting its own.
 current="${RAY_TMPDIR:-/tmp}/ray/ray_current_cluster"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common import HAPROXY_PORT_ENVS, SERVE_DRAIN_ENV, SERVE_INGRESS_ENV, free_port
+from jobs.common import HAPROXY_PORT_ENVS, NODE_DRAIN_ENV, SERVE_DRAIN_ENV, SERVE_INGRESS_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,6 +53,7 @@ def ray_head(tmp_path_factory):
     env.update(SERVE_INGRESS_ENV)
     env.update({key: str(free_port()) for key in HAPROXY_PORT_ENVS})
     env.setdefault(*SERVE_DRAIN_ENV)  # `serve shutdown -y` waits the drain: 2 s, not 30
+    env.setdefault(*NODE_DRAIN_ENV)  # and the head stops at once on SIGTERM
     # As cluster/local/start.sh does: `ray start` with token auth needs a token to exist already.
     subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     gcs, metrics = free_port(), free_port()
@@ -72,7 +73,7 @@ def ray_head(tmp_path_factory):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head tears down what it started
         try:
-            head.wait(timeout=90)  # the head drains for up to 30 s first
+            head.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()

@@ -404,8 +404,9 @@ def test_rayservice_serves_the_repos_builder_with_valid_args(manifests, image_wo
 
 def test_the_rayservice_pods_and_the_local_cluster_run_serve_in_the_chosen_ingress(manifests):
     """Serve's ingress is read where Ray starts: every RayService pod and cluster/local/env.sh
-    (sourced before `ray start`) set jobs.common.SERVE_INGRESS_ENV, as init_local_ray does."""
-    from jobs.common import SERVE_INGRESS_ENV
+    (sourced before `ray start`) set jobs.common.SERVE_INGRESS_ENV, as init_local_ray does; the
+    one-node local cluster also skips the drains meant for other nodes."""
+    from jobs.common import NODE_DRAIN_ENV, SERVE_DRAIN_ENV, SERVE_INGRESS_ENV
 
     (service,) = [obj for _, obj in ray_objects(manifests) if obj["kind"] == "RayService"]
     spec = cluster_spec(service)
@@ -415,10 +416,13 @@ def test_the_rayservice_pods_and_the_local_cluster_run_serve_in_the_chosen_ingre
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in SERVE_INGRESS_ENV} == SERVE_INGRESS_ENV, container["name"]
     script = "set -eu; . cluster/local/env.sh; env"
-    clean = {k: v for k, v in os.environ.items() if k not in SERVE_INGRESS_ENV}
+    clean = {k: v for k, v in os.environ.items() if k not in {*SERVE_INGRESS_ENV, SERVE_DRAIN_ENV[0], NODE_DRAIN_ENV[0]}}
     out = subprocess.run(["bash", "-c", script], cwd=REPO, env=clean, capture_output=True, text=True, check=True)
     exported = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     assert {k: exported.get(k) for k in SERVE_INGRESS_ENV} == SERVE_INGRESS_ENV
+    # one node: replicas and the head itself stop without waiting for other nodes
+    for key, value in (SERVE_DRAIN_ENV, NODE_DRAIN_ENV):
+        assert exported.get(key) == value, key
 
 
 # --------------------------------------------------------------------------- MLflow server
