@@ -180,9 +180,10 @@ def _tensorrt(r: dict) -> dict[str, float]:
 
 # --max-ongoing above the most clients (256), as serve_throughput's default is above its own: else
 # Serve queues requests outside the replica and the latencies measure that queue. The naive server
-# runs its forward pass on the same GPU.
+# runs its forward pass on the same GPU. The second mode serves the PyTorch weights in bf16.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--num-gpus", "1", "--max-batch-size", "64",
-             "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy", "--name", "serve_gpu")
+             "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy",
+             "haproxy:precision=bf16", "--name", "serve_gpu")
 SERVE_HEAVY_MODEL = ("--width", "1", "--image-size", "64")
 SERVE_HEAVY = (*SERVE_HEAVY_MODEL, "--export", "--seconds", "4", "--concurrency", "4", "16", "48")
 # The options the ingress and batching were chosen from (BENCHMARKS.md keeps the rejected ones).
@@ -232,10 +233,13 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           (*SERVE_HEAVY_MODEL, "--seconds", "2", "--concurrency", "8", "--modes", "haproxy", "--name", "serve_heavy"),
           _serve, minutes=5, module="serve_throughput"),
     Bench("serve_heavy_2cores", "inference service",
-          "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads",
-          (*SERVE_HEAVY, "--replicas", "2", "--modes", "haproxy", "--name", "serve_heavy_2cores"),
+          "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads; "
+          "serve.backend auto (fp32), and the PyTorch weights in bf16 (serve.precision=bf16, this CPU's "
+          "AVX512-BF16)",
+          (*SERVE_HEAVY, "--replicas", "2", "--modes", "haproxy", "haproxy:backend=torch,precision=bf16",
+           "--name", "serve_heavy_2cores"),
           (*SERVE_HEAVY_MODEL, "--replicas", "2", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
-           "--name", "serve_heavy_2cores"), _serve, minutes=3, module="serve_throughput"),
+           "--name", "serve_heavy_2cores"), _serve, minutes=5, module="serve_throughput"),
     Bench("serve_options", "inference service",
           "the ingress and batching options evaluated: Serve's proxy (timeout-sealed and dynamic batches), the "
           "proxy with Serve's performance flags, the proxy over gRPC, direct ingress, HAProxy without metrics, HAProxy with timeout-sealed batches, ONNX Runtime",

@@ -1,4 +1,4 @@
-"""Compression of a trained model: int8 post-training quantization and magnitude pruning.
+"""Compression of a trained model: int8 post-training quantization, bf16 and magnitude pruning.
 
 Quantization (``quantize``) turns the model's fp32 ONNX export into an int8 ONNX
 file and measures both side by side::
@@ -21,6 +21,12 @@ minutes-long ``torch.compile`` and leave no portable file) and ``torch.ao`` FX g
 although it runs, produces a model that only TorchScript can save. ``dynamic``
 is the fallback: int8 weights of the Linear/MatMul layers only, activations
 quantized on the fly, no calibration.
+
+bf16 (``reduced_precision``) keeps the PyTorch weights and runs each forward pass
+under bf16 autocast in channels_last (:class:`Bf16Module`); the report compares its
+test top-1 and images/s with fp32's. It pays only where the hardware has native bf16
+(:func:`bf16_unavailable`): on this project's AVX512-BF16 CPUs a ResNet-18 at
+64 px runs about twice as fast as in fp32.
 
 Pruning (``prune``) zeroes weights of a copy of the model, fine-tunes it for a
 few epochs with the masks held in place (the project's ``Engine`` and ``fit``),
@@ -61,8 +67,9 @@ from imgcls_core.predict import Predictor
 Log = Callable[[str], None]
 
 QUANT_METHODS = ("static", "dynamic")
+BF16_METHOD = "bf16"
 PRUNE_METHODS = ("prune-unstructured", "prune-structured")
-METHODS = QUANT_METHODS + PRUNE_METHODS
+METHODS = QUANT_METHODS + (BF16_METHOD,) + PRUNE_METHODS
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -312,6 +319,100 @@ def _timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
 
 
+# --------------------------------------------------------------------------- bf16
+
+
+def bf16_unavailable(device: torch.device) -> str | None:
+    """Why bf16 would not be faster than fp32 on ``device`` (it lacks native bf16), or None."""
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return ("this CPU has no native bf16 (AVX512-BF16 or AMX) for oneDNN, so bf16 would run slower than fp32; "
+            "serve fp32")
+
+
+class Bf16Module(nn.Module):
+    """``model`` run under bf16 autocast in channels_last; the logits come back as fp32.
+
+    The weights stay the fp32 ones, shared with ``model`` (which is put in channels_last in
+    place): autocast casts them per operation, so Grad-CAM can still run on ``model`` itself.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            logits = self.model(images.contiguous(memory_format=torch.channels_last))
+        return logits.float()
+
+
+@dataclass
+class Bf16Report:
+    """fp32 vs bf16 autocast of the same PyTorch weights, measured side by side in one call."""
+
+    fp32_acc1: float
+    bf16_acc1: float
+    fp32_images_per_s: float
+    bf16_images_per_s: float
+    test_images: int
+    batch_size: int
+    threads: int
+    repeats: int
+    native: str | None  # why the hardware has no native bf16, or None when it has
+
+    @property
+    def acc1_delta_points(self) -> float:
+        """bf16 minus fp32 test top-1, in percentage points."""
+        return 100.0 * (self.bf16_acc1 - self.fp32_acc1)
+
+    @property
+    def speedup(self) -> float:
+        return self.bf16_images_per_s / self.fp32_images_per_s
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"bf16 autocast (PyTorch, channels_last), batch {self.batch_size}, {self.threads} thread(s), "
+            f"median of {self.repeats}" + (f"\n  note: {self.native}" if self.native else ""),
+            f"  test top-1   fp32 {self.fp32_acc1:.4f}  bf16 {self.bf16_acc1:.4f}  "
+            f"delta {self.acc1_delta_points:+.2f} points (n={self.test_images})",
+            f"  images/s     fp32 {self.fp32_images_per_s:.0f}  bf16 {self.bf16_images_per_s:.0f}  "
+            f"speed-up x{self.speedup:.2f}",
+        ])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "acc1_delta_points": self.acc1_delta_points, "speedup": self.speedup}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow metrics and model-version tags (prefix added by the caller)."""
+        return {"fp32_acc1": self.fp32_acc1, "acc1": self.bf16_acc1, "acc1_delta": self.acc1_delta_points,
+                "fp32_images_per_s": self.fp32_images_per_s, "images_per_s": self.bf16_images_per_s,
+                "speedup": self.speedup}
+
+
+def reduced_precision(model: nn.Module, pre: Preprocessing, images: torch.Tensor, test: SplitRecords,
+                      out_dir: str | Path, *, batch_size: int = 64, threads: int | None = None,
+                      repeats: int = 10) -> tuple[dict[str, Path], Bf16Report]:
+    """Compare ``model`` in bf16 autocast with itself in fp32: test top-1 on ``test`` and images/s
+    on ``batch_size`` of ``images`` with ``threads`` intra-op threads (default: torch's current
+    count). Returns ``({"report": path}, Bf16Report)``."""
+    threads = threads or torch.get_num_threads()
+    fp32 = copy.deepcopy(model).eval()
+    bf16 = Bf16Module(copy.deepcopy(model).eval())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        speed = images_per_second({"fp32": fp32, "bf16": bf16}, _timing_batch(images, batch_size), repeats=repeats)
+        fp32_acc, bf16_acc = test_acc1(fp32, pre, test), test_acc1(bf16, pre, test)
+    finally:
+        torch.set_num_threads(previous)
+    report = Bf16Report(fp32_acc, bf16_acc, speed["fp32"], speed["bf16"], len(test), batch_size, threads, repeats,
+                        bf16_unavailable(images.device))
+    return {"report": _write_json(Path(out_dir) / f"{BF16_METHOD}_report.json", report.to_dict())}, report
+
+
 # --------------------------------------------------------------------------- pruning
 
 
@@ -503,8 +604,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> Path:
 
 
 __all__ = [
-    "CALIBRATION_METHODS", "METADATA_KEY", "METHODS", "PRUNE_METHODS", "QUANT_METHODS", "CompressionError",
-    "PruneReport", "QuantReport", "calibration_batch", "channel_sparsity", "finetune", "gzip_mb",
-    "images_per_second", "make_permanent", "prunable_weights", "prune", "prune_structured",
-    "prune_unstructured", "quantize", "quantize_onnx_dynamic", "quantize_onnx_static", "sparsity", "test_acc1",
+    "BF16_METHOD", "CALIBRATION_METHODS", "METADATA_KEY", "METHODS", "PRUNE_METHODS", "QUANT_METHODS", "Bf16Module",
+    "Bf16Report", "CompressionError", "PruneReport", "QuantReport", "bf16_unavailable", "calibration_batch",
+    "channel_sparsity", "finetune", "gzip_mb", "images_per_second", "make_permanent", "prunable_weights", "prune",
+    "prune_structured", "prune_unstructured", "quantize", "quantize_onnx_dynamic", "quantize_onnx_static",
+    "reduced_precision", "sparsity", "test_acc1",
 ]

@@ -285,9 +285,11 @@ class ServeConfig:
     # weights; "onnx" the ONNX export; "tensorrt" the version's TensorRT engine
     # (jobs.export --formats tensorrt; needs a GPU per replica and the tensorrt extra).
     backend: Literal["auto", "torch", "onnx", "tensorrt"] = "auto"
-    # onnx backend: "int8" runs the version's int8 ONNX file (jobs.compress tags it servable when its
-    # test top-1 is within 1 point of fp32) instead of its fp32 export
-    precision: Literal["fp32", "int8"] = "fp32"
+    # onnx backend: "int8" runs the version's int8 ONNX file instead of its fp32 export; torch (or
+    # auto) backend: "bf16" runs its weights under bf16 autocast, on hardware with native bf16
+    # (AVX512-BF16/AMX CPUs, Ampere+ GPUs). Each once jobs.compress (--method static|dynamic, or
+    # bf16) tagged the version servable: its test top-1 within 1 point of fp32.
+    precision: Literal["fp32", "int8", "bf16"] = "fp32"
 
 
 @dataclass
@@ -640,6 +642,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
     if cfg.serve.precision == "int8" and cfg.serve.backend != "onnx":
         raise ConfigError(f"serve.precision: int8 is served by serve.backend=onnx (it is {cfg.serve.backend})")
+    if cfg.serve.precision == "bf16" and cfg.serve.backend not in ("auto", "torch"):
+        raise ConfigError(f"serve.precision: bf16 is served by serve.backend=torch (it is {cfg.serve.backend})")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
                           f"({cfg.serve.max_replicas})")

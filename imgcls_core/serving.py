@@ -32,8 +32,10 @@ TEST_METRIC_PREFIX = "test/"  # jobs.promote tags each version with its test met
 ONNX_URI_TAG = "export.onnx.uri"  # jobs.export tags each version with where its checked ONNX export lies
 TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine folder (on a GPU)
 INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file, when it passed the gate
-INT8_GATE_POINTS = 1.0  # int8 test top-1 at most this many points below fp32 to be servable
-PRECISIONS = ("fp32", "int8")
+BF16_GATE_TAG = "export.bf16.acc1_delta"  # jobs.compress --method bf16: bf16's test top-1 passed the gate
+GATE_POINTS = 1.0  # int8 or bf16 test top-1 at most this many points below fp32 to be servable
+PRECISIONS = ("fp32", "int8", "bf16")
+PRECISION_BACKEND = {"int8": "onnx", "bf16": "torch"}  # the backend that serves each reduced precision
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
@@ -136,8 +138,11 @@ class ServedModel:
         return None
 
     def _weights(self) -> Predictor | None:
-        """The PyTorch predictor (for Grad-CAM): the one serving, or the one kept beside ONNX Runtime."""
-        return self.predictor if self.backend == "torch" else self.explainer
+        """The fp32 PyTorch predictor (for Grad-CAM): the one kept beside ONNX Runtime or bf16, or
+        the one serving."""
+        if self.explainer is not None:
+            return self.explainer
+        return self.predictor if self.backend == "torch" else None
 
     def explain(self, batch: torch.Tensor, top_k: int) -> list[tuple[list[dict[str, Any]], bytes]]:
         """Top-k rows as :meth:`classify` gives them, each with a Grad-CAM overlay (PNG bytes) of the
@@ -166,12 +171,18 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
     (on the GPU); preprocessing comes from the export. ``backend="auto"`` runs the ONNX export when
     the version has one and it answers a batch of ``batch_size`` faster than PyTorch here, else the
     PyTorch weights (:func:`_fastest`). ``precision="int8"`` (onnx only) runs the version's int8
-    ONNX file, which jobs.compress tagged servable after its accuracy gate."""
+    ONNX file, ``precision="bf16"`` (torch only) its PyTorch weights under bf16 autocast; each
+    only after jobs.compress tagged it servable (its test top-1 within :data:`GATE_POINTS` of fp32),
+    and bf16 only on hardware with native bf16."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
-    if precision not in PRECISIONS or (precision == "int8" and backend != "onnx"):
-        raise ValueError(f"serve.precision={precision} with serve.backend={backend}: int8 is served by the onnx "
-                         f"backend; choose from {list(PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown serve.precision {precision!r}; choose from {list(PRECISIONS)}")
+    if precision == "bf16" and backend == "auto":
+        backend = "torch"  # the one backend that serves bf16
+    if precision in PRECISION_BACKEND and backend != PRECISION_BACKEND[precision]:
+        raise ValueError(f"serve.precision={precision} with serve.backend={backend}: {precision} is served by the "
+                         f"{PRECISION_BACKEND[precision]} backend")
     registry = Registry(tracking_uri, name)
     mv = registry.resolve(alias, version)  # LookupError when there is none; MLflow's error when failing
     explainer = choice = None
@@ -182,7 +193,9 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
             predictor = _tensorrt_predictor(registry, mv, tmp)
         else:
             predictor = Predictor.from_file(registry.model_file(mv.version, tmp), resolve_device(device))
-            if backend == "auto":
+            if precision == "bf16":
+                predictor, explainer = _bf16_predictor(registry, mv, predictor), predictor
+            elif backend == "auto":
                 backend, predictor, explainer, choice = _fastest(registry, mv, tmp, predictor, threads, batch_size)
     return ServedModel(predictor, name, str(mv.version), alias if version is None else None,
                        mv.tags.get(SOURCE_RUN_TAG) or mv.run_id, dict(mv.tags), backend, precision,
@@ -228,7 +241,7 @@ def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, thre
     if precision == "int8":
         path = _download_tagged(registry, mv, INT8_URI_TAG, tmp, (
             f"no servable int8 file; make one with `python -m jobs.compress --model {registry.name} --version "
-            f"{mv.version} --method static` (it is servable when its test top-1 is within {INT8_GATE_POINTS:g} "
+            f"{mv.version} --method static` (it is servable when its test top-1 is within {GATE_POINTS:g} "
             f"point of fp32) or serve serve.precision=fp32"))
     else:
         path = _download_tagged(registry, mv, ONNX_URI_TAG, tmp, (
@@ -236,6 +249,19 @@ def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, thre
             f"or serve it with serve.backend=torch"))
     # The session reads the whole file now, so the temporary folder can go.
     return Predictor(OnnxModule(path, threads=threads, device=device.type), onnx_preprocessing(path), "cpu")
+
+
+def _bf16_predictor(registry: Registry, mv, weights: Predictor) -> Predictor:
+    """``weights`` under bf16 autocast (sharing their parameters), once the version passed the gate."""
+    from imgcls_core.compress import Bf16Module, bf16_unavailable
+
+    if BF16_GATE_TAG not in mv.tags:
+        raise LookupError(f"{registry.name} v{mv.version} has not passed the bf16 gate; check it with `python -m "
+                          f"jobs.compress --model {registry.name} --version {mv.version} --method bf16` (servable "
+                          f"when its test top-1 is within {GATE_POINTS:g} point of fp32) or serve serve.precision=fp32")
+    if (why := bf16_unavailable(weights.device)) is not None:
+        raise RuntimeError(f"serve.precision=bf16: {why}")
+    return Predictor(Bf16Module(weights.model), weights.pre, weights.device)
 
 
 def _tensorrt_predictor(registry: Registry, mv, tmp: str) -> Predictor:

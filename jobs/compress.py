@@ -1,7 +1,8 @@
-"""Compress a trained model: int8 quantization (ONNX Runtime) or pruning with fine-tuning.
+"""Compress a trained model: int8 quantization (ONNX Runtime), bf16, or pruning with fine-tuning.
 
     python -m jobs.compress --config configs/digits_ray.yaml --model digits --method static
     python -m jobs.compress --config configs/digits_ray.yaml --model digits --version 3 --method dynamic
+    python -m jobs.compress --config configs/digits_ray.yaml --model digits --method bf16
     python -m jobs.compress --config configs/digits.yaml --model-file runs/digits/model.pt \\
         --method prune-unstructured --amount 0.6 --finetune-epochs 3
 
@@ -14,15 +15,18 @@ and writes the files and ``<method>_report.json`` to ``--out`` (default
 ``<train.output_dir>/compress/<method>``):
 
     static, dynamic                       model.onnx (fp32), model.int8.onnx
+    bf16                                  the report only (bf16 runs the registered weights)
     prune-unstructured, prune-structured  model.pt (a normal imgcls model file)
 
 For a registry model the files and figures are also logged to the version's
 MLflow run (artifacts under ``compress/<method>/``, metrics ``compress/<kind>/*``)
 and the version is tagged ``compress.<kind>.<figure>`` (kind: ``int8``,
-``int8_dynamic``, ``prune_unstructured``, ``prune_structured``), e.g.
+``int8_dynamic``, ``bf16``, ``prune_unstructured``, ``prune_structured``), e.g.
 ``compress.int8.acc1_delta``. An int8 file whose test top-1 is within 1 point of
 fp32 is also tagged servable (``export.int8.uri``): ``serve.backend=onnx`` with
-``serve.precision=int8`` serves it. The job needs no Ray: it runs the same as a plain
+``serve.precision=int8`` serves it. Likewise bf16 within 1 point is tagged servable
+(``export.bf16.acc1_delta``): ``serve.backend=torch`` with ``serve.precision=bf16``
+serves it, on hardware with native bf16. The job needs no Ray: it runs the same as a plain
 process and under ``ray job submit``.
 
 Exit status: 0 on success, 1 on failure, 2 on bad arguments.
@@ -39,8 +43,8 @@ from pathlib import Path
 from imgcls_core.config import Config
 from jobs.common import add_config_args, job_config, resolve_config_paths, resolve_path, run_main
 
-METHODS = ("static", "dynamic", "prune-unstructured", "prune-structured")
-TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "prune-unstructured": "prune_unstructured",
+METHODS = ("static", "dynamic", "bf16", "prune-unstructured", "prune-structured")
+TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "bf16": "bf16", "prune-unstructured": "prune_unstructured",
             "prune-structured": "prune_structured"}
 
 
@@ -81,6 +85,12 @@ def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
             model, pre, calibration, splits.test or splits.val, out, method=args.method,
             calibrate=args.calibrate, batch_size=args.batch_size, threads=args.threads or torch.get_num_threads(),
             repeats=args.repeats, log=log)
+    elif args.method == compress.BF16_METHOD:
+        model, pre = load_eager(model_file)
+        timing = compress.calibration_batch(splits.train, pre, args.batch_size, seed=cfg.data.seed)
+        files, report = compress.reduced_precision(model, pre, timing, splits.test or splits.val, out,
+                                                   batch_size=args.batch_size, threads=args.threads or None,
+                                                   repeats=args.repeats)
     else:
         files, report = compress.prune(model_file, cfg, splits, out, method=args.method, amount=args.amount,
                                        n=args.norm, finetune_epochs=args.finetune_epochs,
@@ -96,6 +106,8 @@ def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
             f"compress.{TAG_KIND[args.method]}.*")
         if args.method in compress.QUANT_METHODS:
             result["servable"] = tag_servable_int8(registry, version, args.method, report, log)
+        elif args.method == compress.BF16_METHOD:
+            result["servable"] = tag_servable_bf16(registry, version, report, log)
     files["report"].write_text(json.dumps(result, indent=1))
     return result
 
@@ -116,20 +128,43 @@ def record_in_registry(registry, version, method: str, figures: dict[str, float]
 
 def tag_servable_int8(registry, version, method: str, report, log=print) -> bool:
     """Tag the version's int8 ONNX file as servable (``export.int8.uri``: serve.backend=onnx with
-    serve.precision=int8 runs it) when its test top-1 is within INT8_GATE_POINTS of fp32; else say why
+    serve.precision=int8 runs it) when its test top-1 is within GATE_POINTS of fp32; else say why
     and leave any earlier servable int8 file of the version as it was."""
-    from imgcls_core.serving import INT8_GATE_POINTS, INT8_URI_TAG
+    from imgcls_core.serving import INT8_URI_TAG
 
-    delta = report.acc1_delta_points
-    if delta < -INT8_GATE_POINTS:
-        log(f"int8 is NOT servable: its test top-1 is {-delta:.2f} points below fp32 "
-            f"(the gate is {INT8_GATE_POINTS:g}); try --method static with more --calibration-images")
+    if not passes_gate("int8", report, log, "try --method static with more --calibration-images"):
         return False
     uri = f"runs:/{version.run_id}/compress/{method}/model.int8.onnx"
     registry.tag(version.version, {INT8_URI_TAG: uri, "export.int8.method": method,
-                                   "export.int8.acc1_delta": round(delta, 4)})
-    log(f"int8 is servable ({delta:+.2f} points of test top-1 against fp32, gate -{INT8_GATE_POINTS:g}): "
-        f"serve it with serve.backend=onnx serve.precision=int8")
+                                   "export.int8.acc1_delta": round(report.acc1_delta_points, 4)})
+    log("serve it with serve.backend=onnx serve.precision=int8")
+    return True
+
+
+def tag_servable_bf16(registry, version, report, log=print) -> bool:
+    """Tag the version servable in bf16 (``export.bf16.acc1_delta``: serve.backend=torch with
+    serve.precision=bf16 runs its weights under bf16 autocast) when its test top-1 is within
+    GATE_POINTS of fp32; else say why."""
+    from imgcls_core.serving import BF16_GATE_TAG
+
+    if not passes_gate("bf16", report, log, "serve it in fp32"):
+        return False
+    registry.tag(version.version, {BF16_GATE_TAG: round(report.acc1_delta_points, 4)})
+    log("serve it with serve.precision=bf16 (serve.backend torch or auto) on hardware with native bf16"
+        + (f"; here: {report.native}" if report.native else ""))
+    return True
+
+
+def passes_gate(precision: str, report, log, otherwise: str) -> bool:
+    """Whether ``report``'s test top-1 is within GATE_POINTS of fp32, said either way."""
+    from imgcls_core.serving import GATE_POINTS
+
+    delta = report.acc1_delta_points
+    if delta < -GATE_POINTS:
+        log(f"{precision} is NOT servable: its test top-1 is {-delta:.2f} points below fp32 "
+            f"(the gate is {GATE_POINTS:g}); {otherwise}")
+        return False
+    log(f"{precision} is servable ({delta:+.2f} points of test top-1 against fp32, gate -{GATE_POINTS:g})")
     return True
 
 
@@ -143,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--version", type=int, help="registry version number")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--out", help="output folder (default: <train.output_dir>/compress/<method>)")
-    quant = parser.add_argument_group("quantization")
+    quant = parser.add_argument_group("quantization and bf16")
     quant.add_argument("--calibration-images", type=int, default=256, help="training images for calibration")
     quant.add_argument("--calibrate", default="minmax", choices=("minmax", "entropy", "percentile"),
                        help="how activation ranges are set from the calibration images")

@@ -30,16 +30,23 @@ def registered(digits_root, tmp_path_factory):
     return {"uri": uri, "tmp": tmp, "version": str(version.version), "run_id": version.run_id}
 
 
-def test_compress_job_quantizes_the_champion_and_records_it_in_the_registry(registered, digits_root, capsys):
+def compress_champion(registered, digits_root, capsys, method: str, out, *extra: str) -> str:
+    """Run jobs.compress on the registered champion with 1 thread and 2 timed repeats; what it printed."""
     from jobs.compress import main
+
+    code = main(["--set", "data.format=digits", "--set", f"data.root={digits_root}",
+                 "--set", f"tracking.tracking_uri={registered['uri']}", "--model", MODEL, "--method", method,
+                 *extra, "--repeats", "2", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    return printed
+
+
+def test_compress_job_quantizes_the_champion_and_records_it_in_the_registry(registered, digits_root, capsys):
     from imgcls_core.registry import Registry
 
     out = registered["tmp"] / "out"
-    code = main(["--set", "data.format=digits", "--set", f"data.root={digits_root}",
-                 "--set", f"tracking.tracking_uri={registered['uri']}", "--model", MODEL, "--method", "static",
-                 "--calibration-images", "64", "--repeats", "2", "--threads", "1", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+    printed = compress_champion(registered, digits_root, capsys, "static", out, "--calibration-images", "64")
     assert "int8 static" in printed and "speed-up" in printed
 
     report = json.loads((out / "static_report.json").read_text())
@@ -54,6 +61,39 @@ def test_compress_job_quantizes_the_champion_and_records_it_in_the_registry(regi
     assert run.data.metrics["compress/int8/acc1"] == pytest.approx(report["int8_acc1"])
     logged = {a.path for a in registry.client.list_artifacts(registered["run_id"], "compress/static")}
     assert "compress/static/model.int8.onnx" in logged
+
+
+def test_bf16_job_gates_the_champion_and_it_serves_in_bf16_with_the_same_answers(registered, digits_root,
+                                                                                  capsys):
+    """--method bf16 measures bf16 against fp32 on the test split, tags the version servable, and
+    the served model in bf16 (on hardware with native bf16) answers the test digits like fp32."""
+    import torch
+
+    from imgcls_core.compress import bf16_unavailable
+    from imgcls_core.data import load_dataset
+    from imgcls_core.registry import Registry
+    from imgcls_core.serving import BF16_GATE_TAG, load_served_model
+
+    out = registered["tmp"] / "bf16"
+    printed = compress_champion(registered, digits_root, capsys, "bf16", out, "--batch-size", "32")
+    assert "bf16 autocast" in printed and "bf16 is servable" in printed
+    report = json.loads((out / "bf16_report.json").read_text())
+    assert abs(report["acc1_delta_points"]) <= 1.0
+    tags = Registry(registered["uri"], MODEL).client.get_model_version(MODEL, registered["version"]).tags
+    assert float(tags[BF16_GATE_TAG]) == pytest.approx(report["acc1_delta_points"], abs=1e-4)
+    assert float(tags["compress.bf16.acc1"]) == pytest.approx(report["bf16_acc1"])
+
+    if bf16_unavailable(torch.device("cpu")) is not None:
+        with pytest.raises(RuntimeError, match="no native bf16"):
+            load_served_model(registered["uri"], MODEL, precision="bf16")
+        return
+    bf16 = load_served_model(registered["uri"], MODEL, precision="bf16")
+    fp32 = load_served_model(registered["uri"], MODEL, backend="torch")
+    assert bf16.info()["precision"] == "bf16"
+    cfg = load_config(None, ["data.format=digits", f"data.root={digits_root}"])
+    test = load_dataset(cfg.data).test
+    assert bf16.predictor.evaluate(test).acc1 == pytest.approx(report["bf16_acc1"])
+    assert fp32.predictor.evaluate(test).acc1 == pytest.approx(report["fp32_acc1"])
 
 
 def test_compress_job_fails_cleanly_for_an_unknown_version(registered, digits_root, capsys):

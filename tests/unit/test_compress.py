@@ -92,6 +92,26 @@ def test_dynamic_fallback_runs_and_keeps_accuracy(trained, static_int8):
     assert files["int8_onnx"].is_file()
 
 
+def test_bf16_keeps_top1_within_a_point_and_shares_the_fp32_weights(trained):
+    files, report = compress.reduced_precision(trained["model"], trained["pre"], trained["calibration"],
+                                               trained["splits"].test, trained["out"] / "bf16", batch_size=32,
+                                               threads=1, repeats=2)
+    assert report.fp32_acc1 == pytest.approx(trained["acc1"], abs=1e-9)  # the same weights in fp32
+    assert abs(report.acc1_delta_points) <= 1.0, report.summary()
+    assert report.fp32_images_per_s > 0 and report.bf16_images_per_s > 0
+    assert json.loads(files["report"].read_text())["acc1_delta_points"] == pytest.approx(report.acc1_delta_points)
+    assert report.metrics()["acc1"] == report.bf16_acc1 and "bf16" in report.summary()
+
+    model = trained["model"]
+    wrapped = compress.Bf16Module(model)
+    assert wrapped.model is model and next(model.parameters()).dtype == torch.float32
+    with torch.inference_mode():
+        logits, reference = wrapped(trained["calibration"][:16]), model(trained["calibration"][:16])
+    assert logits.dtype == torch.float32  # callers get fp32 logits back
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean().item() >= 0.9
+    assert 0 < (logits - reference).abs().max().item() < 1.0  # computed in bf16, not fp32
+
+
 def test_unknown_method_and_bad_calibration_method_are_rejected(trained):
     with pytest.raises(ValueError, match="unknown quantization method"):
         compress.quantize(trained["model"], trained["pre"], trained["calibration"], trained["splits"].test,

@@ -51,6 +51,14 @@ def test_bad_values_fail_naming_the_key(override, message):
         load_config(None, [override])
 
 
+def test_each_reduced_precision_goes_with_the_backend_that_serves_it():
+    with pytest.raises(ConfigError, match="bf16 is served by serve.backend=torch"):
+        load_config(None, ["serve.backend=onnx", "serve.precision=bf16"])
+    with pytest.raises(ConfigError, match="int8 is served by serve.backend=onnx"):
+        load_config(None, ["serve.precision=int8"])
+    assert load_config(None, ["serve.precision=bf16"]).serve.backend == "auto"  # auto serves bf16 with torch
+
+
 def test_optional_fields_accept_null_and_values():
     assert load_config(None, ["model.small_input="]).model.small_input is None
     assert load_config(None, ["model.small_input=true"]).model.small_input is True

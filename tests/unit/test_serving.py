@@ -94,32 +94,11 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-def test_onnx_backend_needs_an_export_and_says_how_to_make_one(tmp_path):
+def registered_champion(tmp_path):
+    """``served_model()``'s weights registered as version 1 of "animals" in a sqlite registry, with
+    the champion alias: ``(served, model file, tracking URI, Registry, ModelVersion)``."""
     from imgcls_core.engine.checkpoint import save_inference_model
     from imgcls_core.registry import CHAMPION, Registry, register_model_file
-    from imgcls_core.serving import load_served_model
-
-    served = served_model()
-    model_file = save_inference_model(tmp_path / "model.pt", served.predictor.model.state_dict(),
-                                      {"name": "cnn3", "width": 0.25}, served.predictor.pre)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    version = register_model_file(uri, "animals", model_file, experiment="unit")
-    Registry(uri, "animals").set_alias(CHAMPION, version.version)
-    auto = load_served_model(uri, "animals")  # serve.backend's default, "auto"
-    assert auto.backend == "torch" and "no checked ONNX export" in auto.choice["reason"]
-    with pytest.raises(LookupError, match=r"no ONNX export; make one with `python -m jobs.export --model animals"):
-        load_served_model(uri, "animals", backend="onnx")
-    with pytest.raises(ValueError, match="unknown serving backend 'tflite'"):
-        load_served_model(uri, "animals", backend="tflite")
-
-
-def test_auto_backend_serves_the_faster_of_the_export_and_the_weights_and_still_explains(tmp_path):
-    """A version with a checked ONNX export: both are timed on a batch at load, the faster answers,
-    the answers match the weights', and Grad-CAM still has the PyTorch weights."""
-    from imgcls_core.engine.checkpoint import save_inference_model
-    from imgcls_core.export import export_model
-    from imgcls_core.registry import CHAMPION, Registry, register_model_file
-    from imgcls_core.serving import ONNX_URI_TAG, load_served_model
 
     served = served_model()
     model_file = save_inference_model(tmp_path / "model.pt", served.predictor.model.state_dict(),
@@ -128,6 +107,61 @@ def test_auto_backend_serves_the_faster_of_the_export_and_the_weights_and_still_
     version = register_model_file(uri, "animals", model_file, experiment="unit")
     registry = Registry(uri, "animals")
     registry.set_alias(CHAMPION, version.version)
+    return served, model_file, uri, registry, version
+
+
+def test_onnx_backend_needs_an_export_and_says_how_to_make_one(tmp_path):
+    from imgcls_core.serving import load_served_model
+
+    uri = registered_champion(tmp_path)[2]
+    auto = load_served_model(uri, "animals")  # serve.backend's default, "auto"
+    assert auto.backend == "torch" and "no checked ONNX export" in auto.choice["reason"]
+    with pytest.raises(LookupError, match=r"no ONNX export; make one with `python -m jobs.export --model animals"):
+        load_served_model(uri, "animals", backend="onnx")
+    with pytest.raises(ValueError, match="unknown serving backend 'tflite'"):
+        load_served_model(uri, "animals", backend="tflite")
+
+
+def test_reduced_precisions_need_their_backend_and_their_gate(tmp_path):
+    """int8 is the onnx backend's and bf16 the torch backend's (auto means torch for it); bf16
+    serves only a version jobs.compress tagged servable, and then keeps fp32 weights for Grad-CAM."""
+    from imgcls_core.compress import bf16_unavailable
+    from imgcls_core.serving import BF16_GATE_TAG, load_served_model
+
+    served, _, uri, registry, version = registered_champion(tmp_path)
+    for backend, precision in (("torch", "int8"), ("onnx", "bf16"), ("auto", "int8")):
+        with pytest.raises(ValueError, match=f"serve.precision={precision} with serve.backend={backend}"):
+            load_served_model(uri, "animals", backend=backend, precision=precision)
+    with pytest.raises(ValueError, match="unknown serve.precision 'fp8'"):
+        load_served_model(uri, "animals", precision="fp8")
+    with pytest.raises(LookupError, match=r"not passed the bf16 gate; check it with `python -m jobs.compress "
+                                          r"--model animals --version 1 --method bf16`"):
+        load_served_model(uri, "animals", precision="bf16")
+
+    registry.tag(version.version, {BF16_GATE_TAG: "-0.2"})
+    if bf16_unavailable(torch.device("cpu")) is not None:
+        with pytest.raises(RuntimeError, match="no native bf16"):
+            load_served_model(uri, "animals", precision="bf16")
+        return
+    bf16 = load_served_model(uri, "animals", precision="bf16")  # serve.backend's default, auto
+    fp32 = load_served_model(uri, "animals", backend="torch")
+    assert (bf16.backend, bf16.precision) == ("torch", "bf16") and bf16.info()["precision"] == "bf16"
+    batch = torch.stack([served.preprocess(decode_upload(png(20 + i, 12), max_pixels=10**6)) for i in range(4)])
+    probs = bf16.predictor.probabilities(batch)
+    assert probs.dtype == torch.float32
+    assert torch.allclose(probs, fp32.predictor.probabilities(batch), atol=0.05)
+    assert bf16.can_explain() is None
+    (_, overlay), *_ = bf16.explain(batch[:1], 2)
+    assert overlay.startswith(b"\x89PNG")
+
+
+def test_auto_backend_serves_the_faster_of_the_export_and_the_weights_and_still_explains(tmp_path):
+    """A version with a checked ONNX export: both are timed on a batch at load, the faster answers,
+    the answers match the weights', and Grad-CAM still has the PyTorch weights."""
+    from imgcls_core.export import export_model
+    from imgcls_core.serving import ONNX_URI_TAG, load_served_model
+
+    served, model_file, uri, registry, version = registered_champion(tmp_path)
     batch = torch.stack([served.preprocess(decode_upload(png(20 + i, 12), max_pixels=10**6)) for i in range(4)])
     export_model(model_file, batch, tmp_path / "export", formats=("onnx",), log=lambda _m: None)
     registry.client.log_artifacts(version.run_id, str(tmp_path / "export"), artifact_path="exports")
