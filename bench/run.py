@@ -228,10 +228,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
     Bench("serve_heavy", "inference service",
           "the same with a model whose forward pass dominates: ResNet-18 full width, 64 px, behind HAProxy, one "
           "core's worth each (1 replica x 1 thread vs a 1-thread naive server); the version has its checked ONNX "
-          "export, so serve.backend auto may choose ONNX Runtime; and the replica held to PyTorch",
-          (*SERVE_HEAVY, "--modes", "haproxy", "haproxy:backend=torch", "--name", "serve_heavy"),
+          "export, so serve.backend auto may choose ONNX Runtime; the replica held to PyTorch; and PyTorch in bf16 "
+          "(serve.precision=bf16, this CPU's AVX512-BF16)",
+          (*SERVE_HEAVY, "--modes", "haproxy", "haproxy:backend=torch", "haproxy:backend=torch,precision=bf16",
+           "--name", "serve_heavy"),
           (*SERVE_HEAVY_MODEL, "--seconds", "2", "--concurrency", "8", "--modes", "haproxy", "--name", "serve_heavy"),
-          _serve, minutes=5, module="serve_throughput"),
+          _serve, minutes=7, module="serve_throughput"),
     Bench("serve_heavy_2cores", "inference service",
           "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads; "
           "serve.backend auto (fp32), and the PyTorch weights in bf16 (serve.precision=bf16, this CPU's "
