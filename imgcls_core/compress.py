@@ -48,6 +48,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -296,14 +297,10 @@ def quantize(model: nn.Module, pre: Preprocessing, calibration: torch.Tensor, te
     log(f"quantized ({method}) to {int8_path} in {time.perf_counter() - start:.1f}s")
 
     fp32_rt, int8_rt = OnnxModule(fp32_onnx, threads=threads), OnnxModule(int8_path, threads=threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         speed = images_per_second({"fp32": fp32_rt, "int8": int8_rt, "eager": model},
                                   _timing_batch(calibration, batch_size), repeats=repeats)
         fp32_acc, int8_acc = test_acc1(fp32_rt, pre, test), test_acc1(int8_rt, pre, test)
-    finally:
-        torch.set_num_threads(previous)
     report = QuantReport(method, "onnxruntime", fp32_acc, int8_acc, speed["fp32"], speed["int8"], speed["eager"],
                          file_size_mb(fp32_onnx), file_size_mb(int8_path), len(test), len(calibration)
                          if method == "static" else 0, batch_size, threads, repeats,
@@ -311,6 +308,17 @@ def quantize(model: nn.Module, pre: Preprocessing, calibration: torch.Tensor, te
     files = {"fp32_onnx": Path(fp32_onnx), "int8_onnx": int8_path,
              "report": _write_json(out / f"{method}_report.json", report.to_dict())}
     return files, report
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -399,15 +407,11 @@ def reduced_precision(model: nn.Module, pre: Preprocessing, images: torch.Tensor
     on ``batch_size`` of ``images`` with ``threads`` intra-op threads (default: torch's current
     count). Returns ``({"report": path}, Bf16Report)``."""
     threads = threads or torch.get_num_threads()
-    fp32 = copy.deepcopy(model).eval()
-    bf16 = Bf16Module(copy.deepcopy(model).eval())
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    fp32 = model.eval()
+    bf16 = Bf16Module(copy.deepcopy(fp32))  # a copy: Bf16Module puts its model in channels_last
+    with intra_op_threads(threads):
         speed = images_per_second({"fp32": fp32, "bf16": bf16}, _timing_batch(images, batch_size), repeats=repeats)
         fp32_acc, bf16_acc = test_acc1(fp32, pre, test), test_acc1(bf16, pre, test)
-    finally:
-        torch.set_num_threads(previous)
     report = Bf16Report(fp32_acc, bf16_acc, speed["fp32"], speed["bf16"], len(test), batch_size, threads, repeats,
                         bf16_unavailable(images.device))
     return {"report": _write_json(Path(out_dir) / f"{BF16_METHOD}_report.json", report.to_dict())}, report

@@ -292,6 +292,10 @@ class ServeConfig:
     precision: Literal["fp32", "int8", "bf16"] = "fp32"
 
 
+#: serve.backend values that can serve each reduced serve.precision (auto serves bf16 with torch)
+PRECISION_BACKENDS = {"int8": ("onnx",), "bf16": ("auto", "torch")}
+
+
 @dataclass
 class DistillConfig:
     """Knowledge distillation (jobs.distill): the teacher whose soft labels the student learns from.
@@ -640,10 +644,10 @@ def validate(cfg: Config) -> None:
     _validate_multi_label(cfg)
     if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
-    if cfg.serve.precision == "int8" and cfg.serve.backend != "onnx":
-        raise ConfigError(f"serve.precision: int8 is served by serve.backend=onnx (it is {cfg.serve.backend})")
-    if cfg.serve.precision == "bf16" and cfg.serve.backend not in ("auto", "torch"):
-        raise ConfigError(f"serve.precision: bf16 is served by serve.backend=torch (it is {cfg.serve.backend})")
+    backends = PRECISION_BACKENDS.get(cfg.serve.precision, (cfg.serve.backend,))
+    if cfg.serve.backend not in backends:
+        raise ConfigError(f"serve.precision: {cfg.serve.precision} is served by serve.backend={backends[-1]} "
+                          f"(it is {cfg.serve.backend})")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
                           f"({cfg.serve.max_replicas})")

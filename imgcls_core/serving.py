@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from imgcls_core.config import PRECISION_BACKENDS
 from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
 from imgcls_core.predict import Predictor
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
@@ -35,7 +36,6 @@ INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file,
 BF16_GATE_TAG = "export.bf16.acc1_delta"  # jobs.compress --method bf16: bf16's test top-1 passed the gate
 GATE_POINTS = 1.0  # int8 or bf16 test top-1 at most this many points below fp32 to be servable
 PRECISIONS = ("fp32", "int8", "bf16")
-PRECISION_BACKEND = {"int8": "onnx", "bf16": "torch"}  # the backend that serves each reduced precision
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
@@ -178,11 +178,12 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown serve.precision {precision!r}; choose from {list(PRECISIONS)}")
-    if precision == "bf16" and backend == "auto":
-        backend = "torch"  # the one backend that serves bf16
-    if precision in PRECISION_BACKEND and backend != PRECISION_BACKEND[precision]:
+    backends = PRECISION_BACKENDS.get(precision, (backend,))
+    if backend not in backends:
         raise ValueError(f"serve.precision={precision} with serve.backend={backend}: {precision} is served by the "
-                         f"{PRECISION_BACKEND[precision]} backend")
+                         f"{backends[-1]} backend")
+    if precision == "bf16":
+        backend = "torch"  # what auto means for bf16
     registry = Registry(tracking_uri, name)
     mv = registry.resolve(alias, version)  # LookupError when there is none; MLflow's error when failing
     explainer = choice = None

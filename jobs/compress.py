@@ -65,8 +65,6 @@ def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
 
 def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
     """Load the model and data, compress, write the report; returns the report as a dict."""
-    import torch
-
     from imgcls_core import compress
     from imgcls_core.data import load_dataset
     from imgcls_core.export import load_eager
@@ -78,23 +76,20 @@ def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
     if splits.test is None:
         log(f"note: {cfg.data.root} has no test split; accuracy is measured on the validation split")
     start = time.perf_counter()
-    if args.method in compress.QUANT_METHODS:
-        model, pre = load_eager(model_file)
-        calibration = compress.calibration_batch(splits.train, pre, args.calibration_images, seed=cfg.data.seed)
-        files, report = compress.quantize(
-            model, pre, calibration, splits.test or splits.val, out, method=args.method,
-            calibrate=args.calibrate, batch_size=args.batch_size, threads=args.threads or torch.get_num_threads(),
-            repeats=args.repeats, log=log)
-    elif args.method == compress.BF16_METHOD:
-        model, pre = load_eager(model_file)
-        timing = compress.calibration_batch(splits.train, pre, args.batch_size, seed=cfg.data.seed)
-        files, report = compress.reduced_precision(model, pre, timing, splits.test or splits.val, out,
-                                                   batch_size=args.batch_size, threads=args.threads or None,
-                                                   repeats=args.repeats)
-    else:
+    if args.method in compress.PRUNE_METHODS:
         files, report = compress.prune(model_file, cfg, splits, out, method=args.method, amount=args.amount,
                                        n=args.norm, finetune_epochs=args.finetune_epochs,
                                        finetune_lr=args.finetune_lr, log=log)
+    else:  # int8 or bf16: the same weights measured against fp32 on training images, judged on test
+        model, pre = load_eager(model_file)
+        images = compress.calibration_batch(splits.train, pre, args.calibration_images, seed=cfg.data.seed)
+        measure = {"batch_size": args.batch_size, "threads": args.threads or None, "repeats": args.repeats}
+        test = splits.test or splits.val
+        if args.method == compress.BF16_METHOD:
+            files, report = compress.reduced_precision(model, pre, images, test, out, **measure)
+        else:
+            files, report = compress.quantize(model, pre, images, test, out, method=args.method,
+                                              calibrate=args.calibrate, log=log, **measure)
     log(report.summary())
     log(f"files in {out} ({time.perf_counter() - start:.0f}s)")
     result = {"method": args.method, "model_file": str(model_file), **report.to_dict(),
@@ -179,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--out", help="output folder (default: <train.output_dir>/compress/<method>)")
     quant = parser.add_argument_group("quantization and bf16")
-    quant.add_argument("--calibration-images", type=int, default=256, help="training images for calibration")
+    quant.add_argument("--calibration-images", type=int, default=256,
+                       help="training images for int8 calibration (and the timed batch)")
     quant.add_argument("--calibrate", default="minmax", choices=("minmax", "entropy", "percentile"),
                        help="how activation ranges are set from the calibration images")
     quant.add_argument("--batch-size", type=int, default=64, help="batch of the images/s measurement")
