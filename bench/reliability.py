@@ -34,6 +34,9 @@ from bench.common import save
 
 # --------------------------------------------------------------------------- load
 
+SHED = "503"  # the overload answer: 503 with Retry-After (the client is told when to come back)
+NO_RETRY_AFTER = "503 without Retry-After"  # a 503 that is not the overload answer: an error
+
 
 async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float, headers: dict,
                      timeout_s: float, stop=None) -> list[tuple[float, float, str]]:
@@ -53,6 +56,8 @@ async def _open_loop(url: str, images: list[bytes], rate: float, seconds: float,
                                         headers={"Content-Type": "image/png", **headers}) as r:
                     await r.read()
                     status = str(r.status)
+                    if r.status == 503 and "Retry-After" not in r.headers:
+                        status = NO_RETRY_AFTER
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 status = type(exc).__name__
             records.append((at, time.perf_counter() - sent, status))
@@ -161,7 +166,8 @@ def soak(url: str, app: str, images: list[bytes], *, seconds: float, fraction: f
         return "n/a" if v is None else f"{v:.0f}"
 
     log(f"soak: {result['sent']} requests, {result['answered']} answered ({result['achieved_rate']:.1f}/s), "
-        f"{sum(result['errors'].values())} errors, p99 {ms(result['p99_first_third_ms'])} -> "
+        f"{sum(result['errors'].values())} errors, {result['shed']} shed (503 + Retry-After), "
+        f"p99 {ms(result['p99_first_third_ms'])} -> "
         f"{ms(result['p99_last_third_ms'])} ms (drift x{result['p99_drift'] or float('nan'):.2f}), replica RSS growth "
         f"{result['max_rss_growth_mb'] if result['max_rss_growth_mb'] is not None else float('nan'):+.1f} MB")
     return result
@@ -172,6 +178,11 @@ def answered(status: str) -> bool:
     return status.isdigit() and 200 <= int(status) < 300
 
 
+def shed(status: str) -> bool:
+    """Load shedding by design: a 503 with Retry-After, which a client retries after the wait."""
+    return status == SHED
+
+
 def summarize_soak(records: list[tuple[float, float, str]], seconds: float, window_s: float,
                    memory: dict[int, list[float]] | None = None) -> dict:
     """The soak's figures from open_loop's ``(sent at s, latency s, status)`` records.
@@ -179,13 +190,17 @@ def summarize_soak(records: list[tuple[float, float, str]], seconds: float, wind
     ``achieved_rate`` is the rate of 2xx answers that arrived within the soak's ``seconds``
     (sent at + latency), so requests that failed, or that a falling-behind service answered
     only after the load stopped, do not count; ``sent / seconds`` is only the rate offered.
+    ``shed`` counts the overload answers (503 with Retry-After: an open-loop client bursts to
+    catch up after the shared cores stall, and the queue bound turns the excess away, as
+    designed); ``errors`` counts every other non-2xx answer or client failure by status.
     """
     memory = memory or {}
     ok = [(at, lat) for at, lat, s in records if answered(s)]
     errors: dict[str, int] = {}
     for _, _, status in records:
-        if not answered(status):
+        if not answered(status) and not shed(status):
             errors[status] = errors.get(status, 0) + 1
+    n_shed = sum(shed(s) for _, _, s in records)
     windows = []
     for k in range(max(1, int(seconds // window_s))):
         lat = [lat for at, lat in ok if k * window_s <= at < (k + 1) * window_s]
@@ -198,6 +213,7 @@ def summarize_soak(records: list[tuple[float, float, str]], seconds: float, wind
         "seconds": seconds, "sent": len(records), "answered": len(ok),
         "achieved_rate": sum(at + lat <= seconds for at, lat in ok) / seconds,
         "errors": errors, "error_fraction": sum(errors.values()) / max(1, len(records)),
+        "shed": n_shed, "shed_fraction": n_shed / max(1, len(records)),
         "p50_ms": float(np.percentile([r[1] * 1000 for r in records], 50)) if records else None,
         "p99_ms": p99_ms([lat for _, lat in ok]),
         "p99_first_third_ms": p99_ms(first), "p99_last_third_ms": p99_ms(last),

@@ -105,7 +105,10 @@ def _quantize(r: dict) -> dict[str, float]:
 
 def _reliability(r: dict) -> dict[str, float]:
     s, k = r["soak"], r["replica_kill"]
-    return {"soak: error fraction": s["error_fraction"], "soak: achieved / target rate (x)": s["achieved_rate"] / s["target_rate"],
+    out = {"soak: error fraction": s["error_fraction"]}
+    if "shed_fraction" in s:  # results from before sheds were counted apart from errors lack it
+        out["soak: shed fraction (503 + Retry-After)"] = s["shed_fraction"]
+    return {**out, "soak: achieved / target rate (x)": s["achieved_rate"] / s["target_rate"],
             "soak: p99 last third / first third (x)": s["p99_drift"],
             "soak: replica RSS growth (MB)": s["max_rss_growth_mb"],
             "replica kill: failed request fraction": k["failed_fraction"],

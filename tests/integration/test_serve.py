@@ -822,7 +822,9 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
     """Open-loop load at 70% of the app's measured capacity: no errors, p99 of the last third within
     3x the first third's or under half a second (a queue that builds up at 70% grows past that
     within seconds; a brief stall of the 2 shared cores gives a few hundred ms), replica memory
-    growth under 64 MB."""
+    growth under 64 MB. At most 0.1% shed: when the load generator stalls with the shared cores
+    it sends the missed requests in one burst, and the queue bound may answer a few of them 503
+    with Retry-After, as designed (one of 15,378 in one CI run); any other failure is an error."""
     from bench.reliability import soak
 
     images = [f.read_bytes() for f in sorted((digits_root / "test").glob("*/*.png"))[::5]]
@@ -830,8 +832,9 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
                   headers=AUTH)
     print("soak:", json.dumps({k: v for k, v in result.items() if k not in ("windows", "replica_rss_mb")}))
     assert result["errors"] == {}, result["errors"]
+    assert result["shed_fraction"] <= 0.001, result["shed"]
+    assert result["answered"] + result["shed"] == result["sent"] > 0, result
     # 2xx answers that arrived during the soak, per second: the load was served, not only sent.
-    assert result["answered"] == result["sent"] > 0, result
     assert result["achieved_rate"] >= 0.9 * result["target_rate"], result
     assert result["p99_drift"] is not None, result["windows"]
     assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500, result["windows"]

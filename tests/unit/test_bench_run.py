@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -132,3 +133,51 @@ def test_load_counts_only_requests_answered_inside_the_window(delay_s, completed
         assert row["ok"] > 4 and row["images_per_s"] == row["ok"] / 0.5 and row["p50_ms"] >= 20
     else:
         assert row["ok"] == 0 and row["images_per_s"] == 0 and row["p50_ms"] is None
+
+
+def test_soak_counts_503_with_retry_after_as_shed_and_every_other_failure_as_an_error():
+    """The open-loop client against a server that answers 200, the overload 503 (with Retry-After)
+    and a bare 503 in turn: only the first kind of 503 is load shedding."""
+    from aiohttp import web
+
+    from bench.reliability import NO_RETRY_AFTER, open_loop, summarize_soak
+    from jobs.common import free_port
+
+    answers = iter([200, 503, 503] * 100)
+
+    async def handler(request):
+        await request.read()
+        status = next(answers)
+        if status == 200:
+            return web.Response(text="ok")
+        shedding = request.app["shed_next"] = not request.app.get("shed_next", False)
+        return web.Response(status=503, headers={"Retry-After": "1"} if shedding else {})
+
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main():
+            app = web.Application()
+            app.router.add_post("/", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+            await runner.cleanup()
+        asyncio.run(main())
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    assert ready.wait(10)
+    try:
+        records = open_loop(f"http://127.0.0.1:{port}/", [b"x"], rate=30.0, seconds=1.0)
+    finally:
+        stop.set()
+        server.join(10)
+    s = summarize_soak(records, 1.0, 0.5)
+    assert s["sent"] == 30 and s["answered"] == 10, s
+    assert s["shed"] == 10 and s["shed_fraction"] == pytest.approx(1 / 3), s
+    assert s["errors"] == {NO_RETRY_AFTER: 10} and s["error_fraction"] == pytest.approx(1 / 3), s
