@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.served:
         return served_child(args)
+    if args.replicas * args.num_gpus > 1:  # the local instance declares one GPU
+        parser.error(f"--replicas {args.replicas} x --num-gpus {args.num_gpus} is more than the one GPU used")
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-serve-"))
     model_file = make_model_file(tmp / "model.pt", args.image_size, args.width, args.model)
