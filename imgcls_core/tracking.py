@@ -152,6 +152,11 @@ class Tracker:
     def active(self) -> bool:
         return self.run_id is not None
 
+    @property
+    def continued(self) -> bool:
+        """start() found the run in this store (by id or run key) rather than creating it."""
+        return self._continued
+
     def start(
         self, *, run_id: str | None = None, run_key: str | None = None, run_name: str | None = None,
         tags: dict[str, str] | None = None, parent_run_id: str | None = None,

@@ -15,7 +15,11 @@ scheduler, search settings as params; results table, plots and the best
 trial's config as artifacts) with one nested child run per trial. The best
 config is written to ``<train.output_dir>/best_config.yaml`` and is accepted
 unchanged by ``python -m jobs.train --config``. Re-running a sweep with the same
-name resumes it (Tuner.restore): finished trials are not run again.
+name resumes it (Tuner.restore): finished trials are not run again. A sweep whose
+runs are in another MLflow store than the one configured now (a new local server,
+another tracking URI) cannot be resumed into it: its finished trials would have no
+runs there to promote. It is then renamed ``<name>.other-store-<time>`` beside and
+started over.
 """
 
 from __future__ import annotations
@@ -250,6 +254,10 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
         path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()
+        if tune.Tuner.can_restore(path) and parent.active and not parent.continued:
+            moved = _set_aside(path, cfg)
+            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this one has no run for it); "
+                f"starting it over, the old one kept as {moved}")
         if tune.Tuner.can_restore(path):
             log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -305,6 +313,20 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         # Whatever ends the sweep early ends its MLflow run too, rather than leaving it RUNNING.
         parent.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _set_aside(path: str, cfg: Config) -> str:
+    """Rename a sweep's Tune folder (local storage) so that a new sweep can take its name."""
+    if is_uri(path) and not path.startswith("file://"):
+        raise RuntimeError(
+            f"the sweep in {path} was tracked in another MLflow store than "
+            f"{cfg.tracking.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default one'}, so its "
+            f"finished trials have no runs there; point tracking.tracking_uri at the store it used, or set "
+            f"tune.name to start a new sweep")
+    old = Path(path.removeprefix("file://"))
+    new = old.with_name(f"{old.name}.other-store-{time.strftime('%Y%m%d-%H%M%S')}")
+    old.rename(new)
+    return str(new)
 
 
 def _scheduler(cfg: Config, mutations: dict[str, Any]):

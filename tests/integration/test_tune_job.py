@@ -172,6 +172,37 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
     assert len(summaries) == 2
 
 
+def test_a_sweep_tracked_in_another_store_starts_over_and_its_best_trial_can_be_promoted(ray_session, digits_root,
+                                                                                          tmp_path, mlflow_uri):
+    """The same sweep again with a new MLflow store (as `make demo` with a new state folder): the
+    finished trials' runs are not in that store, so resuming would leave nothing to promote. The
+    old sweep is renamed aside, kept, and a new one runs with its runs in the new store."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from jobs.promote import candidate_run
+    from jobs.tune import run_sweep
+
+    space = tmp_path / "one_lr.yaml"
+    space.write_text("optim.lr: {grid: [0.05]}\n")
+    extra = (f"tune.space={space}", "tune.num_samples=1", "tune.scheduler=fifo", "train.epochs=1",
+             "tune.name=moved")
+    first = run_sweep(sweep_config(tmp_path, mlflow_uri, digits_root, *extra))
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    lines: list[str] = []
+    cfg = sweep_config(tmp_path, other, digits_root, *extra)
+    second = run_sweep(cfg, log=lines.append)
+
+    assert any("tracked in another MLflow store" in line for line in lines), lines
+    assert not any(line.startswith("resuming sweep") for line in lines), lines
+    kept = list((tmp_path / "results").glob("moved.other-store-*"))
+    assert len(kept) == 1 and tune.Tuner.can_restore(str(kept[0])), kept  # the old sweep, whole
+    assert second["trials"] == 1 and second["errors"] == 0 and second["best_trial"] != first["best_trial"], second
+    run_id, tags = candidate_run(cfg, None)
+    run = MlflowClient(other).get_run(run_id)  # the run promote registers is in the store configured now
+    assert run.data.tags["mlflow.parentRunId"] == second["parent_run_id"] == tags["imgcls.sweep_run_id"]
+
+
 def test_bad_search_space_fails_before_any_trial(tmp_path, capsys):
     from jobs.tune import main
 
