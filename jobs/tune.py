@@ -16,10 +16,11 @@ trial's config as artifacts) with one nested child run per trial. The best
 config is written to ``<train.output_dir>/best_config.yaml`` and is accepted
 unchanged by ``python -m jobs.train --config``. Re-running a sweep with the same
 name resumes it (Tuner.restore): finished trials are not run again. A sweep whose
-runs are in another MLflow store than the one configured now (a new local server,
-another tracking URI) cannot be resumed into it: its finished trials would have no
-runs there to promote. It is then renamed ``<name>.other-store-<time>`` beside and
-started over.
+runs are not in the MLflow store configured now (a new local server, another
+tracking URI) cannot be resumed into it: its finished trials would have no runs
+there to promote. It is then renamed ``<name>.other-store-<time>`` beside and
+started over. The Tune folder's ``imgcls_sweep_run.json`` names the parent run
+the sweep's trials report to, which tells.
 """
 
 from __future__ import annotations
@@ -254,10 +255,11 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
         path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()
-        if tune.Tuner.can_restore(path) and parent.active and not parent.continued:
+        if tune.Tuner.can_restore(path) and _tracked_elsewhere(path, parent):
             moved = _set_aside(path, cfg)
-            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this one has no run for it); "
+            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this one has not its runs); "
                 f"starting it over, the old one kept as {moved}")
+        _record_parent_run(path, parent)
         if tune.Tuner.can_restore(path):
             log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -315,9 +317,40 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         raise
 
 
+SWEEP_RUN_FILE = "imgcls_sweep_run.json"  # in the sweep's Tune folder: the parent run its trials report to
+
+
+def _sweep_run_file(path: str) -> Path | None:
+    """The sweep's parent-run record, on local storage (None on remote storage)."""
+    if is_uri(path) and not path.startswith("file://"):
+        return None
+    return Path(path.removeprefix("file://")) / SWEEP_RUN_FILE
+
+
+def _tracked_elsewhere(path: str, parent) -> bool:
+    """Whether the restorable sweep at ``path`` reported to runs the current store does not hold:
+    this store had no parent run for it, or the sweep's record names another (or none: the
+    sweep predates the record, and resuming it may leave trials without runs here)."""
+    if not parent.active:
+        return False  # tracking is off or down: nothing to compare with, resume as before
+    if not parent.continued:
+        return True
+    record = _sweep_run_file(path)
+    if record is None:
+        return False
+    return not record.exists() or json.loads(record.read_text()).get("parent_run_id") != parent.run_id
+
+
+def _record_parent_run(path: str, parent) -> None:
+    record = _sweep_run_file(path)
+    if record is not None and parent.active:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"parent_run_id": parent.run_id}))
+
+
 def _set_aside(path: str, cfg: Config) -> str:
     """Rename a sweep's Tune folder (local storage) so that a new sweep can take its name."""
-    if is_uri(path) and not path.startswith("file://"):
+    if _sweep_run_file(path) is None:
         raise RuntimeError(
             f"the sweep in {path} was tracked in another MLflow store than "
             f"{cfg.tracking.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default one'}, so its "

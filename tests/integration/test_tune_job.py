@@ -202,6 +202,13 @@ def test_a_sweep_tracked_in_another_store_starts_over_and_its_best_trial_can_be_
     run = MlflowClient(other).get_run(run_id)  # the run promote registers is in the store configured now
     assert run.data.tags["mlflow.parentRunId"] == second["parent_run_id"] == tags["imgcls.sweep_run_id"]
 
+    lines.clear()  # once more with the same store: resumed, nothing set aside or run again
+    third = run_sweep(cfg, log=lines.append)
+    assert any(line.startswith("resuming sweep moved") for line in lines), lines
+    assert len(list((tmp_path / "results").glob("moved.other-store-*"))) == 1
+    assert third["best_trial"] == second["best_trial"] and third["parent_run_id"] == second["parent_run_id"]
+    assert third["epochs_run"] == second["epochs_run"] == 1, third
+
 
 def test_bad_search_space_fails_before_any_trial(tmp_path, capsys):
     from jobs.tune import main
