@@ -187,7 +187,10 @@ def _tensorrt(r: dict) -> dict[str, float]:
 # Four replicas share the GPU (a quarter each): one replica's request handling and preprocessing
 # run on one core, and a GPU answers a batch of 64 ResNet-50 images faster than one core decodes
 # and prepares them (the 2026-11-29 H200 run: 1 replica, 107 img/s in batches of 2.2, while the
-# batched forward alone ran 4,400 img/s). The naive server gets as many threads (4).
+# batched forward alone ran 4,400 img/s). Measured on the 2-core CPU at 224 px (2026-12-05): a
+# one-image request costs the replica 1.8 ms of Serve's request path and 0.56 ms of preprocessing,
+# so about 420 img/s per core before any forward pass; x5 the naive server (one image at a time
+# ran 183 img/s end to end on the H200) needs 3 replicas or more. The naive server gets 4 threads.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--replicas", "4", "--num-gpus", "0.25",
              "--max-batch-size", "64", "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy",
              "haproxy:precision=bf16", "--name", "serve_gpu")

@@ -257,7 +257,7 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         started = time.perf_counter()
         if tune.Tuner.can_restore(path) and _tracked_elsewhere(path, parent):
             moved = _set_aside(path, cfg)
-            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this one has not its runs); "
+            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this store does not hold its runs); "
                 f"starting it over, the old one kept as {moved}")
         _record_parent_run(path, parent)
         if tune.Tuner.can_restore(path):
