@@ -19,8 +19,9 @@ name resumes it (Tuner.restore): finished trials are not run again. A sweep whos
 runs are not in the MLflow store configured now (a new local server, another
 tracking URI) cannot be resumed into it: its finished trials would have no runs
 there to promote. It is then renamed ``<name>.other-store-<time>`` beside and
-started over. The Tune folder's ``imgcls_sweep_run.json`` names the parent run
-the sweep's trials report to, which tells.
+started over. The Tune folder's ``imgcls_sweep_run.json`` records the parent run
+the trials report to; a sweep whose record names another run, or that has none,
+is set aside that way.
 """
 
 from __future__ import annotations
@@ -257,8 +258,8 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         started = time.perf_counter()
         if tune.Tuner.can_restore(path) and _tracked_elsewhere(path, parent):
             moved = _set_aside(path, cfg)
-            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this store does not hold its runs); "
-                f"starting it over, the old one kept as {moved}")
+            log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this store does not "
+                f"hold its runs); starting it over, the old one kept as {moved}")
         _record_parent_run(path, parent)
         if tune.Tuner.can_restore(path):
             log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
@@ -338,7 +339,10 @@ def _tracked_elsewhere(path: str, parent) -> bool:
     record = _sweep_run_file(path)
     if record is None:
         return False
-    return not record.exists() or json.loads(record.read_text()).get("parent_run_id") != parent.run_id
+    try:
+        return json.loads(record.read_text()).get("parent_run_id") != parent.run_id
+    except (OSError, ValueError, AttributeError):  # no record, or not one this module wrote
+        return True
 
 
 def _record_parent_run(path: str, parent) -> None:
