@@ -191,8 +191,9 @@ def _tensorrt(r: dict) -> dict[str, float]:
 # one-image request costs the replica 1.8 ms of Serve's request path and 0.56 ms of preprocessing,
 # so about 420 img/s per core before any forward pass; x5 the naive server (one image at a time
 # ran 183 img/s end to end on the H200) needs 3 replicas or more. The naive server gets 4 threads.
+# 4 s per point: 12 points of the 2 modes and 3 of the naive server fit the GPU script's 300 s step.
 SERVE_GPU = ("--model", "resnet50", "--width", "1", "--image-size", "224", "--replicas", "4", "--num-gpus", "0.25",
-             "--max-batch-size", "64", "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy",
+             "--seconds", "4", "--max-batch-size", "64", "--max-ongoing", "320", "--concurrency", "8", "64", "256", "--modes", "haproxy",
              "haproxy:precision=bf16", "--name", "serve_gpu")
 SERVE_HEAVY_MODEL = ("--width", "1", "--image-size", "64")
 SERVE_HEAVY = (*SERVE_HEAVY_MODEL, "--export", "--seconds", "4", "--concurrency", "4", "16", "48")
