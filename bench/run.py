@@ -249,10 +249,12 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
           "serve_heavy with both cores each: 2 replicas x 1 thread vs the naive server with 2 threads; "
           "serve.backend auto (fp32), and the PyTorch weights in bf16 (serve.precision=bf16, this CPU's "
           "AVX512-BF16)",
-          (*SERVE_HEAVY, "--replicas", "2", "--modes", "haproxy", "haproxy:backend=torch,precision=bf16",
-           "--name", "serve_heavy_2cores"),
+          # 8 s per point: at 48 clients a request takes about 1 s, so a point spans 8 rounds (with 4 s the
+          # served fp32 rate read 48.0 img/s in each of 3 runs; with 8 s too: the 2 cores at 41 CPU-ms/img)
+          (*SERVE_HEAVY, "--seconds", "8", "--replicas", "2", "--modes", "haproxy",
+           "haproxy:backend=torch,precision=bf16", "--name", "serve_heavy_2cores"),
           (*SERVE_HEAVY_MODEL, "--replicas", "2", "--seconds", "2", "--concurrency", "8", "--modes", "haproxy",
-           "--name", "serve_heavy_2cores"), _serve, minutes=5, module="serve_throughput"),
+           "--name", "serve_heavy_2cores"), _serve, minutes=8, module="serve_throughput"),
     Bench("serve_options", "inference service",
           "the ingress and batching options evaluated: Serve's proxy (timeout-sealed and dynamic batches), the "
           "proxy with Serve's performance flags, the proxy over gRPC, direct ingress, HAProxy without metrics, HAProxy with timeout-sealed batches, ONNX Runtime",
