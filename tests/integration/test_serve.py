@@ -440,17 +440,24 @@ def test_malformed_uploads_get_4xx_json_and_the_replica_stays_up(serve_url, digi
 
 
 def test_alias_swap_under_continuous_requests(serve_url, registry, digits_root):
+    """champion moved to v2 while 3 clients keep posting: no request fails, and every request
+    sent after the first v2 answer came back is answered by v2. (Answers of requests in flight
+    at the swap can arrive after it: a batch already running finishes on the version it started
+    with, and the client threads record answers in whatever order they get the GIL.)"""
     from imgcls_core.registry import CHAMPION, Registry
 
     digit = sorted((digits_root / "test").glob("7/*.png"))[0].read_bytes()
-    seen, failures, stop = [], [], threading.Event()
+    seen, failures, stop = [], [], threading.Event()  # seen: (sent at, answered at, version)
 
     def client():
         while not stop.is_set():
+            sent = time.monotonic()
             try:
                 r = post(serve_url, files=[("file", ("7.png", digit, "image/png"))], timeout=30)
-                (seen if r.status_code == 200 else failures).append(
-                    r.json()["model"]["version"] if r.status_code == 200 else (r.status_code, r.text))
+                if r.status_code == 200:
+                    seen.append((sent, time.monotonic(), r.json()["model"]["version"]))
+                else:
+                    failures.append((r.status_code, r.text))
             except requests.RequestException as exc:
                 failures.append(repr(exc))
 
@@ -464,7 +471,7 @@ def test_alias_swap_under_continuous_requests(serve_url, registry, digits_root):
         Registry(registry["uri"], MODEL).set_alias(CHAMPION, version)
         moved = time.monotonic()
         deadline = moved + 60
-        while time.monotonic() < deadline and (not seen or seen[-1] != "2"):
+        while time.monotonic() < deadline and not any(v == "2" for _, _, v in seen[-10:]):
             time.sleep(0.2)
         swapped_after = time.monotonic() - moved
         time.sleep(2)  # keep requesting after the swap too
@@ -475,9 +482,11 @@ def test_alias_swap_under_continuous_requests(serve_url, registry, digits_root):
     print(f"alias swap: {len(seen)} answered, {len(failures)} failed; v2 served "
           f"{swapped_after:.1f} s after the alias moved (poll interval 1 s)")
     assert not failures, failures[:5]
-    assert seen[0] == "1" and seen[-1] == "2", (seen[:3], seen[-3:])
-    swap = seen.index("2")
-    assert all(v == "2" for v in seen[swap:]), "a replica went back to the old version"
+    first_v2 = min((answered for _, answered, v in seen if v == "2"), default=None)
+    assert first_v2 is not None, "v2 never answered"
+    assert min(seen)[2] == "1", "the first request was not answered by v1"
+    after = [v for sent, _, v in seen if sent > first_v2]
+    assert len(after) >= 10 and all(v == "2" for v in after), "a replica went back to the old version"
     info = requests.get(f"{serve_url}/v1/model", headers=AUTH, timeout=10).json()
     assert info["version"] == "2" and info["following"]["swaps"] >= 1
 
