@@ -197,10 +197,12 @@ def summarize_soak(records: list[tuple[float, float, str]], seconds: float, wind
     memory = memory or {}
     ok = [(at, lat) for at, lat, s in records if answered(s)]
     errors: dict[str, int] = {}
+    n_shed = 0
     for _, _, status in records:
-        if not answered(status) and not shed(status):
+        if shed(status):
+            n_shed += 1
+        elif not answered(status):
             errors[status] = errors.get(status, 0) + 1
-    n_shed = sum(shed(s) for _, _, s in records)
     windows = []
     for k in range(max(1, int(seconds // window_s))):
         lat = [lat for at, lat in ok if k * window_s <= at < (k + 1) * window_s]

@@ -256,12 +256,13 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
         path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()
-        if tune.Tuner.can_restore(path) and _tracked_elsewhere(path, parent):
-            moved = _set_aside(path, cfg)
+        restorable = tune.Tuner.can_restore(path)
+        if restorable and _tracked_elsewhere(path, parent):
+            moved, restorable = _set_aside(path, cfg), False
             log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this store does not "
                 f"hold its runs); starting it over, the old one kept as {moved}")
         _record_parent_run(path, parent)
-        if tune.Tuner.can_restore(path):
+        if restorable:
             log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
@@ -354,13 +355,14 @@ def _record_parent_run(path: str, parent) -> None:
 
 def _set_aside(path: str, cfg: Config) -> str:
     """Rename a sweep's Tune folder (local storage) so that a new sweep can take its name."""
-    if _sweep_run_file(path) is None:
+    record = _sweep_run_file(path)
+    if record is None:
         raise RuntimeError(
             f"the sweep in {path} was tracked in another MLflow store than "
             f"{cfg.tracking.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default one'}, so its "
             f"finished trials have no runs there; point tracking.tracking_uri at the store it used, or set "
             f"tune.name to start a new sweep")
-    old = Path(path.removeprefix("file://"))
+    old = record.parent
     new = old.with_name(f"{old.name}.other-store-{time.strftime('%Y%m%d-%H%M%S')}")
     old.rename(new)
     return str(new)
