@@ -82,9 +82,10 @@ def _serve(r: dict) -> dict[str, float]:
         for row in rows:
             at = f"{mode} c={row['concurrency']} x{row['images_per_request']}"
             out[f"{at}: img/s"] = row["images_per_s"]
-            if not row["images_per_s"]:  # no request completed inside the window: no latency or cost to show
+            if row["p50_ms"] is not None:  # else no request was answered inside the window
+                out[f"{at}: p50 ms"], out[f"{at}: p99 ms"] = row["p50_ms"], row["p99_ms"]
+            if not row["images_per_s"]:  # no work done inside the window: no cost to show
                 continue
-            out[f"{at}: p50 ms"], out[f"{at}: p99 ms"] = row["p50_ms"], row["p99_ms"]
             out[f"{at}: server CPU-ms/img"] = row["server_cpu_ms_per_image"]
             if "mean_batch" in row:
                 out[f"{at}: mean batch"] = row["mean_batch"]

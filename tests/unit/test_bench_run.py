@@ -106,10 +106,8 @@ def _slow_server(delay_s: float):
     return web.AppRunner(app)
 
 
-@pytest.mark.parametrize("delay_s,completed", [(0.02, True), (1.5, False)])
-def test_load_counts_only_requests_answered_inside_the_window(delay_s, completed):
-    """Latency over the window: nothing was answered in it, so 0 img/s (not clients / seconds), and
-    the clients still waiting are cancelled when it closes instead of holding the sweep."""
+def _load_against(delay_s: float, **load_args) -> tuple[dict, float]:
+    """bench.serve_throughput.load (4 clients) against :func:`_slow_server`; (row, seconds taken)."""
     from aiohttp import web
 
     from bench.serve_throughput import load
@@ -122,17 +120,38 @@ def test_load_counts_only_requests_answered_inside_the_window(delay_s, completed
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             started = time.perf_counter()
-            row = await load(f"http://127.0.0.1:{port}/", [b"x"], concurrency=4, seconds=0.5, warmup_s=0.0)
+            row = await load(f"http://127.0.0.1:{port}/", [b"x"], concurrency=4, **load_args)
             return row, time.perf_counter() - started
         finally:
             await runner.cleanup()
 
-    row, took = asyncio.run(main())
-    assert took < 1.2
-    if completed:
-        assert row["ok"] > 4 and row["images_per_s"] == row["ok"] / 0.5 and row["p50_ms"] >= 20
-    else:
-        assert row["ok"] == 0 and row["images_per_s"] == 0 and row["p50_ms"] is None
+    return asyncio.run(main())
+
+
+def test_load_counts_the_window_s_share_of_rounds_that_straddle_its_edges():
+    """4 clients in step against 0.3 s answers: a 1 s window holds 3.3 rounds. Counting the requests
+    answered inside it would give 3 rounds (12 req/s, -9%); each request's share of the window gives
+    the true 4 / 0.3 s."""
+    row, took = _load_against(0.3, seconds=1.0, warmup_s=0.0)
+    latency_s = row["p50_ms"] / 1000
+    assert row["ok"] == 12 and row["unfinished"] == 0 and not row["errors"]
+    assert row["images_per_s"] == pytest.approx(4 / latency_s, rel=0.03)
+    assert took < 1.0 + 2 * latency_s  # waited for the round in flight when the window closed, no more
+
+
+def test_load_credits_requests_slower_than_the_window_with_their_share():
+    """Answers take 1.5 s and the window 0.5 s: none is answered inside it (no latency to report),
+    but a third of each request's time is, so the rate is 4 / 1.5 s, not 0 and not clients / seconds."""
+    row, took = _load_against(1.5, seconds=0.5, warmup_s=0.0)
+    assert row["ok"] == 0 and row["p50_ms"] is None and row["unfinished"] == 0
+    assert row["images_per_s"] == pytest.approx(4 / 1.5, rel=0.05)
+    assert 1.4 < took < 2.5
+
+
+def test_load_gives_up_on_requests_unanswered_after_the_drain_and_counts_nothing_for_them():
+    row, took = _load_against(1.5, seconds=0.5, warmup_s=0.0, drain_s=0.2)
+    assert row["unfinished"] == 4 and row["images_per_s"] == 0 and row["ok"] == 0
+    assert took < 1.2  # the clients still waiting were cancelled instead of holding the sweep
 
 
 def test_soak_counts_503_with_retry_after_as_shed_and_every_other_failure_as_an_error():
