@@ -15,7 +15,7 @@ until every request sent before then is answered (``--drain`` seconds at most; r
 unanswered then count nothing and are reported as ``unfinished``). Counting only the requests
 answered inside the window would quantize the rate by whole rounds: at saturation a batching
 server answers the clients in step, a round of ``concurrency`` requests at a time, and an 8 s
-window holding 7.6 rounds of a heavy model counted 7 or 8 of them (-8% or +5%).
+window holding about 7.7 rounds of a heavy model counted 7 or 8 of them (-9% or +4%).
 
 The result: requests and images answered per second, p50/p99 latency and errors by status (of the
 requests answered inside the window), and the load generator's own CPU time.
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+DRAIN_S = 30.0  # default seconds to wait, after the window, for the requests sent inside it
+
 
 async def run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float,
-              per_request: int, headers: dict[str, str], marks: bool = False, drain_s: float = 30.0) -> dict:
+              per_request: int, headers: dict[str, str], marks: bool = False, drain_s: float = DRAIN_S) -> dict:
     """The closed loop; ``marks`` prints the window's edges (for the process reading the CPU times)."""
     import aiohttp
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--drain", type=float, default=30.0,
+    parser.add_argument("--drain", type=float, default=DRAIN_S,
                         help="seconds to wait, after the window, for the requests sent inside it")
     parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     parser.add_argument("--out", type=Path, help="write the result JSON here (else to stdout)")

@@ -130,12 +130,13 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
-               headers: dict | None = None, drain_s: float = 30.0) -> dict:
-    """bench.loadgen's closed loop in this process (one PNG per request): the rate counts each
-    answered request's share of time inside the measured window (bench.loadgen says why)."""
+               headers: dict | None = None, **options) -> dict:
+    """bench.loadgen's closed loop in this process (one PNG per request; ``options`` such as
+    ``drain_s`` go to bench.loadgen.run): the rate counts each answered request's share of time
+    inside the measured window (bench.loadgen says why)."""
     from bench.loadgen import run
 
-    return await run(url, images, concurrency, seconds, warmup_s, 1, headers or {}, drain_s=drain_s)
+    return await run(url, images, concurrency, seconds, warmup_s, 1, headers or {}, **options)
 
 
 def wait_ready(url: str, timeout_s: float = 120) -> None:
