@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -121,9 +121,52 @@ def test_acc1(model: nn.Module, pre: Preprocessing, test: SplitRecords, batch_si
 # --------------------------------------------------------------------------- quantization
 
 
+class _VersusFp32:
+    """What the reduced-precision reports share: fp32's and the reduced precision's test top-1 and
+    images/s, from the fields ``fp32_acc1``/``<PRECISION>_acc1``, ``fp32_images_per_s``/
+    ``<PRECISION>_images_per_s`` and ``test_images`` of the dataclass that mixes it in."""
+
+    PRECISION: ClassVar[str]
+
+    @property
+    def acc1(self) -> float:
+        return getattr(self, f"{self.PRECISION}_acc1")
+
+    @property
+    def images_per_s(self) -> float:
+        return getattr(self, f"{self.PRECISION}_images_per_s")
+
+    @property
+    def acc1_delta_points(self) -> float:
+        """Reduced precision minus fp32 test top-1, in percentage points."""
+        return 100.0 * (self.acc1 - self.fp32_acc1)
+
+    @property
+    def speedup(self) -> float:
+        return self.images_per_s / self.fp32_images_per_s
+
+    def _figure_lines(self, speed_note: str = "") -> list[str]:
+        p = self.PRECISION
+        return [f"  test top-1   fp32 {self.fp32_acc1:.4f}  {p} {self.acc1:.4f}  "
+                f"delta {self.acc1_delta_points:+.2f} points (n={self.test_images})",
+                f"  images/s     fp32 {self.fp32_images_per_s:.0f}  {p} {self.images_per_s:.0f}  "
+                f"speed-up x{self.speedup:.2f}{speed_note}"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "acc1_delta_points": self.acc1_delta_points, "speedup": self.speedup}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow metrics and model-version tags (prefix added by the caller)."""
+        return {"fp32_acc1": self.fp32_acc1, "acc1": self.acc1, "acc1_delta": self.acc1_delta_points,
+                "fp32_images_per_s": self.fp32_images_per_s, "images_per_s": self.images_per_s,
+                "speedup": self.speedup}
+
+
 @dataclass
-class QuantReport:
+class QuantReport(_VersusFp32):
     """fp32 vs int8, measured in one call on one machine with the same threads and batch."""
+
+    PRECISION = "int8"
 
     method: str
     backend: str
@@ -142,15 +185,6 @@ class QuantReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def acc1_delta_points(self) -> float:
-        """int8 minus fp32 test top-1, in percentage points."""
-        return 100.0 * (self.int8_acc1 - self.fp32_acc1)
-
-    @property
-    def speedup(self) -> float:
-        return self.int8_images_per_s / self.fp32_images_per_s
-
-    @property
     def size_ratio(self) -> float:
         return self.int8_mb / self.fp32_mb
 
@@ -158,22 +192,15 @@ class QuantReport:
         return "\n".join([
             f"int8 {self.method} ({self.backend}), {self.calibration_images} calibration images, "
             f"batch {self.batch_size}, {self.threads} thread(s), median of {self.repeats}",
-            f"  test top-1   fp32 {self.fp32_acc1:.4f}  int8 {self.int8_acc1:.4f}  "
-            f"delta {self.acc1_delta_points:+.2f} points (n={self.test_images})",
-            f"  images/s     fp32 {self.fp32_images_per_s:.0f}  int8 {self.int8_images_per_s:.0f}  "
-            f"speed-up x{self.speedup:.2f}  (eager PyTorch fp32 {self.eager_images_per_s:.0f})",
+            *self._figure_lines(f"  (eager PyTorch fp32 {self.eager_images_per_s:.0f})"),
             f"  file size    fp32 {self.fp32_mb:.2f} MB  int8 {self.int8_mb:.2f} MB  ratio {self.size_ratio:.2f}",
         ])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "acc1_delta_points": self.acc1_delta_points, "speedup": self.speedup,
-                "size_ratio": self.size_ratio}
+        return {**super().to_dict(), "size_ratio": self.size_ratio}
 
     def metrics(self) -> dict[str, float]:
-        """Flat figures for MLflow metrics and model-version tags (prefix added by the caller)."""
-        return {"fp32_acc1": self.fp32_acc1, "acc1": self.int8_acc1, "acc1_delta": self.acc1_delta_points,
-                "fp32_images_per_s": self.fp32_images_per_s, "images_per_s": self.int8_images_per_s,
-                "speedup": self.speedup, "fp32_mb": self.fp32_mb, "size_mb": self.int8_mb}
+        return {**super().metrics(), "fp32_mb": self.fp32_mb, "size_mb": self.int8_mb}
 
 
 class _CalibrationReader:
@@ -358,8 +385,10 @@ class Bf16Module(nn.Module):
 
 
 @dataclass
-class Bf16Report:
+class Bf16Report(_VersusFp32):
     """fp32 vs bf16 autocast of the same PyTorch weights, measured side by side in one call."""
+
+    PRECISION = "bf16"
 
     fp32_acc1: float
     bf16_acc1: float
@@ -371,33 +400,12 @@ class Bf16Report:
     repeats: int
     native: str | None  # why the hardware has no native bf16, or None when it has
 
-    @property
-    def acc1_delta_points(self) -> float:
-        """bf16 minus fp32 test top-1, in percentage points."""
-        return 100.0 * (self.bf16_acc1 - self.fp32_acc1)
-
-    @property
-    def speedup(self) -> float:
-        return self.bf16_images_per_s / self.fp32_images_per_s
-
     def summary(self) -> str:
         return "\n".join([
             f"bf16 autocast (PyTorch, channels_last), batch {self.batch_size}, {self.threads} thread(s), "
             f"median of {self.repeats}" + (f"\n  note: {self.native}" if self.native else ""),
-            f"  test top-1   fp32 {self.fp32_acc1:.4f}  bf16 {self.bf16_acc1:.4f}  "
-            f"delta {self.acc1_delta_points:+.2f} points (n={self.test_images})",
-            f"  images/s     fp32 {self.fp32_images_per_s:.0f}  bf16 {self.bf16_images_per_s:.0f}  "
-            f"speed-up x{self.speedup:.2f}",
+            *self._figure_lines(),
         ])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "acc1_delta_points": self.acc1_delta_points, "speedup": self.speedup}
-
-    def metrics(self) -> dict[str, float]:
-        """Flat figures for MLflow metrics and model-version tags (prefix added by the caller)."""
-        return {"fp32_acc1": self.fp32_acc1, "acc1": self.bf16_acc1, "acc1_delta": self.acc1_delta_points,
-                "fp32_images_per_s": self.fp32_images_per_s, "images_per_s": self.bf16_images_per_s,
-                "speedup": self.speedup}
 
 
 def reduced_precision(model: nn.Module, pre: Preprocessing, images: torch.Tensor, test: SplitRecords,

@@ -296,6 +296,15 @@ class ServeConfig:
 PRECISION_BACKENDS = {"int8": ("onnx",), "bf16": ("auto", "torch")}
 
 
+def precision_backend_error(precision: str, backend: str) -> str | None:
+    """Why ``serve.backend`` cannot serve ``serve.precision``, or None when it can (the one check
+    of both config validation and the serving loader)."""
+    backends = PRECISION_BACKENDS.get(precision, (backend,))
+    if backend in backends:
+        return None
+    return f"serve.precision: {precision} is served by serve.backend={backends[-1]} (it is {backend})"
+
+
 @dataclass
 class DistillConfig:
     """Knowledge distillation (jobs.distill): the teacher whose soft labels the student learns from.
@@ -644,10 +653,8 @@ def validate(cfg: Config) -> None:
     _validate_multi_label(cfg)
     if cfg.ray.sync_batchnorm and not cfg.ray.use_gpu:
         raise ConfigError("ray.sync_batchnorm: SyncBatchNorm runs on GPUs only; set ray.use_gpu=true or turn it off")
-    backends = PRECISION_BACKENDS.get(cfg.serve.precision, (cfg.serve.backend,))
-    if cfg.serve.backend not in backends:
-        raise ConfigError(f"serve.precision: {cfg.serve.precision} is served by serve.backend={backends[-1]} "
-                          f"(it is {cfg.serve.backend})")
+    if error := precision_backend_error(cfg.serve.precision, cfg.serve.backend):
+        raise ConfigError(error)
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
                           f"({cfg.serve.max_replicas})")

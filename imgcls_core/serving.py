@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from imgcls_core.config import PRECISION_BACKENDS
+from imgcls_core.config import precision_backend_error
 from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
 from imgcls_core.predict import Predictor
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
@@ -178,10 +178,8 @@ def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None 
         raise ValueError(f"unknown serving backend {backend!r}; choose from {list(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown serve.precision {precision!r}; choose from {list(PRECISIONS)}")
-    backends = PRECISION_BACKENDS.get(precision, (backend,))
-    if backend not in backends:
-        raise ValueError(f"serve.precision={precision} with serve.backend={backend}: {precision} is served by the "
-                         f"{backends[-1]} backend")
+    if error := precision_backend_error(precision, backend):
+        raise ValueError(error)
     if precision == "bf16":
         backend = "torch"  # what auto means for bf16
     registry = Registry(tracking_uri, name)
