@@ -20,11 +20,11 @@ import threading
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 
-from imgcls_core.config import precision_backend_error
+from imgcls_core.config import ServeConfig, precision_backend_error
 from imgcls_core.data import CorruptImageError, ImageTooLargeError, decode_image
 from imgcls_core.predict import Predictor
 from imgcls_core.registry import SOURCE_RUN_TAG, Registry
@@ -35,8 +35,9 @@ TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine 
 INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file, when it passed the gate
 BF16_GATE_TAG = "export.bf16.acc1_delta"  # jobs.compress --method bf16: bf16's test top-1 passed the gate
 GATE_POINTS = 1.0  # int8 or bf16 test top-1 at most this many points below fp32 to be servable
-PRECISIONS = ("fp32", "int8", "bf16")
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+_SERVE_FIELDS = get_type_hints(ServeConfig)
+PRECISIONS = get_args(_SERVE_FIELDS["precision"])  # serve.precision's values
+BACKENDS = get_args(_SERVE_FIELDS["backend"])  # serve.backend's values
 
 
 class RequestError(Exception):
