@@ -175,17 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: <train.output_dir>/compress/<method>)")
     quant = parser.add_argument_group("quantization and bf16")
     quant.add_argument("--calibration-images", type=int, default=256,
-                       help="training images for int8 calibration (and the timed batch)")
+                       help="training images for int8 calibration and the timed batch (default: %(default)s)")
     quant.add_argument("--calibrate", default="minmax", choices=("minmax", "entropy", "percentile"),
                        help="how activation ranges are set from the calibration images")
     quant.add_argument("--batch-size", type=int, default=64, help="batch of the images/s measurement")
     quant.add_argument("--threads", type=int, default=0, help="intra-op threads for every model (0: torch's)")
-    quant.add_argument("--repeats", type=int, default=10, help="timed repeats (the median is reported)")
+    quant.add_argument("--repeats", type=int, default=10, help="timed repeats, the median reported (default: %(default)s)")
     pruning = parser.add_argument_group("pruning")
-    pruning.add_argument("--amount", type=float, default=0.5, help="fraction of weights/channels to prune")
+    pruning.add_argument("--amount", type=float, default=0.5, help="fraction of weights/channels to prune (default: %(default)s)")
     pruning.add_argument("--norm", type=int, default=1, choices=(1, 2), help="structured pruning: L1 or L2")
-    pruning.add_argument("--finetune-epochs", type=int, default=3)
-    pruning.add_argument("--finetune-lr", type=float, default=0.01)
+    pruning.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after pruning (default: %(default)s)")
+    pruning.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default: %(default)s)")
     return parser
 
 

@@ -81,21 +81,24 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
                "files": {fmt: str(path) for fmt, path in files.items()},
                "size_mb": {fmt: round(file_size_mb(path), 3) for fmt, path in files.items()},
                "parity": {r.format: r.to_dict() for r in reports}}
-    if mv is not None:
-        artifact_path = f"exports/v{mv.version}"
-        registry.client.log_artifacts(mv.run_id, str(out_dir), artifact_path=artifact_path)
-        tags = {"export.opset": opset}
-        for r in reports:
-            name = Path(files[r.format]).name
-            tags.update({f"export.{r.format}.uri": f"runs:/{mv.run_id}/{artifact_path}/{name}",
-                         f"export.{r.format}.max_abs_diff": r.max_abs_diff,
-                         f"export.{r.format}.top1_agreement": r.top1_agreement,
-                         f"export.{r.format}.check_images": r.images})
-        registry.tag(mv.version, tags)
-        summary["registry"] = {"model": model_name, "version": str(mv.version), "run_id": mv.run_id,
-                               "artifact_path": artifact_path, "tags": sorted(tags)}
-        log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
+    if mv is None:
+        (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    artifact_path = f"exports/v{mv.version}"
+    tags = {"export.opset": opset}
+    for r in reports:
+        name = Path(files[r.format]).name
+        tags.update({f"export.{r.format}.uri": f"runs:/{mv.run_id}/{artifact_path}/{name}",
+                     f"export.{r.format}.max_abs_diff": r.max_abs_diff,
+                     f"export.{r.format}.top1_agreement": r.top1_agreement,
+                     f"export.{r.format}.check_images": r.images})
+    summary["registry"] = {"model": model_name, "version": str(mv.version), "run_id": mv.run_id,
+                           "artifact_path": artifact_path, "tags": sorted(tags)}
+    # Written before the upload, so the run holds it beside the files it describes.
     (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
+    registry.client.log_artifacts(mv.run_id, str(out_dir), artifact_path=artifact_path)
+    registry.tag(mv.version, tags)
+    log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
     return summary
 
 
@@ -118,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"max abs logit difference allowed (default {DEFAULT_TOLERANCE:g})")
-    parser.add_argument("--check-images", type=int, default=128, help="real images in the parity check batch")
-    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/v<N>)")
+    parser.add_argument("--check-images", type=int, default=128, help="real images in the parity check batch (default: %(default)s)")
+    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/v<N>, or .../exports/file with --model-file)")
     return parser
 
 

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--summary", metavar="TRAIN_SUMMARY_JSON",
                        help="promote the run this train_summary.json names (its config.yaml is the default "
                             "--config)")
-    parser.add_argument("--margin", type=float, help="test top-1 to gain over the champion "
+    parser.add_argument("--margin", type=float, help="test top-1 (multi-label: test mAP) to gain over the champion "
                                                      "(default: tracking.promote_margin)")
     parser.add_argument("--force", action="store_true", help="move champion whatever the comparison says")
     parser.add_argument("--reason", help="why --force was needed (required with --force; recorded on the version)")

@@ -4,9 +4,10 @@
         python -m jobs.train --config configs/digits_ray.yaml --register digits
 
 Uploads the repository as the job's working_dir without data, results, .git
-or the virtualenv (jobs/runtime_env.yaml), and sets IMGCLS_BASE_DIR to this
-checkout so the config's relative paths (data/, results/, runs/) mean the same
-folders on the cluster as here (true on one machine or a shared file system).
+or the virtualenv (jobs/runtime_env.yaml), and sets IMGCLS_BASE_DIR to the
+directory it runs in, so the config's relative paths (data/, results/, runs/)
+mean the same folders on the cluster as for a local run there (true on one
+machine or a shared file system).
 MLFLOW_TRACKING_URI is passed on when set. Token authentication stays on:
 RAY_AUTH_MODE=token is set for the client. Everything after ``--`` is the
 job's entrypoint.

@@ -264,7 +264,9 @@ def test_serve_run_as_the_readme_says_with_env_sh_sourced(ray_head, digits_root,
     registry's champion over HTTP, and `serve shutdown -y` removes it. The config file is
     serve/config.yaml with only the port, the model name and the tracking store changed. The head's
     Prometheus port (start.sh's --metrics-export-port) then has the app's imgcls_* metrics and
-    Serve's own, as the README's scrape line greps them."""
+    Serve's own, as the README's scrape line greps them. `serve deploy` of the same file with the
+    deployment's user_config changed (the README's way to change what replicas follow) reaches
+    the running replica through reconfigure: same replica, new settings."""
     import requests
     import yaml
 
@@ -308,6 +310,20 @@ def test_serve_run_as_the_readme_says_with_env_sh_sourced(ray_head, digits_root,
         scraped = _scrape_until(HEAD["metrics"], ("ray_imgcls_images_total", "ray_serve_num_http_requests_total"))
         images = [line for line in scraped.splitlines() if line.startswith("ray_imgcls_images_total{")]
         assert images and float(images[0].rsplit(" ", 1)[1]) >= 1, images
+
+        replica = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["replica"]
+        config["applications"][0]["deployments"] = [
+            {"name": "Classifier", "user_config": {"alias": "champion", "version": version, "poll_interval_s": 7}}]
+        (tmp_path / "serve_pinned.yaml").write_text(yaml.safe_dump(config))
+        deployed = subprocess.run([str(bin_dir / "serve"), "deploy", str(tmp_path / "serve_pinned.yaml")], cwd=REPO,
+                                  env=shell, capture_output=True, text=True, timeout=120)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deadline, following = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and following.get("poll_interval_s") != 7:
+            time.sleep(1)
+            following = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()["following"]
+        assert following["poll_interval_s"] == 7 and following["pinned_version"] == version, following
+        assert requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["replica"] == replica
     finally:
         stopped = subprocess.run([str(bin_dir / "serve"), "shutdown", "-y"], env=shell, capture_output=True,
                                  text=True, timeout=120)

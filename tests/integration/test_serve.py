@@ -641,6 +641,9 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
     assert float(tags["export.torchscript.max_abs_diff"]) <= 1e-4
     assert tags["export.onnx.uri"].endswith("exports/v1/model.onnx")
     assert (tmp_path / "exports" / "v1" / "model.onnx").is_file()
+    version = Registry(registry["uri"], MODEL).client.get_model_version(MODEL, "1")
+    logged = {a.path for a in Registry(registry["uri"], MODEL).client.list_artifacts(version.run_id, "exports/v1")}
+    assert {"exports/v1/model.onnx", "exports/v1/parity.json", "exports/v1/export.json"} <= logged, logged
 
     serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "version": "1",
                          "backend": "onnx", "max_replicas": 1, "poll_interval_s": 0, "max_batch_size": 16}),
