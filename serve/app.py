@@ -24,6 +24,7 @@ import base64
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from imgcls_core.config import ConfigError, ServeConfig, load_config
 from imgcls_core.registry import Registry
@@ -51,6 +53,9 @@ logger = logging.getLogger("ray.serve")
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 MAX_FORM_FIELDS = 100  # non-file multipart fields per request
 QUERY_PARAMETERS = ("top_k", "explain", "format")  # what /v1/predict takes; anything else is a 400
+# Numbers in a query or header: ASCII digits only (str.isdigit() also takes "²", which int() refuses),
+# and few of them (int() of thousands of digits raises)
+_NUMBER = re.compile(r"[0-9]{1,18}")
 LOAD_RETRY_BASE_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # back-off of a version that failed to load
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -242,10 +247,17 @@ class ClassifierReplica:
             logger.info("imgcls: now serving %s v%s (was v%s)", self.name, new.version, old.version)
             return True
 
+    def _next_check_s(self) -> float | None:
+        """Seconds until the next registry check: the poll interval, or less when a failed load's
+        retry is due sooner (also with polling off); None: only when woken (reconfigure)."""
+        waits = [self.poll_interval_s] if self.poll_interval_s > 0 else []
+        if failed := self.follow.get("failed_load"):
+            waits.append(max(0.05, failed["retry_at"] - time.time()))
+        return min(waits) if waits else None
+
     def _follow_alias(self) -> None:
         while not self._stop.is_set():
-            interval = self.poll_interval_s
-            self._wake.wait(timeout=interval if interval > 0 else None)
+            self._wake.wait(timeout=self._next_check_s())
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -298,15 +310,21 @@ class ClassifierReplica:
         results: list[Any] = [None] * len(items)
         loop = asyncio.get_running_loop()
         groups = {(id(m), e): (m, e) for _, m, _, e in items}
+        answered = 0
         for model, explain in groups.values():
             idx = [i for i, (_, m, _, e) in enumerate(items) if m is model and e == explain]
             batch = torch.stack([items[i][0] for i in idx])
             top_k = max(items[i][2] for i in idx)
-            out = await loop.run_in_executor(self._forward_pool, model.explain if explain else model.classify,
-                                             batch, top_k)
+            try:
+                out = await loop.run_in_executor(self._forward_pool, model.explain if explain else model.classify,
+                                                 batch, top_k)
+            except Exception as exc:  # noqa: BLE001 - this group's requests fail; the others' answers stand
+                out = [exc] * len(idx)
+            else:
+                answered += len(idx)
             for i, row in zip(idx, out):  # ranked to the largest top_k (multi-label: all); _predict cuts
                 results[i] = row
-        self.images_served.inc(len(items))
+        self.images_served.inc(answered)
         return results
 
     def _authorize(self, request: Request) -> None:
@@ -319,15 +337,19 @@ class ClassifierReplica:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, "body_too_large", f"the body is {int(declared):,} bytes; the limit is {limit:,}")
+        declared = request.headers.get("content-length", "")
+        if (declared.isascii() and declared.isdigit() and len(declared) > 18) or (
+                _NUMBER.fullmatch(declared) and int(declared) > limit):
+            raise RequestError(413, "body_too_large", f"the body is {declared[:20]} bytes; the limit is {limit:,}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, "body_too_large", f"the body is over the limit of {limit:,} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, "body_too_large", f"the body is over the limit of {limit:,} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # no one to answer; counted as the client's doing, not a server error
+            raise RequestError(499, "client_disconnected", f"the client left after {size:,} bytes") from None
         return b"".join(chunks)
 
     async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
@@ -371,7 +393,7 @@ class ClassifierReplica:
         raw = request.query_params.get("top_k")
         if raw is None:
             return min(self.cfg.top_k, len(model.classes))
-        if not raw.isdigit() or not 1 <= int(raw) <= len(model.classes):
+        if not _NUMBER.fullmatch(raw) or not 1 <= int(raw) <= len(model.classes):
             raise RequestError(400, "invalid_parameter",
                                f"top_k must be an integer from 1 to {len(model.classes)}, got {raw!r}")
         return int(raw)
@@ -413,6 +435,8 @@ class ClassifierReplica:
         inputs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, model, name, data)
                                         for name, data in uploads))
         rows = await asyncio.gather(*(self._batched((x, model, top_k, explain is not None)) for x in inputs))
+        if failed := next((row for row in rows if isinstance(row, Exception)), None):
+            raise failed  # its forward pass failed (the batch's other requests may have their answers)
         identity = {"name": model.name, "version": model.version, "alias": model.alias}
         if explain == "png":
             (top, png), = rows
@@ -443,6 +467,9 @@ class ClassifierReplica:
             self._count("predict", 504, started, "timeout")
             raise RequestError(504, "timeout", f"not answered within {self.cfg.request_timeout_s} s",
                                headers={"Retry-After": str(max(1, round(self.cfg.retry_after_s)))}) from None
+        except asyncio.CancelledError:  # Serve cancelled it (the client went away): no answer is sent
+            self._count("predict", 499, started, "cancelled")
+            raise
         except Exception:
             self._count("predict", 500, started, "internal_error")  # answered by the app's JSON 500 handler
             raise

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from imgcls_core.config import load_config
@@ -302,6 +303,8 @@ def hostile_cases(digit_png: bytes) -> dict[str, dict]:
         "repeated parameter": ({**file(digit_png, "image/png"), "params": [("top_k", "1"), ("top_k", "2")]}, 400),
         "bad top_k": ({**file(digit_png, "image/png"), "params": {"top_k": "eleven"}}, 400),
         "top_k too large": ({**file(digit_png, "image/png"), "params": {"top_k": "11"}}, 400),
+        "top_k of a unicode digit": ({**file(digit_png, "image/png"), "params": {"top_k": "\u00b2"}}, 400),
+        "top_k of 5,000 digits": ({**file(digit_png, "image/png"), "params": {"top_k": "9" * 5000}}, 400),
         "missing token": ({**file(digit_png, "image/png"), "headers": {"Authorization": ""}}, 401),
         "wrong token": ({**file(digit_png, "image/png"), "headers": {"Authorization": "Bearer nope"}}, 401),
     }
@@ -328,26 +331,37 @@ def test_hostile_inputs_get_4xx_json_and_the_service_stays_healthy(serve_url, di
     assert ok.status_code == 200 and ok.json()["predictions"][0]["top_k"][0]["label"] == "3"
 
 
+class Metric:
+    """Stands in for a ray.serve.metrics metric: records its calls' tags."""
+
+    def __init__(self):
+        self.calls = []
+
+    def observe(self, value=None, tags=None):
+        self.calls.append(tags)
+
+    inc = observe
+
+
+def stand_in_replica():
+    """A ClassifierReplica's request handling without Ray, a registry or a model."""
+    from imgcls_core.config import ServeConfig
+    from serve.app import ClassifierReplica
+
+    replica = object.__new__(ClassifierReplica)
+    replica.cfg, replica.counts, replica.follow = ServeConfig(), {}, {"failed_load": None}
+    replica.latency, replica.input_errors = Metric(), Metric()
+    return replica
+
+
 def test_an_unexpected_error_is_a_json_500_counted_in_the_metrics():
     """What no client mistake explains (a bug, a failing device) is answered JSON like everything else,
     counted under status 500 and kind internal_error (the HTTP layer over a stand-in replica)."""
     import asyncio
 
-    from imgcls_core.config import ServeConfig
-    from serve.app import ClassifierReplica, build_http_app
+    from serve.app import build_http_app
 
-    class Metric:
-        def __init__(self):
-            self.calls = []
-
-        def observe(self, value=None, tags=None):
-            self.calls.append(tags)
-
-        inc = observe
-
-    replica = object.__new__(ClassifierReplica)
-    replica.cfg, replica.counts = ServeConfig(), {}
-    replica.latency, replica.input_errors = Metric(), Metric()
+    replica = stand_in_replica()
 
     async def broken(_request):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -362,6 +376,87 @@ def test_an_unexpected_error_is_a_json_500_counted_in_the_metrics():
     assert response.status_code == 500
     assert json.loads(response.body) == {"error": "internal_error",
                                          "detail": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+
+
+def test_a_client_that_leaves_mid_upload_or_is_cancelled_is_not_counted_as_a_server_error():
+    """A client gone mid-body (starlette's ClientDisconnect) is a 499 client_disconnected, and a request
+    Serve cancels a 499 cancelled: neither is an internal_error 500 with a traceback in the log."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from imgcls_core.serving import RequestError
+
+    replica = stand_in_replica()
+    messages = [{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/predict", "query_string": b"",
+                       "headers": [(b"content-length", b"1000"), (b"content-type", b"image/png")]}, receive)
+    replica._predict = replica._read_body
+    with pytest.raises(RequestError) as left:
+        asyncio.run(replica.predict(request))
+    assert (left.value.status, left.value.error) == (499, "client_disconnected")
+
+    async def forever(_request):
+        await asyncio.Event().wait()
+
+    async def cancel_it():
+        replica._predict = forever
+        task = asyncio.ensure_future(replica.predict(None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_it())
+    assert replica.counts == {"predict 499": 2}, replica.counts
+    assert replica.input_errors.calls == [{"kind": "client_disconnected"}, {"kind": "cancelled"}]
+
+
+def test_a_failing_forward_pass_fails_only_the_requests_of_its_own_group_in_a_batch():
+    """A batch holding plain and explained images runs them as two passes: when the Grad-CAM pass fails
+    (say, out of memory), the plain requests batched with it still get their answers."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgcls_core.serving import BatchStats
+
+    class Model:
+        def classify(self, batch, top_k):
+            return [[{"label": "3", "index": 3, "probability": 1.0}]] * len(batch)
+
+        def explain(self, batch, top_k):
+            raise RuntimeError("out of memory")
+
+    replica = stand_in_replica()
+    replica.stats, replica.batch_size_hist, replica.images_served = BatchStats(), Metric(), Metric()
+    replica._forward_pool = ThreadPoolExecutor(1)
+    model, image = Model(), torch.zeros(3, 8, 8)
+    rows = asyncio.run(replica._run_batch([(image, model, 1, False), (image, model, 1, True), (image, model, 1, False)]))
+    assert rows[0] == rows[2] == [{"label": "3", "index": 3, "probability": 1.0}]
+    assert isinstance(rows[1], RuntimeError) and "out of memory" in str(rows[1])
+    assert replica.stats.snapshot()["batches"] == 1
+
+
+def test_a_failed_load_is_retried_when_due_whatever_the_poll_interval():
+    """The follow thread wakes for a failed load's retry even when polling is off (poll_interval_s: 0)
+    or slower than the back-off; without one it waits the poll interval (or for reconfigure)."""
+    import time
+
+    replica = stand_in_replica()
+    replica.poll_interval_s = 0
+    assert replica._next_check_s() is None
+    replica.follow["failed_load"] = {"version": "2", "retry_at": time.time() + 10}
+    assert 9 < replica._next_check_s() <= 10
+    replica.poll_interval_s = 600
+    assert 9 < replica._next_check_s() <= 10
+    replica.poll_interval_s = 5
+    assert replica._next_check_s() == 5
+    replica.follow["failed_load"]["retry_at"] = time.time() - 1  # overdue: at once (a short nap, no busy loop)
+    assert replica._next_check_s() == 0.05
 
 
 # A sample of the fuzz corpus (tests/fuzz_corpus.py) over real HTTP: every malformed upload is

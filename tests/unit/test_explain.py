@@ -25,6 +25,37 @@ def test_gradcam_heatmaps_are_per_image_in_0_1_for_the_predicted_class_and_leave
     assert not torch.allclose(gradcam(model, images, other)[0], heat)
 
 
+def test_gradcam_equals_the_textbook_computation_without_recording_the_stages_before_the_last():
+    """The same heatmaps as Grad-CAM with the whole forward pass recorded, while the stages before
+    the last one run without autograd (what bounds an explained batch's memory on a replica)."""
+    import torch.nn.functional as F
+
+    from imgcls_core.explain import gradcam
+    from imgcls_core.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 5, small_input=True, width=0.25).eval()
+    images = torch.randn(4, 3, 32, 32)
+    maps: list[torch.Tensor] = []
+    handle = model.get_submodule("layer4").register_forward_hook(lambda _m, _i, out: maps.append(out))
+    logits = model(images)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1)[:, None]).sum(), maps[0])
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * maps[0]).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0].detach()
+    expected = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+
+    recorded: list[bool] = []
+    hooks = [model.get_submodule(name).register_forward_hook(lambda _m, _i, out: recorded.append(out.requires_grad))
+             for name in ("layer3", "fc")]
+    heat, _, _ = gradcam(model, images)
+    for hook in hooks:
+        hook.remove()
+    assert torch.allclose(heat, expected, atol=1e-6)
+    assert recorded == [False, True]  # layer3's output not recorded; the head after layer4 is
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+
+
 def test_gradcam_follows_the_evidence(tiny_config, tmp_path):
     """A cnn3 whose one class fires on bright pixels: its heatmap peaks on the bright half."""
     from imgcls_core.explain import gradcam

@@ -236,6 +236,60 @@ def test_decompression_bomb_is_refused_from_the_header():
         decode_image(_png_with_size(5000, 5000), max_pixels=1_000_000)
 
 
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each JPEG segment; a scan's entropy-coded data is part of its SOS."""
+    pos, out = 2, []
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return out + [(marker, pos, pos + 2)]
+        end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker == 0xDA:
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end = data.index(b"\xff", end + (2 if data[end] == 0xFF else 0))
+        out.append((marker, pos, end))
+        pos = end
+    return out
+
+
+def _progressive_jpeg_with_repeated_scans(side: int, repeats: int) -> bytes:
+    """A valid progressive JPEG whose first AC scan is repeated: libjpeg decodes it (with a
+    warning) once per copy, so a few hundred bytes per copy cost a pass over the whole image."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    scans = [(start, end) for marker, start, end in _jpeg_segments(data) if marker == 0xDA]
+    start, end = next((s, e) for s, e in scans if data[s + 4] == 1 and data[s + 7] >= 1)  # 1 component, Ss >= 1
+    return data[:scans[-1][1]] + data[start:end] * repeats + data[scans[-1][1]:]
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding():
+    import time
+
+    from imgcls_core.data.records import MAX_JPEG_SCANS
+
+    ok = _progressive_jpeg_with_repeated_scans(512, 20)  # 30 scans: decoded, as libjpeg does
+    assert decode_image(ok).shape == (3, 512, 512)
+    bomb = _progressive_jpeg_with_repeated_scans(512, MAX_JPEG_SCANS)
+    started = time.process_time()
+    with pytest.raises(ImageTooLargeError, match=f"progressive JPEG with more than {MAX_JPEG_SCANS} scans"):
+        decode_image(bomb, max_pixels=25_000_000)
+    assert time.process_time() - started < 0.05  # counted from the markers, nothing decoded
+    buffer = io.BytesIO()  # a baseline JPEG's walk stops at its frame header
+    Image.fromarray(random_rgb(np.random.default_rng(0), 64, 64)).save(buffer, "JPEG")
+    assert decode_image(buffer.getvalue()).shape == (3, 64, 64)
+
+
+def test_sixteen_bit_pgm_is_scaled_and_32_bit_or_float_grey_is_refused():
+    pgm = b"P5 3 1 65535\n" + b"".join(v.to_bytes(2, "big") for v in (0, 1000, 40000))
+    assert decode_image(pgm)[0, 0].tolist() == [0, 3, 156]  # the high byte, as for a 16-bit PNG
+    for array in (np.array([[0.0, 0.5]], np.float32), np.array([[0, 70_000]], np.int32)):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "TIFF")
+        with pytest.raises(CorruptImageError, match=r"unsupported pixels: .* grey \(TIFF mode [FI]\)"):
+            decode_image(buffer.getvalue())
+
+
 def _records(n_per_class=(3, 2, 4)) -> SplitRecords:
     rng = np.random.default_rng(0)
     labels = [c for c, n in enumerate(n_per_class) for _ in range(n)]
