@@ -50,7 +50,7 @@ from serve.page import PREDICT_OPENAPI, page
 
 logger = logging.getLogger("ray.serve")
 
-RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+RAW_IMAGE_PREFIX, RAW_OCTETS = "image/", "application/octet-stream"  # a raw body's media types
 MAX_FORM_FIELDS = 100  # non-file multipart fields per request
 QUERY_PARAMETERS = ("top_k", "explain", "format")  # what /v1/predict takes; anything else is a 400
 # Numbers in a query or header: ASCII digits only (str.isdigit() also takes "²", which int() refuses),
@@ -355,13 +355,14 @@ class ClassifierReplica:
     async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
         """``(name, bytes)`` of every image in the request, within the size and count limits."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await self._read_body(request)
-        if content_type == "multipart/form-data":
-            return await self._multipart(request, body)
-        if content_type and not content_type.startswith(RAW_IMAGE_TYPES):
+        if content_type and content_type != "multipart/form-data" and not (
+                content_type.startswith(RAW_IMAGE_PREFIX) or content_type == RAW_OCTETS):  # before reading the body
             raise RequestError(415, "unsupported_media_type",
                                f"Content-Type {content_type!r}: send image files as multipart/form-data "
                                f"(curl -F file=@x.png) or one raw image (Content-Type: image/png, image/jpeg, ...)")
+        body = await self._read_body(request)
+        if content_type == "multipart/form-data":
+            return await self._multipart(request, body)
         if not body:
             raise RequestError(400, "empty_body", "the request has no image")
         return [("body", body)]

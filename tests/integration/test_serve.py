@@ -286,6 +286,7 @@ def hostile_cases(digit_png: bytes) -> dict[str, dict]:
         "grayscale png": (file(encode(photo.convert("L"), "PNG"), "image/png"), 200),
         "webp": (raw(encode(photo, "WEBP"), "image/webp"), 200),
         "wrong content type": (raw(digit_png, "application/json"), 415),
+        "octet-stream with a suffix": (raw(digit_png, "application/octet-streamxyz"), 415),
         "oversize body": (raw(b"\x89PNG" + bytes(2_100_000), "image/png"), 413),
         "malformed multipart": ({"data": b"--zzz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n"
                                          b"\r\nabc",  # never closed, wrong boundary
