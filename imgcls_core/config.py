@@ -159,7 +159,9 @@ class TrainConfig:
     output_dir: str = "runs/local"
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from output_dir's latest checkpoint if there is one
+    # Local runs: continue from output_dir's latest checkpoint if there is one; false refuses an
+    # output_dir that holds checkpoints. (A Ray job resumes from ray.storage_path/ray.name.)
+    resume: bool = True
     # Besides every checkpoint_every_epochs epochs, also checkpoint whenever this many minutes
     # have passed since the last one, checked every log_every steps, mid-epoch included
     # (0 = off). Resuming from a mid-epoch checkpoint skips the batches already trained.

@@ -65,12 +65,13 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
         checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.train.keep_checkpoints)
         session, splits = build_session(cfg, LocalHost(checkpoints, log), job="train_local",
                                         register_as=cfg.tracking.register_as)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        if cfg.train.resume:
-            session.resume(*(checkpoints.load_latest(map_location=session.engine.runtime.device, log=log)
-                             or (None, None)))
-        elif checkpoints.latest() is not None:
-            log(f"train.resume is false: ignoring checkpoints in {checkpoints.root} and starting from scratch")
+        if not cfg.train.resume and checkpoints.latest() is not None:
+            raise ValueError(
+                f"train.resume is false, but {out} holds a run's checkpoints (up to {checkpoints.latest().name}); "
+                f"a new run there would mix into that run's history, MLflow run and checkpoints: "
+                f"set another train.output_dir, or move {checkpoints.root} away")
+        found = checkpoints.load_latest(map_location=session.engine.runtime.device, log=log) if cfg.train.resume else None
+        session.resume(*(found or (None, None)))
         tracker = start_tracking(cfg, splits, out, log)
         try:
             with _progress(cfg) as on_step:

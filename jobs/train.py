@@ -340,7 +340,6 @@ def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int
 
 
 def _fit(plan: TrainPlan, out: Path, *, register_as, stop_after, inject_kill, log) -> dict[str, Any]:
-    (out / "config.yaml").write_text(plan.cfg.to_yaml())  # as the local runner's: jobs.promote --summary reads it
     world = plan.cfg.ray.num_workers
     log(f"Ray Train: {world} worker(s) x {plan.cfg.data.batch_size} = global batch "
         f"{plan.cfg.data.batch_size * world}; ingest={plan.ingest}; run {plan.run_key}")

@@ -184,9 +184,8 @@ class WorkerData:
             self.steps_per_epoch = self.rows // b
         else:
             # Each rank's share: augment.batched's in-memory batches take it per epoch themselves; a
-            # DataLoader gets our own DistributedSampler (seed 0, as Ray's), because
-            # ray.train.torch.prepare_data_loader rebuilds the DataLoader without persistent_workers,
-            # so its worker processes were forked anew every epoch on every rank.
+            # DataLoader gets our own DistributedSampler (seed 0, as Ray's): the loader stays ours
+            # (ray.train.torch.prepare_data_loader would rebuild it).
             distribute = world > 1 and not cfg.augment.batched
             sampler = DistributedSampler(range(len(splits.train)), num_replicas=world, rank=rank) if distribute else None
             self.loader = train_loader(cfg, splits.train, pre, sampler=sampler, rank=rank, world=world)

@@ -117,7 +117,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
     _replace_durably(write, path)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_durably(path: Path, text: str) -> None:
+    """``path`` holds ``text`` once this returns, or is as it was: never a partial file."""
     _replace_durably(lambda tmp: tmp.write_text(text), path)
 
 
@@ -144,9 +145,9 @@ def save_checkpoint(
         "git_rev": git_revision(),
     }
     _atomic_save(payload, directory / CHECKPOINT_FILE)
-    _write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    _write_text(directory / "class_index.json", json.dumps({"classes": preprocessing.classes}, indent=1))
-    _write_text(directory / "metrics.json", json.dumps(payload["metrics"], indent=1))
+    write_text_durably(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text_durably(directory / "class_index.json", json.dumps({"classes": preprocessing.classes}, indent=1))
+    write_text_durably(directory / "metrics.json", json.dumps(payload["metrics"], indent=1))
     return directory
 
 
@@ -172,7 +173,34 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], where: str) 
         changed = sorted(k for k in config["model"] if state["config"]["model"].get(k) != config["model"][k])
         raise ValueError(
             f"checkpoint {where} was trained with a different model config (changed: {changed}); "
-            f"start a new run (another output_dir / run name) or set train.resume=false"
+            f"start a new run in another train.output_dir (and ray.name)"
+        )
+
+
+# Settings a resumed run takes from its checkpoint rather than from its config (the optimizer's state and
+# param groups, the LR schedule built for the epochs and steps per epoch, the EMA): a resume that changes
+# one would silently train with the old value, so it is refused.
+RESUME_FIXED = ("optim", "train.epochs", "data.batch_size", "train.ema_decay", "train.ema_steps")
+
+
+def check_same_schedule(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Refuse to resume with other optimizer, schedule or EMA settings than the checkpoint's
+    (population-based training's perturbations go through Engine.adopt_state instead)."""
+    def flat(cfg: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key in RESUME_FIXED:
+            section, _, name = key.partition(".")
+            values = cfg.get(section, {})
+            out.update({f"optim.{k}": v for k, v in values.items()} if not name else {key: values.get(name)})
+        return out
+
+    was, now = flat(state["config"]), flat(config)
+    changed = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(
+            f"checkpoint {where} was trained with other training settings ({'; '.join(changed)}); a resumed run "
+            f"keeps its optimizer, LR schedule and EMA, so they would not apply: start a new run in another "
+            f"train.output_dir (and ray.name), or resume with the checkpoint's settings"
         )
 
 
@@ -288,7 +316,7 @@ def load_first_readable(
     tried = "\n".join(f"  {p}: {why}" for p, why in failures)
     raise ValueError(
         f"none of the {len(failures)} checkpoint(s) loads:\n{tried}\n"
-        "move them away (or set train.resume=false) to start from scratch, or restore them from a backup"
+        "move them away to start from scratch, or restore them from a backup"
     )
 
 

@@ -69,9 +69,12 @@ def fit(
             on_step(step_metrics)
         # Every rank must agree: a checkpoint is reported by all ranks together.
         if minutes > 0 and engine.any_rank(time.monotonic() - last["save"] >= minutes * 60):
-            # A mid-epoch checkpoint: resuming from it skips the epoch's first epoch_step batches.
+            # A mid-epoch checkpoint: resuming from it skips the epoch's first epoch_step batches,
+            # starts from the epoch's sums so far and reseeds as this run does right after it.
+            engine.mid_epoch_progress()
             checkpoint({f"val/{engine.score}": 0.0, **last["val"], "epoch": engine.epoch, "step": engine.step,
                         "epoch_step": engine.epoch_step, "mid_epoch": 1.0})
+            engine.reseed_mid_epoch()
 
     while engine.epoch < end:
         epoch = engine.epoch

@@ -30,6 +30,7 @@ from imgcls_core.evaluation import EvalReport, MultiLabelReport, accumulator
 from imgcls_core.models import keep_frozen_bn_eval
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+PROGRESS = ("loss_n", "correct", "n", "kd_n", "ce_n", "seconds")  # Engine's running sums of an epoch
 BatchMix = Callable[[torch.Tensor, torch.Tensor], Batch]
 
 
@@ -104,6 +105,11 @@ class Engine:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.epoch_step = 0  # steps taken in the current, unfinished epoch (mid-epoch checkpoints)
+        # The current epoch's running sums (loss * n, correct, n, kd * n, ce * n, seconds) on this rank;
+        # a mid-epoch checkpoint stores their mean over ranks, and a run resumed from it starts from them.
+        self._sums = torch.zeros(len(PROGRESS), dtype=torch.float64)
+        self._checkpointed_sums: torch.Tensor | None = None  # the sums at the last mid-epoch checkpoint
+        self._started = 0.0  # when this session's pass over the current epoch began
         self.best_acc1 = -1.0  # the best val score so far (top-1, or mAP when multi-label)
         # The best epoch's weights (train.final_weights best or auto): {"epoch", "source" ("last" or
         # "ema": the raw or averaged weights), "acc1" (its val score: top-1, or mAP when multi-label),
@@ -134,30 +140,35 @@ class Engine:
         """Train for one pass over ``batches``; returns ``train/*`` metrics averaged over ranks.
 
         After a mid-epoch checkpoint (``epoch_step`` > 0) the first ``epoch_step`` batches are
-        skipped: the epoch continues where the checkpoint left it."""
+        skipped, the RNG is reseeded as the run that wrote the checkpoint reseeded it then, and the
+        epoch's sums so far come from the checkpoint: the epoch continues where it was left, with
+        the same random draws and the same epoch metrics."""
         self._reseed()
         self.train_model.train()
         keep_frozen_bn_eval(self.model)
         if self.teacher is not None:
             self.teacher.eval()  # BN statistics and dropout of the teacher stay frozen
-        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-        kd_sums = torch.zeros(2, dtype=torch.float64)  # distillation only: kd * n, ce * n
-        start, n_batches, skip = time.perf_counter(), 0, self.epoch_step
-        for index, (images, labels) in enumerate(batches):
-            if index < skip:
-                continue
+        skip, restored = self.epoch_step, self._checkpointed_sums
+        self._sums = restored.clone() if skip and restored is not None else torch.zeros(len(PROGRESS), dtype=torch.float64)
+        self._started = start = time.perf_counter()
+        n_batches, earlier_s = 0, self._sums[5].item()
+        it = iter(batches)
+        if skip:
+            for _ in zip(range(skip), it):  # loads (and augments) what was trained before the checkpoint
+                pass
+            self.reseed_mid_epoch()
+        for images, labels in it:
             loss, correct, n = self._train_step(images, labels)
             self.epoch_step += 1
-            sums += torch.tensor([loss * n, correct, n], dtype=torch.float64)
-            if self.teacher is not None:
-                kd_sums += torch.tensor([self._last_terms[0] * n, self._last_terms[1] * n], dtype=torch.float64)
+            kd, ce = self._last_terms if self.teacher is not None else (0.0, 0.0)
+            self._sums[:5] += torch.tensor([loss * n, correct, n, kd * n, ce * n], dtype=torch.float64)
             n_batches += 1
             if on_step is not None and n_batches % self.cfg.train.log_every == 0:
-                on_step({"loss": sums[0].item() / sums[2].item(), "lr": self.schedule.last_lr()})
-        seconds = time.perf_counter() - start
-        self.epoch_step = 0  # the pass is complete; the next one starts at its first batch
+                on_step({"loss": self._sums[0].item() / self._sums[2].item(), "lr": self.schedule.last_lr()})
+        seconds = earlier_s + time.perf_counter() - start
+        self.epoch_step, self._checkpointed_sums = 0, None  # the pass is complete; the next starts at its first batch
         self.sync_buffers()
-        sums = self._all_reduce(sums)
+        sums = self._all_reduce(self._sums[:5].clone())
         if sums[2] == 0:
             raise RuntimeError("the training data yielded no batches; is the training split empty?")
         metrics = {
@@ -168,10 +179,22 @@ class Engine:
             "lr": self.schedule.last_lr(),
         }
         if self.teacher is not None:  # train/loss is the mixed loss; these are its two terms
-            kd_sums = self._all_reduce(kd_sums)
-            metrics["train/kd_loss"] = kd_sums[0].item() / sums[2].item()
-            metrics["train/ce_loss"] = kd_sums[1].item() / sums[2].item()
+            metrics["train/kd_loss"] = sums[3].item() / sums[2].item()
+            metrics["train/ce_loss"] = sums[4].item() / sums[2].item()
         return metrics
+
+    def mid_epoch_progress(self) -> None:
+        """Every rank, before a mid-epoch checkpoint (a collective): keep the epoch's sums so far,
+        summed over ranks and divided by their number, for :meth:`state_dict`. A run resumed from
+        the checkpoint starts each rank from them, and the epoch's all-reduced sums come out whole."""
+        sums = self._sums.clone()
+        sums[5] += time.perf_counter() - self._started  # seconds: before this session (resumed) + in it
+        self._checkpointed_sums = self._all_reduce(sums) / self.world_size
+
+    def reseed_mid_epoch(self) -> None:
+        """Reseed for the rest of the epoch from its step: after a mid-epoch checkpoint in the run that
+        writes it, and in a run resumed from it once the trained batches are skipped."""
+        seed_everything(epoch_seed(self.cfg.train.seed, self.epoch, self.rank, step=self.epoch_step))
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         device = self.runtime.device
@@ -309,6 +332,7 @@ class Engine:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_step": self.epoch_step,
+            "epoch_sums": self._checkpointed_sums if self.epoch_step else None,
             "best_acc1": self.best_acc1,
             "best": self.best,
             "rng": rng_state(),
@@ -320,9 +344,10 @@ class Engine:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_scaler(state["scaler"])
         self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
         self.epoch_step = state.get("epoch_step", 0)
+        self._checkpointed_sums = state.get("epoch_sums")
         self.best = state.get("best") if self.keep_best else None
         set_rng_state(state["rng"])
 
@@ -341,11 +366,18 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])  # moments; its group settings are replaced below
         for group, own in zip(self.optimizer.param_groups, hyper):
             group.update(own)
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_scaler(state["scaler"])
         self.epoch, self.step, self.best_acc1 = state["epoch"], state["step"], state["best_acc1"]
         self.epoch_step = state.get("epoch_step", 0)
+        self._checkpointed_sums = state.get("epoch_sums")
         self.best = None  # this trial's best counts from the adopted epoch on, under its own hyperparameters
         self.schedule.fast_forward(self.step)
+
+    def _load_scaler(self, state: dict[str, Any]) -> None:
+        """The GradScaler's state; an empty one (a run without fp16, which keeps no scale) leaves a
+        fresh scaler, so a bf16 or fp32 checkpoint resumes under fp16 (amp auto on another GPU)."""
+        if state:
+            self.scaler.load_state_dict(state)
 
     def inference_model(self, weights: str = "last") -> nn.Module:
         """A standalone copy of the weights to export: ``last`` (as trained), ``ema`` (their

@@ -81,13 +81,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, rank).
+def epoch_seed(seed: int, epoch: int, rank: int = 0, step: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, rank), and per step within the epoch.
 
     Training reseeds at every epoch start, so resuming at an epoch boundary
-    replays exactly the same shuffles, augmentations and dropout masks.
+    replays exactly the same shuffles, augmentations and dropout masks; and
+    right after a mid-epoch checkpoint at ``step``, where a run resumed from it
+    reseeds too, so it continues with the same random draws as the run that wrote it.
     """
-    return (seed * 1_000_003 + epoch * 9_973 + rank * 101) % 2**31
+    return (seed * 1_000_003 + epoch * 9_973 + rank * 101 + step * 65_537) % 2**31
 
 
 def rng_state() -> dict:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from imgcls_core.config import Config
 from imgcls_core.data.preprocessing import Preprocessing
 from imgcls_core.data.records import SplitRecords
-from imgcls_core.engine.checkpoint import check_same_model, save_inference_model
+from imgcls_core.engine.checkpoint import (check_same_model, check_same_schedule, save_inference_model,
+                                           write_text_durably)
 from imgcls_core.engine.fit import StepCallback, WriteCheckpoint, fit
 from imgcls_core.engine.loop import Batch, Engine
 from imgcls_core.evaluation import (
@@ -137,10 +138,18 @@ class TrainingSession:
     # ------------------------------------------------------------------ starting point
 
     def resume(self, state: dict[str, Any] | None, where: str | Path | None) -> int:
-        """Continue from a checkpoint of this run (``None``: start at epoch 0); the epoch reached."""
+        """Continue from a checkpoint of this run (``None``: start at epoch 0); the epoch reached.
+
+        Once the checkpoint is accepted, rank 0 writes the run's ``config.yaml`` (what jobs.promote
+        --summary and jobs.register read as the config the run trained with): a refused resume
+        leaves the one of the run that wrote the checkpoint."""
         if state is None:
+            if self.is_writer:
+                self._trim_history(0)  # lines of an earlier attempt that crashed before its first checkpoint
+                write_text_durably(self.out / "config.yaml", self.cfg.to_yaml())
             return 0
         check_same_model(state, self.cfg.to_dict(), str(where))
+        check_same_schedule(state, self.cfg.to_dict(), str(where))
         self.engine.load_state_dict(state)
         self.checkpoint_run_id = state.get("extra", {}).get("mlflow_run_id")
         self.resumed_from = self.engine.epoch
@@ -149,6 +158,7 @@ class TrainingSession:
                                                       else "") + f" (checkpoint {where})")
         if self.is_writer:
             self._trim_history(e.epoch)
+            write_text_durably(self.out / "config.yaml", self.cfg.to_yaml())
         return e.epoch
 
     def adopt(self, state: dict[str, Any], where: str | Path) -> None:
@@ -162,10 +172,11 @@ class TrainingSession:
     def _trim_history(self, epoch: int) -> None:
         """Drop history lines past the resumed epoch: a crash after an epoch's line was written but
         before its checkpoint was committed re-runs that epoch, and it must be listed once."""
+        path = self.out / HISTORY_FILE
         rows = read_history(self.out)
         kept = [row for row in rows if int(row.get("epoch", 0)) <= epoch]
-        if len(kept) != len(rows):
-            (self.out / HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
+        if len(kept) != len(rows) or (path.exists() and not path.read_text().endswith("\n")):
+            write_text_durably(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     # ------------------------------------------------------------------ the run
 
@@ -304,10 +315,13 @@ class TrainingSession:
 
     def _summarize(self, tracker: Tracker, result: RunResult, skipped: int) -> dict:
         """Log the outcome to MLflow (once: a finished run that is only evaluated again does not log
-        its model again), end the MLflow run and write train_summary.json."""
+        its model again, unless it now ships other weights), end the MLflow run and write train_summary.json."""
         summary_file = self.out / SUMMARY_FILE
         earlier = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         logged_before = earlier.get("model_uri") and earlier.get("mlflow_run_id") == tracker.run_id
+        if logged_before and result.final_weights is not None:  # evaluated again, shipping other weights:
+            shipped = {k: (earlier.get("final_weights") or {}).get(k) for k in ("chosen", "source", "epoch")}
+            logged_before = shipped == {k: getattr(result.final_weights, k) for k in shipped}  # log those too
         test = result.test
         info, failure = None, None
         if (tracker.active and (result.history or not logged_before)) or (self.register_as and not tracker.active):
@@ -345,10 +359,21 @@ class TrainingSession:
 
 
 def read_history(out: Path) -> list[dict[str, float]]:
-    """The per-epoch metrics a run wrote to ``<output_dir>/history.jsonl``."""
+    """The per-epoch metrics a run wrote to ``<output_dir>/history.jsonl``. A last line cut short
+    (a full disk or a kill while appending it) is left out: that epoch's checkpoint was not
+    committed either, so the run re-trains it."""
     path = Path(out) / HISTORY_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    text = path.read_text() if path.exists() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON line ({exc}); the file is damaged") from None
+    return rows
 
 
 def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: Path,
