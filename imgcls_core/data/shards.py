@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from imgcls_core.data.records import decode_image
 
@@ -268,6 +268,9 @@ def convert_image_folder(
         classes, class_to_idx = find_classes(str(split_dirs["train"]))
     except FileNotFoundError:
         raise ValueError(f"{split_dirs['train']} has no class folders (<class>/<image>)") from None
+    if len(classes) < 2:
+        raise ValueError(f"{split_dirs['train']} has one class folder ({classes[0]!r}); a classifier needs at "
+                         f"least 2 (<class>/<image> for each class)")
     samples: dict[str, list[tuple[str, int]]] = {}
     for split, directory in split_dirs.items():
         found = sorted(p.name for p in directory.iterdir() if p.is_dir())
@@ -297,6 +300,13 @@ def _convert_labelled(src: Path, out: Path, labels_file: Path, split_dirs: dict[
                          f"label sets in {labels_file.name}")
     label_sets = read_label_sets(labels_file)
     classes, encode = label_set_classes(src, labels_file, label_sets, "train")
+    for split, directory in split_dirs.items():  # as training reads the folder: every image has a row
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and _not_hidden(str(p))
+                       and p.suffix.lower() in (*IMG_EXTENSIONS, ".gif"))
+        unlisted = [p.relative_to(src).as_posix() for p in files if p.relative_to(src).as_posix() not in label_sets]
+        if unlisted:
+            raise ValueError(f"{len(unlisted)} file(s) under {directory} have no row in {labels_file}, e.g. "
+                             f"{unlisted[:3]}; add them (an image with no labels gets an empty label list)")
     samples: dict[str, list[tuple[str, list[int]]]] = {}
     for key in sorted(label_sets):
         split = key.split("/", 1)[0]
@@ -330,6 +340,9 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if not written["train"].images:
+        example = f"; e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+        raise ValueError(f"none of the {len(samples['train'])} train file(s) could be used{example}; nothing to train on")
     for stale in set(SPLITS) - set(written):
         directory = out / stale
         if directory.is_dir() and all(p.suffix == ".parquet" for p in directory.iterdir()):

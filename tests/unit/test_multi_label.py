@@ -142,6 +142,10 @@ def test_multi_label_parquet_shards_round_trip_and_must_be_declared(tmp_path):
     assert sorted(splits.train.labels) == sorted([(0, 1), (1,), (), (0,)])
     with pytest.raises(ValueError, match="data.multi_label=true"):
         load_dataset(DataConfig(format="parquet", root=str(tmp_path / "shards")))
+    # as training reads the folder: an image without a row is refused, not left out without a word
+    (tmp_path / "src" / "val" / "g.png").write_bytes((tmp_path / "src" / "val" / "e.png").read_bytes())
+    with pytest.raises(ValueError, match=r"1 file\(s\) under .*val have no row in .*labels.csv, e.g. \['val/g.png'\]"):
+        convert_image_folder(tmp_path / "src", tmp_path / "shards2", labels_file="labels.csv", num_workers=1)
 
 
 def test_the_composed_digits_hold_two_to_four_real_digits_each(tmp_path):
