@@ -633,6 +633,18 @@ def validate(cfg: Config) -> None:
             f"optim.cosine_epochs: {cfg.optim.cosine_epochs} must be > 0 and at most train.epochs - "
             f"optim.warmup_epochs ({cfg.train.epochs - cfg.optim.warmup_epochs:g}) with schedule cosine_plateau"
         )
+    if not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas) or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must be two numbers in [0, 1) (AdamW's moment decays)")
+    splits = {"data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split,
+              "data.test_split": cfg.data.test_split}
+    if len(set(splits.values())) < len(splits):
+        raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in splits.items())}: the three splits must be "
+                          f"different folders (a model tested on its training images would look better than it is)")
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment: an MLflow experiment needs a name (default: imgcls)")
+    for key in ("tracking.register_as", "serve.model_name"):
+        if (error := registered_name_error(flat[key])) is not None:
+            raise ConfigError(f"{key}: {error}")
     if cfg.train.final_weights == "ema" and cfg.train.ema_decay <= 0:
         raise ConfigError("train.final_weights: ema needs an EMA of the weights; set train.ema_decay (e.g. 0.98) "
                           "or choose auto, best or last")
@@ -671,6 +683,17 @@ def validate(cfg: Config) -> None:
             torchvision_weights(cfg.model.pretrained)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def registered_name_error(name: str | None) -> str | None:
+    """Why MLflow's model registry would refuse ``name`` (None: it takes it, or no name is given)."""
+    if name is None:
+        return None
+    if not name.strip():
+        return "a registered model needs a name"
+    if "/" in name or ":" in name:
+        return f"{name!r}: MLflow's registered model names cannot contain '/' or ':'"
+    return None
 
 
 def is_multi_label(cfg: Config | DataConfig) -> bool:

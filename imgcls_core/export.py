@@ -199,7 +199,8 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
 
     Returns ``({format: file}, [ParityReport])``; writes ``parity.json`` beside
     the files. Raises :class:`ExportError` (after writing ``parity.json``) when any
-    export misses the tolerance or disagrees on a top-1 class.
+    export misses the tolerance or disagrees on a top-1 class; the files of the formats that
+    failed are renamed ``<name>.failed-parity``, so no failed export passes for a checked one.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -236,7 +237,11 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
                                                 indent=1))
     failed = [r for r in reports if not r.passed]
     if failed:
-        raise ExportError("parity check failed: " + "; ".join(r.summary() for r in failed))
+        for report in failed:
+            path = files[report.format]
+            path.replace(path.with_name(path.name + ".failed-parity"))
+        raise ExportError("parity check failed (the failed files are kept as *.failed-parity): "
+                          + "; ".join(r.summary() for r in failed))
     return files, reports
 
 

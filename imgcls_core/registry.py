@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -248,12 +247,13 @@ class Registry:
         for key, value in _strings(tags).items():
             self.client.set_model_version_tag(self.name, str(version), key, value)
 
-    def model_file(self, version: str, dst: str | Path | None = None) -> Path:
-        """Download the version's artifacts and return its ``model.pt``."""
+    def model_file(self, version: str, dst: str | Path) -> Path:
+        """Download the version's artifacts into ``dst`` (a folder the caller removes, e.g. a
+        TemporaryDirectory) and return its ``model.pt``."""
         import mlflow.artifacts
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-        dst = Path(dst or tempfile.mkdtemp(prefix="imgcls-model-"))
+        dst = Path(dst)
         uri = self.client.get_model_version_download_uri(self.name, str(version))
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.tracking_uri)
         found = sorted(glob.glob(f"{local}/**/model.pt", recursive=True))

@@ -4,12 +4,14 @@ ends (:func:`run_main`: one exit-code policy and one ``error: ...`` line for eve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from imgcls_core.config import TORCHVISION_PREFIX, Config, ConfigError, load_config
 from imgcls_core.tracking import describe_tracking_error, is_unreachable
@@ -88,6 +90,31 @@ def init_local_ray(**kwargs) -> None:
     worker_niceness_default()
     serve_ingress_default(own_ports=True)
     ray.init(address="local", **kwargs)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (``--stop-after N``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def read_json(path: str | Path, what: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object ``what`` (e.g. "a training summary") in ``path``, with ``keys``; a ValueError
+    naming the file when it is not that (damaged, or written by something else)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); is it {what}?") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if not isinstance(data, dict) or missing:
+        raise ValueError(f"{path} is not {what}: it has no {', '.join(repr(k) for k in missing) or 'fields'}")
+    return data
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, ray_address: bool = False) -> None:

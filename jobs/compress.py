@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +49,9 @@ TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "bf16": "bf16", "prune-
             "prune-structured": "prune_structured"}
 
 
-def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
-    """``(model file, registry or None, version or None)`` for the model the arguments name."""
+def resolve_model(cfg: Config, args: argparse.Namespace, work: Path, log=print):
+    """``(model file, registry or None, version or None)`` for the model the arguments name (a
+    registry version is downloaded into ``work``)."""
     if args.model_file:
         path = Path(resolve_path(args.model_file))
         if not path.exists():
@@ -60,17 +62,21 @@ def resolve_model(cfg: Config, args: argparse.Namespace, log=print):
     registry = Registry(cfg.tracking.tracking_uri, args.model)
     version = registry.resolve(args.alias, args.version)  # a registry that fails raises: never "no such alias"
     log(f"{args.model} v{version.version} (run {version.run_id})")
-    return registry.model_file(version.version), registry, version
+    return registry.model_file(version.version, work), registry, version
 
 
 def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
     """Load the model and data, compress, write the report; returns the report as a dict."""
+    cfg = resolve_config_paths(cfg)
+    with tempfile.TemporaryDirectory(prefix="imgcls-model-") as work:
+        return _run(cfg, args, *resolve_model(cfg, args, Path(work), log), log=log)
+
+
+def _run(cfg: Config, args: argparse.Namespace, model_file: Path, registry, version, log=print) -> dict:
     from imgcls_core import compress
     from imgcls_core.data import load_dataset
     from imgcls_core.export import load_eager
 
-    cfg = resolve_config_paths(cfg)
-    model_file, registry, version = resolve_model(cfg, args, log)
     out = Path(resolve_path(args.out)) if args.out else Path(cfg.train.output_dir) / "compress" / args.method
     splits = load_dataset(cfg.data)
     if splits.test is None:
@@ -92,7 +98,8 @@ def run(cfg: Config, args: argparse.Namespace, log=print) -> dict:
                                               calibrate=args.calibrate, log=log, **measure)
     log(report.summary())
     log(f"files in {out} ({time.perf_counter() - start:.0f}s)")
-    result = {"method": args.method, "model_file": str(model_file), **report.to_dict(),
+    source = str(model_file) if registry is None else f"models:/{args.model}/{version.version}"
+    result = {"method": args.method, "model_file": source, **report.to_dict(),
               "files": {k: str(v) for k, v in files.items()}}
     if registry is not None:
         result["model"], result["version"] = args.model, str(version.version)

@@ -23,11 +23,12 @@ Exit status: 0 on success, 1 when training failed, 2 on a bad config (or no teac
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config
+from jobs.common import add_config_args, job_config, positive_int
 from jobs.train import run_job, run_training
 
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the teacher: models:/<name>@<alias>, models:/<name>/<version> or a model.pt path "
                              "(same as --set distill.teacher=URI)")
     parser.add_argument("--register", metavar="NAME", help="register the student under this name")
-    parser.add_argument("--stop-after", type=int, metavar="N",
+    parser.add_argument("--stop-after", type=positive_int, metavar="N",
                         help="stop after N epochs of this invocation (re-run with the same name to resume)")
     return parser
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.teacher:
-        argv = [*(sys.argv[1:] if argv is None else argv), "--set", f"distill.teacher={args.teacher}"]
+        # quoted: a YAML string whatever the path holds ('#', '@', ': ')
+        argv = [*(sys.argv[1:] if argv is None else argv), "--set", f"distill.teacher={json.dumps(args.teacher)}"]
     args, cfg, done = job_config(parser, argv)
     if done is not None:
         return done

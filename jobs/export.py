@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config, resolve_config_paths, run_main
+from jobs.common import add_config_args, job_config, positive_int, resolve_config_paths, run_main
 
 
 def check_batch(cfg: Config, model_file: Path, images: int) -> torch.Tensor:
@@ -62,44 +64,47 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
     cfg = resolve_config_paths(cfg)
     registry = mv = None
     work = Path(tempfile.mkdtemp(prefix="imgcls-export-"))
-    if model_file is None:
-        registry = Registry(cfg.tracking.tracking_uri, model_name)
-        mv = registry.resolve(alias, version)  # a registry that fails raises: never "no such alias"
-        model_path = registry.model_file(mv.version, work / "download")
-        source = f"models:/{model_name}/{mv.version}" + (f" (@{alias})" if version is None else "")
-    else:
-        model_path = Path(model_file)
-        if not model_path.exists():
-            raise FileNotFoundError(f"model file {model_path} does not exist")
-        source = str(model_path)
-    out_dir = Path(out) if out else Path(cfg.train.output_dir) / "exports" / (f"v{mv.version}" if mv else "file")
-    log(f"exporting {source} to {', '.join(formats)} (opset {opset}) in {out_dir}")
-    batch = check_batch(cfg, model_path, check_images)
-    files, reports = export_model(model_path, batch, out_dir, formats=formats, opset=opset,
-                                  tolerance=tolerance, trt_precision=trt_precision, log=log)
-    summary = {"source": source, "opset": opset, "tolerance": tolerance,
-               "files": {fmt: str(path) for fmt, path in files.items()},
-               "size_mb": {fmt: round(file_size_mb(path), 3) for fmt, path in files.items()},
-               "parity": {r.format: r.to_dict() for r in reports}}
-    if mv is None:
+    try:
+        if model_file is None:
+            registry = Registry(cfg.tracking.tracking_uri, model_name)
+            mv = registry.resolve(alias, version)  # a registry that fails raises: never "no such alias"
+            model_path = registry.model_file(mv.version, work / "download")
+            source = f"models:/{model_name}/{mv.version}" + (f" (@{alias})" if version is None else "")
+        else:
+            model_path = Path(model_file)
+            if not model_path.exists():
+                raise FileNotFoundError(f"model file {model_path} does not exist")
+            source = str(model_path)
+        out_dir = Path(out) if out else Path(cfg.train.output_dir) / "exports" / (f"v{mv.version}" if mv else "file")
+        log(f"exporting {source} to {', '.join(formats)} (opset {opset}) in {out_dir}")
+        batch = check_batch(cfg, model_path, check_images)
+        files, reports = export_model(model_path, batch, out_dir, formats=formats, opset=opset,
+                                      tolerance=tolerance, trt_precision=trt_precision, log=log)
+        summary = {"source": source, "opset": opset, "tolerance": tolerance,
+                   "files": {fmt: str(path) for fmt, path in files.items()},
+                   "size_mb": {fmt: round(file_size_mb(path), 3) for fmt, path in files.items()},
+                   "parity": {r.format: r.to_dict() for r in reports}}
+        if mv is None:
+            (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
+            return summary
+        artifact_path = f"exports/v{mv.version}"
+        tags = {"export.opset": opset}
+        for r in reports:
+            name = Path(files[r.format]).name
+            tags.update({f"export.{r.format}.uri": f"runs:/{mv.run_id}/{artifact_path}/{name}",
+                         f"export.{r.format}.max_abs_diff": r.max_abs_diff,
+                         f"export.{r.format}.top1_agreement": r.top1_agreement,
+                         f"export.{r.format}.check_images": r.images})
+        summary["registry"] = {"model": model_name, "version": str(mv.version), "run_id": mv.run_id,
+                               "artifact_path": artifact_path, "tags": sorted(tags)}
+        # Written before the upload, so the run holds it beside the files it describes.
         (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
+        registry.client.log_artifacts(mv.run_id, str(out_dir), artifact_path=artifact_path)
+        registry.tag(mv.version, tags)
+        log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
         return summary
-    artifact_path = f"exports/v{mv.version}"
-    tags = {"export.opset": opset}
-    for r in reports:
-        name = Path(files[r.format]).name
-        tags.update({f"export.{r.format}.uri": f"runs:/{mv.run_id}/{artifact_path}/{name}",
-                     f"export.{r.format}.max_abs_diff": r.max_abs_diff,
-                     f"export.{r.format}.top1_agreement": r.top1_agreement,
-                     f"export.{r.format}.check_images": r.images})
-    summary["registry"] = {"model": model_name, "version": str(mv.version), "run_id": mv.run_id,
-                           "artifact_path": artifact_path, "tags": sorted(tags)}
-    # Written before the upload, so the run holds it beside the files it describes.
-    (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
-    registry.client.log_artifacts(mv.run_id, str(out_dir), artifact_path=artifact_path)
-    registry.tag(mv.version, tags)
-    log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
-    return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the downloaded version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model-file", help="export this model.pt or checkpoint instead of a registry version")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--alias", default="champion", help="registry alias to export (default: champion)")
-    which.add_argument("--version", help="registry version number to export")
+    which.add_argument("--version", type=positive_int, help="registry version number to export")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                         help=f"comma-separated, from {','.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)}; "
                              f"tensorrt needs a CUDA GPU and the tensorrt extra)")
@@ -142,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --opset {args.opset}: choose {MIN_OPSET}..{MAX_OPSET}, the opsets torch.onnx's exporter "
               f"writes natively", file=sys.stderr)
         return 2
-    if args.tolerance <= 0 or args.check_images < 2:
-        print("error: --tolerance must be > 0 and --check-images >= 2", file=sys.stderr)
+    if not math.isfinite(args.tolerance) or args.tolerance <= 0 or args.check_images < 2:
+        print("error: --tolerance must be a number > 0 and --check-images >= 2", file=sys.stderr)
         return 2
 
     def body() -> None:

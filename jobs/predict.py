@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="-", metavar="CSV", help="where to write the CSV (default: stdout)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image in the top_k column (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run the model (default cpu)")
     return parser
 
 
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
+    if args.out != "-" and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder; name the CSV file to write")
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return run_main(lambda: predict(args, tracking_uri), what="prediction", tracking_uri=tracking_uri)
 
@@ -171,6 +173,8 @@ def predict(args: argparse.Namespace, tracking_uri: str | None) -> int:
     where = "" if args.out == "-" else f" -> {args.out}"
     print(f"classified {classified} of {len(paths)} images with {source}"
           f"{f' ({errors} could not be read: see the error column)' if errors else ''}{where}", file=sys.stderr)
+    if not classified:
+        print(f"error: none of the {len(paths)} images could be read (the error column says why)", file=sys.stderr)
     return 0 if classified else 1
 
 

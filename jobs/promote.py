@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from imgcls_core.config import Config, score_name
 from imgcls_core.tracking import SUMMARY_FILE
-from jobs.common import add_config_args, config_beside, config_or_exit, resolve_config_paths, run_main
+from jobs.common import add_config_args, config_beside, config_or_exit, read_json, resolve_config_paths, run_main
 
 DATA_TAG = "imgcls.test_data_sha256"
 
@@ -52,11 +53,12 @@ def candidate_run(cfg: Config, run_id: str | None, summary: str | Path | None = 
     if not sweep_file.exists():
         raise FileNotFoundError(f"no sweep summary at {sweep_file}; run `python -m jobs.tune` with this config "
                                 f"first, or pass --run-id or --summary <output_dir>/{SUMMARY_FILE}")
-    sweep = json.loads(sweep_file.read_text())
+    sweep = read_json(sweep_file, "a sweep summary (jobs.tune writes it)",
+                      ("best_output_dir", "best_trial", "sweep", "parent_run_id"))
     trial_file = Path(sweep["best_output_dir"]) / SUMMARY_FILE
     if not trial_file.exists():
         raise FileNotFoundError(f"the sweep's best trial left no {trial_file}; did it finish?")
-    trial = json.loads(trial_file.read_text())
+    trial = read_json(trial_file, "a training summary")
     if not trial.get("mlflow_run_id"):
         raise LookupError(f"the best trial {sweep['best_trial']} has no MLflow run; was tracking enabled?")
     return trial["mlflow_run_id"], {"imgcls.sweep": sweep["sweep"], "imgcls.sweep_run_id": sweep["parent_run_id"],
@@ -68,7 +70,7 @@ def summary_run(summary: Path) -> tuple[str, dict[str, Any]]:
     if not summary.is_file():
         raise FileNotFoundError(f"no training summary at {summary}; jobs.train and jobs.train_local write "
                                 f"<train.output_dir>/{SUMMARY_FILE} once every epoch ran")
-    run_id = json.loads(summary.read_text()).get("mlflow_run_id")
+    run_id = read_json(summary, "a training summary (jobs.train and jobs.train_local write it)").get("mlflow_run_id")
     if not run_id:
         model = summary.parent / "model.pt"
         raise LookupError(f"{summary} names no MLflow run (tracking was off); register the model first: "
@@ -103,7 +105,9 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
     def test_score(v) -> float:
         if v.tags.get(DATA_TAG) == data_hash and score_tag in v.tags:
             return float(v.tags[score_tag])  # measured on this very split before
-        report = Predictor.from_file(registry.model_file(v.version)).evaluate(test, cfg.data.eval_batch_size)
+        with tempfile.TemporaryDirectory(prefix="imgcls-model-") as tmp:
+            predictor = Predictor.from_file(registry.model_file(v.version, tmp))
+        report = predictor.evaluate(test, cfg.data.eval_batch_size)
         registry.tag(v.version, {**report.metrics("test/"), DATA_TAG: data_hash})
         log(f"{model_name} v{v.version}: test {'top-1' if metric == 'acc1' else metric} {report.score:.4f} "
             f"on {len(test)} images")
@@ -150,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.summary and not Path(args.summary).is_file():
+        print(f"error: no training summary at {args.summary}; jobs.train and jobs.train_local write "
+              f"<train.output_dir>/{SUMMARY_FILE} once every epoch ran", file=sys.stderr)
+        return 2
     if args.summary and not args.config:
         args.config = config_beside(args.summary)  # the run's own data, test split and tracking server
         if args.config is None and not args.overrides:

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.common import add_config_args, config_beside, config_or_exit, run_main
+from imgcls_core.config import registered_name_error
+from jobs.common import add_config_args, config_beside, config_or_exit, read_json, run_main
 
 SHA_TAG = "imgcls.model_sha256"
 
@@ -45,7 +46,7 @@ def read_summary(model_file: Path) -> tuple[Path | None, dict[str, Any]]:
     path = model_file.parent / SUMMARY_FILE
     if not path.is_file():
         return None, {}
-    return path, json.loads(path.read_text())
+    return path, read_json(path, "a training summary (jobs.train and jobs.train_local write it)")
 
 
 def register(model_file: Path, name: str, tracking_uri: str | None, experiment: str, *, log=print):
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, done = config_or_exit(args)
     if done is not None:
         return done
+    if args.name is not None and (error := registered_name_error(args.name)) is not None:
+        print(f"error: --name: {error}", file=sys.stderr)  # before a run is logged for it
+        return 2
 
     def body() -> None:
         if not model_file.is_file():

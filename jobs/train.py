@@ -35,7 +35,8 @@ from typing import Any
 from imgcls_core.config import Config, is_multi_label, score_name
 from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.output_dir
 from jobs.common import (
-    add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, resolve_path, run_main,
+    add_config_args, fit_to_cluster, init_ray, is_uri, job_config, positive_int, resolve_config_paths, resolve_path,
+    run_main,
 )
 from jobs.train_worker import DECODE_BLOCK_ROWS, augment_batch, decode_batch, decode_pixels, train_loop_per_worker
 
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser, ray_address=True)
     parser.add_argument("--register", metavar="NAME", help="register the final model under this name")
-    parser.add_argument("--stop-after", type=int, metavar="N",
+    parser.add_argument("--stop-after", type=positive_int, metavar="N",
                         help="stop after N epochs of this invocation (re-run with the same name to resume)")
     return parser
 
@@ -389,6 +390,7 @@ def run_job(cfg: Config, args: argparse.Namespace, run=None, what: str = "traini
         register_as = args.register or cfg.tracking.register_as
         if register_as:
             cfg.tracking.enabled = True
+        check_data(cfg, "dataloader")  # before Ray: a data.root that is not there is not a cluster problem
         init_ray(args.address)
         summary = (run or run_training)(cfg, register_as=register_as, stop_after=args.stop_after)
         print(json.dumps(summary, indent=1))

@@ -21,13 +21,13 @@ import argparse
 import sys
 
 from imgcls_core.config import Config
-from jobs.common import add_config_args, job_config, resolve_config_paths, run_main
+from jobs.common import add_config_args, job_config, positive_int, resolve_config_paths, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train_local", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                         help="stop after N epochs of this invocation (resume later by re-running)")
     return parser
 

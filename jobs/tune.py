@@ -40,7 +40,7 @@ from jobs.common import (
     INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, run_main,
 )
 from jobs.train import SUMMARY_FILE, check_data, resolve_ingest
-from tune_spaces import plain
+from tune_spaces import SpaceError, plain
 
 TRIAL_DRIVER_CPU = 0.1  # Tune needs a non-empty request for the function that drives a trial
 
@@ -452,7 +452,8 @@ def _as_grid(space) -> dict[str, Any]:
     out = {}
     for key, dist in space.dists.items():
         if dist.kind not in ("choice", "grid"):
-            raise ValueError(f"tune.search=grid needs list distributions; {key} is {dist.kind}")
+            raise SpaceError(f"tune.search=grid needs list distributions (choice, grid); {key} is {dist.kind} "
+                             f"in the space {space.name}")
         out[key] = tune.grid_search(list(dist.args))
     return out
 
@@ -499,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from tune_spaces import load_space
 
-        load_space(cfg.tune.space, cfg)  # a bad space (exit 2) and missing data (exit 1) fail before Ray starts
+        # a bad space or metric (exit 2) and missing data (exit 1) fail before Ray starts
+        space = load_space(cfg.tune.space, cfg)
+        check_tune_metric(cfg)
+        if cfg.tune.search == "grid":
+            _as_grid(space)
         check_sweep_data(cfg)
         init_ray(args.address)
         summary = run_sweep(cfg, check_data=False)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from imgcls_core.config import TORCHVISION_PREFIX
+from imgcls_core.config import TORCHVISION_PREFIX, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def freeze_stages(model: nn.Module, n: int) -> nn.Module:
     if stages is None:
         raise ValueError(f"{type(bare).__name__} defines no stage_names, so no stages to freeze")
     if not 0 <= n <= len(stages):
-        raise ValueError(
-            f"freeze_stages={n} is out of range for {type(bare).__name__}: it has {len(stages)} "
+        raise ConfigError(  # a setting of the run's config: exit 2, as for every config mistake
+            f"model.freeze_stages={n} is out of range for {type(bare).__name__}: it has {len(stages)} "
             f"stages ({', '.join('+'.join(s) for s in stages)}), so use 0..{len(stages)}"
         )
     for stage in stages[:n]:

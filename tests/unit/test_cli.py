@@ -64,6 +64,35 @@ def test_python_m_jobs_submit_help_exits_0_in_a_fresh_process():
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 
+@pytest.mark.parametrize("module", ["jobs.train_local", "jobs.train", "jobs.distill"])
+def test_stop_after_must_be_a_positive_number_of_epochs(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--stop-after", "0"])
+    assert done.value.code == 2 and "--stop-after: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_promote_and_register_name_what_is_wrong_with_their_inputs(tmp_path, capsys):
+    from jobs.promote import main as promote
+    from jobs.register import main as register
+
+    assert promote(["--summary", str(tmp_path / "none.json")]) == 2
+    assert "no training summary at" in capsys.readouterr().err
+    (tmp_path / "train_summary.json").write_text("{bad")
+    assert promote(["--summary", str(tmp_path / "train_summary.json"), "--set", "data.format=digits"]) == 1
+    assert "train_summary.json is not valid JSON" in capsys.readouterr().err
+    (tmp_path / "sweep_summary.json").write_text('{"sweep": "s"}')
+    assert promote(["--set", f"train.output_dir={tmp_path}", "--set", "data.format=digits"]) == 1
+    assert "sweep_summary.json is not a sweep summary (jobs.tune writes it): it has no 'best_output_dir'" in (
+        capsys.readouterr().err)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"x")
+    assert register(["--model", str(model), "--name", "team/digits"]) == 2  # before any run is logged
+    assert "--name: 'team/digits': MLflow's registered model names cannot contain '/' or ':'" in (
+        capsys.readouterr().err)
+
+
 def test_bad_step_and_no_step_exit_2(capsys):
     assert cli.main(["trian"]) == 2
     assert "unknown step 'trian'" in capsys.readouterr().err
@@ -143,7 +172,14 @@ def test_predict_to_stdout_and_failures(model_file, tmp_path, capsys):
 
     (tmp_path / "bad.jpg").write_bytes(b"")
     assert predict(["--model", str(model_file), str(tmp_path / "bad.jpg")]) == 1  # nothing classified
-    assert "classified 0 of 1 images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "classified 0 of 1 images" in err and "error: none of the 1 images could be read" in err
+    with pytest.raises(SystemExit) as bad:  # argparse: exit 2 before any image is read
+        predict(["--model", str(model_file), "--out", str(tmp_path), str(files[0])])
+    assert bad.value.code == 2 and "is a folder; name the CSV file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict(["--model", str(model_file), "--device", "tpu", str(files[0])])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
     assert predict(["--model", str(tmp_path / "nope.pt"), str(files[0])]) == 1
     assert "cannot load the model" in capsys.readouterr().err
     assert predict(["--model", "models:/x@", str(files[0])]) == 1

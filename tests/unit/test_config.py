@@ -44,6 +44,11 @@ def test_bad_choice_lists_the_allowed_values():
         ("optim.warmup_epochs=20", "optim.warmup_epochs"),
         ("optim.milestones=[0.8, 0.2]", "optim.milestones"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("optim.betas=[2, 3]", r"optim\.betas: \[2\.0, 3\.0\] must be two numbers in \[0, 1\)"),
+        ("data.test_split=val", "the three splits must be different folders"),
+        ("tracking.experiment=' '", "tracking.experiment: an MLflow experiment needs a name"),
+        ("tracking.register_as=team/digits", r"tracking\.register_as: 'team/digits': .* cannot contain '/' or ':'"),
+        ("serve.model_name=''", "serve.model_name: a registered model needs a name"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):
