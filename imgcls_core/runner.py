@@ -70,7 +70,8 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
                 f"train.resume is false, but {out} holds a run's checkpoints (up to {checkpoints.latest().name}); "
                 f"a new run there would mix into that run's history, MLflow run and checkpoints: "
                 f"set another train.output_dir, or move {checkpoints.root} away")
-        found = checkpoints.load_latest(map_location=session.engine.runtime.device, log=log) if cfg.train.resume else None
+        device = session.engine.runtime.device
+        found = checkpoints.load_latest(map_location=device, log=log) if cfg.train.resume else None
         session.resume(*(found or (None, None)))
         tracker = start_tracking(cfg, splits, out, log)
         try:

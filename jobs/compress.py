@@ -187,12 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how activation ranges are set from the calibration images")
     quant.add_argument("--batch-size", type=int, default=64, help="batch of the images/s measurement")
     quant.add_argument("--threads", type=int, default=0, help="intra-op threads for every model (0: torch's)")
-    quant.add_argument("--repeats", type=int, default=10, help="timed repeats, the median reported (default: %(default)s)")
+    quant.add_argument("--repeats", type=int, default=10,
+                       help="timed repeats, the median reported (default: %(default)s)")
     pruning = parser.add_argument_group("pruning")
-    pruning.add_argument("--amount", type=float, default=0.5, help="fraction of weights/channels to prune (default: %(default)s)")
+    pruning.add_argument("--amount", type=float, default=0.5,
+                         help="fraction of weights/channels to prune (default: %(default)s)")
     pruning.add_argument("--norm", type=int, default=1, choices=(1, 2), help="structured pruning: L1 or L2")
-    pruning.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after pruning (default: %(default)s)")
-    pruning.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default: %(default)s)")
+    pruning.add_argument("--finetune-epochs", type=int, default=3,
+                         help="fine-tuning epochs after pruning (default: %(default)s)")
+    pruning.add_argument("--finetune-lr", type=float, default=0.01,
+                         help="fine-tuning learning rate (default: %(default)s)")
     return parser
 
 

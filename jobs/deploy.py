@@ -29,13 +29,16 @@ from jobs.common import add_config_args, init_ray, job_config, run_main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.deploy", description=__doc__.split("\n\n")[0])
     add_config_args(parser, ray_address=True)
-    parser.add_argument("--model", help="registered model name (default: serve.model_name, else tracking.register_as, else 'imgcls')")
+    parser.add_argument("--model", help="registered model name (default: serve.model_name, else "
+                                         "tracking.register_as, else 'imgcls')")
     parser.add_argument("--name", default="imgcls", help="Serve application name (default: %(default)s)")
     parser.add_argument("--route-prefix", default="/")
-    parser.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (if it is not running; default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="where Serve's HTTP proxy listens (if it is not running; default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
     parser.add_argument("--predict", nargs="*", default=[], metavar="IMAGE", help="classify these files once up")
-    parser.add_argument("--wait-s", type=float, default=300.0, help="how long to wait for the endpoint (default: %(default)s s)")
+    parser.add_argument("--wait-s", type=float, default=300.0,
+                        help="how long to wait for the endpoint (default: %(default)s s)")
     parser.add_argument("--delete", action="store_true", help="delete the application instead of deploying it")
     return parser
 

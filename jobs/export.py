@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"max abs logit difference allowed (default {DEFAULT_TOLERANCE:g})")
-    parser.add_argument("--check-images", type=int, default=128, help="real images in the parity check batch (default: %(default)s)")
-    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/v<N>, or .../exports/file with --model-file)")
+    parser.add_argument("--check-images", type=int, default=128,
+                        help="real images in the parity check batch (default: %(default)s)")
+    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/v<N>, or "
+                                       ".../exports/file with --model-file)")
     return parser
 
 

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="-", metavar="CSV", help="where to write the CSV (default: stdout)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image in the top_k column (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run the model (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where to run the model (default cpu)")
     return parser
 
 

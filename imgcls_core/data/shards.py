@@ -342,7 +342,8 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
             pool.shutdown(cancel_futures=True)
     if not written["train"].images:
         example = f"; e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
-        raise ValueError(f"none of the {len(samples['train'])} train file(s) could be used{example}; nothing to train on")
+        raise ValueError(f"none of the {len(samples['train'])} train file(s) could be used{example}; "
+                         f"nothing to train on")
     for stale in set(SPLITS) - set(written):
         directory = out / stale
         if directory.is_dir() and all(p.suffix == ".parquet" for p in directory.iterdir()):

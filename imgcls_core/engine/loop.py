@@ -149,7 +149,8 @@ class Engine:
         if self.teacher is not None:
             self.teacher.eval()  # BN statistics and dropout of the teacher stay frozen
         skip, restored = self.epoch_step, self._checkpointed_sums
-        self._sums = restored.clone() if skip and restored is not None else torch.zeros(len(PROGRESS), dtype=torch.float64)
+        fresh = torch.zeros(len(PROGRESS), dtype=torch.float64)
+        self._sums = restored.clone() if skip and restored is not None else fresh
         self._started = start = time.perf_counter()
         n_batches, earlier_s = 0, self._sums[5].item()
         it = iter(batches)
@@ -184,9 +185,12 @@ class Engine:
         return metrics
 
     def mid_epoch_progress(self) -> None:
-        """Every rank, before a mid-epoch checkpoint (a collective): keep the epoch's sums so far,
+        """Every rank, before a mid-epoch checkpoint (collectives): keep the epoch's sums so far,
         summed over ranks and divided by their number, for :meth:`state_dict`. A run resumed from
-        the checkpoint starts each rank from them, and the epoch's all-reduced sums come out whole."""
+        the checkpoint starts each rank from them, and the epoch's all-reduced sums come out whole.
+        The ranks' BatchNorm statistics are averaged first, as at an epoch's end: every rank of the
+        resumed run loads rank 0's, so all ranks of this run continue from that same average."""
+        self.sync_buffers()
         sums = self._sums.clone()
         sums[5] += time.perf_counter() - self._started  # seconds: before this session (resumed) + in it
         self._checkpointed_sums = self._all_reduce(sums) / self.world_size
