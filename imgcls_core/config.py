@@ -583,6 +583,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("ray.cpus_per_worker", 0.0, 1024),
     ("ray.gpus_per_worker", 0.0, 64),
     ("ray.max_failures", -1, 1000),
+    ("tracking.promote_margin", -1.0, 1.0),  # a difference of two fractions (top-1 or mAP)
     ("tune.num_samples", 1, 100_000),
     ("tune.grace_period", 1, 100_000),
     ("tune.reduction_factor", 1.01, 100.0),

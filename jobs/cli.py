@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     step, rest = argv[0], argv[1:]
     module = STEPS.get(step) or STEPS.get(step.replace("_", "-"))
     if module is None:
-        print(f"imgcls: unknown step {step!r}; choose from {', '.join(STEPS)} (imgcls --help)", file=sys.stderr)
+        close = difflib.get_close_matches(step, list(STEPS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"imgcls: unknown step {step!r}{hint} Choose from {', '.join(STEPS)} (imgcls --help)", file=sys.stderr)
         return 2
     from jobs.common import run_main
 

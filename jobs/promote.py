@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.summary and not Path(args.summary).is_file():
+    if args.summary and not Path(args.summary).is_file() and not args.print_config:
         print(f"error: no training summary at {args.summary}; jobs.train and jobs.train_local write "
               f"<train.output_dir>/{SUMMARY_FILE} once every epoch ran", file=sys.stderr)
         return 2
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, done = config_or_exit(args)
     if done is not None:
         return done
+    if args.margin is not None and not math.isfinite(args.margin):
+        print(f"error: --margin must be a number (it is {args.margin})", file=sys.stderr)
+        return 2
     if args.force and not (args.reason or "").strip():
         print("error: --force needs --reason TEXT (it is recorded on the model version)", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ def test_promote_and_register_name_what_is_wrong_with_their_inputs(tmp_path, cap
 
 def test_bad_step_and_no_step_exit_2(capsys):
     assert cli.main(["trian"]) == 2
-    assert "unknown step 'trian'" in capsys.readouterr().err
+    assert "unknown step 'trian'; did you mean 'train'?" in capsys.readouterr().err
     assert cli.main([]) == 2
     assert "usage: imgcls <step>" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
