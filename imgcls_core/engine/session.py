@@ -138,15 +138,8 @@ class TrainingSession:
     # ------------------------------------------------------------------ starting point
 
     def resume(self, state: dict[str, Any] | None, where: str | Path | None) -> int:
-        """Continue from a checkpoint of this run (``None``: start at epoch 0); the epoch reached.
-
-        Once the checkpoint is accepted, rank 0 writes the run's ``config.yaml`` (what jobs.promote
-        --summary and jobs.register read as the config the run trained with): a refused resume
-        leaves the one of the run that wrote the checkpoint."""
+        """Continue from a checkpoint of this run (``None``: start at epoch 0); the epoch reached."""
         if state is None:
-            if self.is_writer:
-                self._trim_history(0)  # lines of an earlier attempt that crashed before its first checkpoint
-                write_text_durably(self.out / "config.yaml", self.cfg.to_yaml())
             return 0
         check_same_model(state, self.cfg.to_dict(), str(where))
         check_same_schedule(state, self.cfg.to_dict(), str(where))
@@ -156,9 +149,6 @@ class TrainingSession:
         e = self.engine
         self.log(f"resuming from epoch {e.epoch}" + (f", step {e.epoch_step} of epoch {e.epoch + 1}" if e.epoch_step
                                                       else "") + f" (checkpoint {where})")
-        if self.is_writer:
-            self._trim_history(e.epoch)
-            write_text_durably(self.out / "config.yaml", self.cfg.to_yaml())
         return e.epoch
 
     def adopt(self, state: dict[str, Any], where: str | Path) -> None:
@@ -189,6 +179,13 @@ class TrainingSession:
         output_dir resumes it), FINISHED after packaging."""
         start = time.perf_counter()
         cfg, engine = self.cfg, self.engine
+        if self.is_writer:
+            # From the epoch it starts at (0, resumed or adopted): history lines past it are of an
+            # attempt that crashed before its next checkpoint, and that epoch is trained again.
+            self._trim_history(engine.epoch)
+            # What jobs.promote --summary and jobs.register read as the config the run trained with;
+            # written once a resume was accepted (a refused one leaves the run's own).
+            write_text_durably(self.out / "config.yaml", cfg.to_yaml())
         if engine.epoch >= cfg.train.epochs:
             self.log(f"run already finished all {cfg.train.epochs} epochs; evaluating its model again")
         history = fit(engine, self._show_samples(self.data.train), self.data.val, self.pre, self._reporter(tracker),

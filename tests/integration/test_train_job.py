@@ -60,6 +60,8 @@ def test_two_workers_on_parquet_shards_reach_97_percent(ray_session, digits_shar
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
     assert {"config.yaml", "class_index.json", "confusion_matrix.png", "learning_curves.png"} <= artifacts
     assert summary["registered_version"] == 1
+    # the run's config beside its summary (rank 0 writes it), which jobs.promote --summary reads
+    assert load_config(str(tmp_path / "out" / "config.yaml")).model.name == "cnn3"
 
     # The logged MLflow model: a batch of 8 real test images, of a size it was never traced with.
     files = sorted((digits_root / "test").glob("*/*.png"))[::45][:8]
