@@ -390,7 +390,9 @@ def run_job(cfg: Config, args: argparse.Namespace, run=None, what: str = "traini
         register_as = args.register or cfg.tracking.register_as
         if register_as:
             cfg.tracking.enabled = True
-        check_data(cfg, "dataloader")  # before Ray: a data.root that is not there is not a cluster problem
+        # before Ray: a data.root that is not there is not a cluster problem (paths as the plan resolves
+        # them: against IMGCLS_BASE_DIR in a submitted job, whose working directory holds no data)
+        check_data(resolve_config_paths(cfg), "dataloader")
         init_ray(args.address)
         summary = (run or run_training)(cfg, register_as=register_as, stop_after=args.stop_after)
         print(json.dumps(summary, indent=1))
