@@ -929,8 +929,9 @@ SOAK_SECONDS = 40
 
 def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(serve_url, digits_root):
     """Open-loop load at 70% of the app's measured capacity: no errors, p99 of the last third within
-    3x the first third's or under half a second (a queue that builds up at 70% grows past that
-    within seconds; a brief stall of the 2 shared cores gives a few hundred ms), replica memory
+    3x the first third's or under half a second, pooled or as the median of its 5 s windows (a
+    queue that builds up at 70% grows past that within seconds; a brief stall of the 2 shared cores
+    gives one window a few hundred ms), replica memory
     growth under 64 MB. At most 2% shed: when the load generator stalls with the shared cores
     it sends the missed requests in one burst, and the queue bound may answer some of them 503
     with Retry-After, as designed (one of 15,378 in one CI run; 87 of 11,364, all in one burst,
@@ -948,7 +949,12 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
     # 2xx answers that arrived during the soak, per second: the load was served, not only sent.
     assert result["achieved_rate"] >= 0.9 * result["target_rate"], result
     assert result["p99_drift"] is not None, result["windows"]
-    assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500, result["windows"]
+    # A queue that builds up raises the p99 of every window after it; a stall of the shared cores
+    # raises one window's, and so the pooled p99 of its third (592 ms once in CI, while the other
+    # windows stayed under 40 ms): the median of the last third's window p99s tells them apart.
+    windows = [w["p99_ms"] for w in result["windows"] if w["p99_ms"] is not None]
+    last_third = float(np.median(windows[-max(1, len(windows) // 3):]))
+    assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500 or last_third <= 500, result["windows"]
     assert result["max_rss_growth_mb"] is not None and result["max_rss_growth_mb"] <= 64, result["replica_rss_mb"]
     assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
 
