@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -63,8 +62,8 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
 
     cfg = resolve_config_paths(cfg)
     registry = mv = None
-    work = Path(tempfile.mkdtemp(prefix="imgcls-export-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="imgcls-export-") as tmp:  # the downloaded version
+        work = Path(tmp)
         if model_file is None:
             registry = Registry(cfg.tracking.tracking_uri, model_name)
             mv = registry.resolve(alias, version)  # a registry that fails raises: never "no such alias"
@@ -103,8 +102,6 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
         registry.tag(mv.version, tags)
         log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
         return summary
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the downloaded version
 
 
 def build_parser() -> argparse.ArgumentParser:
