@@ -347,11 +347,13 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """``{"optim.lr": 0.1, ...}``: for MLflow params and result tables."""
-        out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        return out
+        return flat_config(self.to_dict())
+
+
+def flat_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as a plain dict (``Config.to_dict()``, or the one a checkpoint stores) keyed
+    ``section.key``: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -483,8 +485,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch
         return _build(tp, value, key)
     if origin is Literal:
         allowed = get_args(tp)
+        if value is False and "off" in allowed:  # YAML 1.1 reads an unquoted off (or no, false) as False
+            return "off"
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+            hint = (" (YAML reads unquoted yes/no/on/off/true/false as a boolean)"
+                    if isinstance(value, bool) else "")
+            raise ConfigError(f"{key}: {value!r} is not allowed{hint}; choose one of {list(allowed)}")
         return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)

@@ -167,8 +167,12 @@ def is_uri(path: str) -> bool:
 
 
 def resolve_path(path: str) -> str:
-    """An absolute local path (against $IMGCLS_BASE_DIR, else the cwd); URIs unchanged."""
-    if is_uri(path) or os.path.isabs(path):
+    """An absolute local path (``~`` expanded, then against $IMGCLS_BASE_DIR, else the cwd); URIs
+    unchanged."""
+    if is_uri(path):
+        return path
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
         return path
     base = Path(os.environ.get(BASE_DIR_ENV) or os.getcwd())
     return str((base / path).resolve())

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shards", metavar="DIR", help="also convert the digits to shards here (with --digits)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="decode-check processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="decode-check processes (default 2; 0 or 1: in this process)")
     parser.add_argument(
         "--shard-size", type=int, default=None,
         help="images per Parquet file (default 2048; 4096 with --synth-digits)",
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--count must be >= 1, --val-count and --test-count >= 0")
     if args.shard_size is not None and args.shard_size < 1:
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     return run_main(lambda: prepare(args), what="data preparation")
 
 

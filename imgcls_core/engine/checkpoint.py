@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 
+from imgcls_core.config import flat_config
 from imgcls_core.data.preprocessing import Preprocessing  # saved with every checkpoint and model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -186,15 +187,10 @@ RESUME_FIXED = ("optim", "train.epochs", "data.batch_size", "train.ema_decay", "
 def check_same_schedule(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
     """Refuse to resume with other optimizer, schedule or EMA settings than the checkpoint's
     (population-based training's perturbations go through Engine.adopt_state instead)."""
-    def flat(cfg: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key in RESUME_FIXED:
-            section, _, name = key.partition(".")
-            values = cfg.get(section, {})
-            out.update({f"optim.{k}": v for k, v in values.items()} if not name else {key: values.get(name)})
-        return out
+    def fixed(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in flat_config(cfg).items() if k in RESUME_FIXED or k.partition(".")[0] in RESUME_FIXED}
 
-    was, now = flat(state["config"]), flat(config)
+    was, now = fixed(state["config"]), fixed(config)
     changed = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     if changed:
         raise ValueError(

@@ -163,9 +163,10 @@ class TrainingSession:
         """Drop history lines past the resumed epoch: a crash after an epoch's line was written but
         before its checkpoint was committed re-runs that epoch, and it must be listed once."""
         path = self.out / HISTORY_FILE
-        rows = read_history(self.out)
+        text = path.read_text() if path.exists() else ""
+        rows = parse_history(text, path)
         kept = [row for row in rows if int(row.get("epoch", 0)) <= epoch]
-        if len(kept) != len(rows) or (path.exists() and not path.read_text().endswith("\n")):
+        if len(kept) != len(rows) or (text and not text.endswith("\n")):
             write_text_durably(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     # ------------------------------------------------------------------ the run
@@ -360,7 +361,11 @@ def read_history(out: Path) -> list[dict[str, float]]:
     (a full disk or a kill while appending it) is left out: that epoch's checkpoint was not
     committed either, so the run re-trains it."""
     path = Path(out) / HISTORY_FILE
-    text = path.read_text() if path.exists() else ""
+    return parse_history(path.read_text() if path.exists() else "", path)
+
+
+def parse_history(text: str, path: Path) -> list[dict[str, float]]:
+    """The rows of a history.jsonl's ``text`` (see :func:`read_history`); ``path`` names it in errors."""
     lines = [line for line in text.splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):

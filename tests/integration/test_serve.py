@@ -952,9 +952,8 @@ def test_soak_at_70_percent_of_capacity_keeps_errors_latency_and_memory_flat(ser
     # A queue that builds up raises the p99 of every window after it; a stall of the shared cores
     # raises one window's, and so the pooled p99 of its third (592 ms once in CI, while the other
     # windows stayed under 40 ms): the median of the last third's window p99s tells them apart.
-    windows = [w["p99_ms"] for w in result["windows"] if w["p99_ms"] is not None]
-    last_third = float(np.median(windows[-max(1, len(windows) // 3):]))
-    assert result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500 or last_third <= 500, result["windows"]
+    assert (result["p99_drift"] <= 3.0 or result["p99_last_third_ms"] <= 500
+            or result["p99_last_third_window_median_ms"] <= 500), result["windows"]
     assert result["max_rss_growth_mb"] is not None and result["max_rss_growth_mb"] <= 64, result["replica_rss_mb"]
     assert requests.get(f"{serve_url}/healthz", timeout=10).status_code == 200
 

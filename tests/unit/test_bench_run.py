@@ -200,3 +200,18 @@ def test_soak_counts_503_with_retry_after_as_shed_and_every_other_failure_as_an_
     assert s["sent"] == 30 and s["answered"] == 10, s
     assert s["shed"] == 10 and s["shed_fraction"] == pytest.approx(1 / 3), s
     assert s["errors"] == {NO_RETRY_AFTER: 10} and s["error_fraction"] == pytest.approx(1 / 3), s
+
+
+def test_soak_window_median_tells_a_stall_of_one_window_from_a_queue_that_builds_up():
+    """Nine 1 s windows of 20 ms answers: one slow burst in the last third raises its pooled p99
+    but not the median of its window p99s; a queue that grows over the last third raises both."""
+    from bench.reliability import summarize_soak
+
+    steady = [(k / 50, 0.02, "200") for k in range(450)]  # 50 answers per second for 9 s
+    stall = [(at, 0.6 if 7.0 <= at < 8.0 else lat, s) for at, lat, s in steady]
+    s = summarize_soak(stall, 9.0, 1.0)
+    assert s["p99_last_third_ms"] > 500 and s["p99_drift"] > 3
+    assert s["p99_last_third_window_median_ms"] == pytest.approx(20)
+    queue = [(at, lat + max(0.0, at - 6.0) * 0.3, s) for at, lat, s in steady]
+    q = summarize_soak(queue, 9.0, 1.0)
+    assert q["p99_last_third_window_median_ms"] > 500 and q["p99_drift"] > 3

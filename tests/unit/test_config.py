@@ -33,6 +33,16 @@ def test_bad_choice_lists_the_allowed_values():
         Config.from_dict({"optim": {"name": "adam"}})
 
 
+def test_an_unquoted_off_is_the_choice_off_and_other_yaml_booleans_are_explained(tmp_path):
+    """YAML 1.1 reads ``amp: off`` as False: it means the choice "off"; ``yes`` (True) is named as a boolean."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train\.amp: True is not allowed \(YAML reads unquoted yes/no"):
+        load_config(None, ["train.amp=yes"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -25,6 +25,13 @@ def test_without_base_dir_paths_resolve_against_the_cwd(monkeypatch, tmp_path):
     assert resolve_path("results") == str(tmp_path / "results")
 
 
+def test_a_home_relative_path_is_expanded_not_joined_to_the_base(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(BASE_DIR_ENV, str(tmp_path / "base"))
+    assert resolve_path("~/data/x") == str(tmp_path / "home" / "data" / "x")
+    assert resolve_path("file://~/x") == "file://~/x"  # URIs untouched
+
+
 def test_runtime_env_uploads_code_only_and_points_at_this_checkout(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     env = runtime_env(tmp_path)

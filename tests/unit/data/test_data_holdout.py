@@ -82,3 +82,6 @@ def test_prepare_job_holds_out_10_percent_each_by_default_and_says_so(image_fold
     with pytest.raises(SystemExit) as exc:
         prepare(["--source", str(src), "--out", str(out), "--test-fraction", "1.5"])
     assert exc.value.code == 2 and "--test-fraction must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        prepare(["--source", str(src), "--out", str(out), "--workers", "-2"])
+    assert exc.value.code == 2 and "--workers must be >= 0, got -2" in capsys.readouterr().err
