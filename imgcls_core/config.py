@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -644,7 +645,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must be two numbers in [0, 1) (AdamW's moment decays)")
     splits = {"data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split,
               "data.test_split": cfg.data.test_split}
-    if len(set(splits.values())) < len(splits):
+    # the same folder however written: "train/", "./train", and "Train" on a case-insensitive file system
+    if len({os.path.normpath(v).casefold() for v in splits.values()}) < len(splits):
         raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in splits.items())}: the three splits must be "
                           f"different folders (a model tested on its training images would look better than it is)")
     if not cfg.tracking.experiment.strip():

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from imgcls_core.data.records import decode_image
 
@@ -254,6 +254,10 @@ def convert_image_folder(
         )
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"the output folder {out} must not be inside the source folder {src}")
+    for split in SPLITS:  # writing out/<split> replaces that folder: it must not hold the source
+        if (out / split).resolve() == src.resolve() or (out / split).resolve() in src.resolve().parents:
+            raise ValueError(f"the source folder {src} is the output's {split} split ({out / split}), which "
+                             f"prepare replaces; write the shards to another folder")
     split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
     if labels_file is not None:
         return _convert_labelled(src, out, Path(src, labels_file), split_dirs, num_workers=num_workers,
@@ -265,7 +269,7 @@ def convert_image_folder(
     elif "train" not in split_dirs:
         raise ValueError(f"{src} has {sorted(split_dirs)} but no train folder")
     try:
-        classes, class_to_idx = find_classes(str(split_dirs["train"]))
+        classes, class_to_idx = find_image_classes(split_dirs["train"])
     except FileNotFoundError:
         raise ValueError(f"{split_dirs['train']} has no class folders (<class>/<image>)") from None
     if len(classes) < 2:
@@ -273,14 +277,14 @@ def convert_image_folder(
                          f"least 2 (<class>/<image> for each class)")
     samples: dict[str, list[tuple[str, int]]] = {}
     for split, directory in split_dirs.items():
-        found = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        found = find_image_classes(directory)[0] if any(p.is_dir() for p in directory.iterdir()) else []
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(
                 f"{directory} has class folder(s) that are not in the train split: {unknown}"
             )
         samples[split] = make_dataset(
-            str(directory), class_to_idx, is_valid_file=_not_hidden, allow_empty=True
+            str(directory), class_to_idx, is_valid_file=not_hidden, allow_empty=True
         )
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
@@ -301,7 +305,7 @@ def _convert_labelled(src: Path, out: Path, labels_file: Path, split_dirs: dict[
     label_sets = read_label_sets(labels_file)
     classes, encode = label_set_classes(src, labels_file, label_sets, "train")
     for split, directory in split_dirs.items():  # as training reads the folder: every image has a row
-        files = sorted(p for p in directory.rglob("*") if p.is_file() and _not_hidden(str(p))
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and not_hidden(str(p))
                        and p.suffix.lower() in (*IMG_EXTENSIONS, ".gif"))
         unlisted = [p.relative_to(src).as_posix() for p in files if p.relative_to(src).as_posix() not in label_sets]
         if unlisted:
@@ -328,26 +332,44 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
     for split, items in samples.items():
         random.Random(f"{seed}/{split}").shuffle(items)
 
+    # Every split is written into a staging folder first and moved into place once all are: an
+    # interrupted or failed run leaves the data set that was there whole, never old shards of some
+    # splits under the new class index.
     out.mkdir(parents=True, exist_ok=True)
-    _write_class_index(out, classes)
+    staging = out / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     skipped: list[dict[str, str]] = []
     written: dict[str, SplitShards] = {}
     pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
     try:
+        _write_class_index(staging, classes)
         for split, items in samples.items():
             rows = _checked_rows(items, src, split, pool, max_pixels, skipped)
-            written[split] = write_shards(rows, out, split, classes, shard_size)
+            written[split] = write_shards(rows, staging, split, classes, shard_size)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+            pool = None
+        for split, shards in written.items():
+            if not shards.images:
+                reasons = [f"{s['path']}: {s['reason']}" for s in skipped if s["split"] == split]
+                example = f"; e.g. {reasons[0]}" if reasons else ""
+                what = ("nothing to train on" if split == "train" else
+                        f"training would find no {split} shards: add images, or remove the empty {split} folder "
+                        f"to hold out a fraction of train (--{split}-fraction)")
+                raise ValueError(f"none of the {len(samples[split])} {split} file(s) could be used{example}; {what}")
+        (out / REPORT).unlink(missing_ok=True)
+        (out / CLASS_INDEX).unlink(missing_ok=True)
+        for split in written:
+            _replace_dir(staging / split, out / split)
+        for stale in set(SPLITS) - set(written):
+            directory = out / stale
+            if directory.is_dir() and all(p.suffix == ".parquet" for p in directory.iterdir()):
+                shutil.rmtree(directory)
+        os.replace(staging / CLASS_INDEX, out / CLASS_INDEX)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    if not written["train"].images:
-        example = f"; e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
-        raise ValueError(f"none of the {len(samples['train'])} train file(s) could be used{example}; "
-                         f"nothing to train on")
-    for stale in set(SPLITS) - set(written):
-        directory = out / stale
-        if directory.is_dir() and all(p.suffix == ".parquet" for p in directory.iterdir()):
-            shutil.rmtree(directory)
+        shutil.rmtree(staging, ignore_errors=True)
     report = ConversionReport(
         str(src),
         str(out),
@@ -399,8 +421,25 @@ def _hold_out(
     return {s: held_out[s] for s in SPLITS if s in held_out}
 
 
-def _not_hidden(path: str) -> bool:
+# Folders that operating systems and tools leave in an image tree (macOS archives' resource forks,
+# Synology thumbnails; hidden ones such as .ipynb_checkpoints start with a dot): never a class.
+NOT_CLASSES = ("__MACOSX", "@eaDir")
+
+
+def not_hidden(path: str) -> bool:
+    """Not a hidden file (``.DS_Store``, macOS's ``._<name>`` resource forks)."""
     return not os.path.basename(path).startswith(".")
+
+
+def find_image_classes(directory: str | Path) -> tuple[list[str], dict[str, int]]:
+    """torchvision's ``find_classes`` (sorted class folder names and their indices) without hidden
+    folders and those of :data:`NOT_CLASSES`, which would become classes of no images and shift
+    every other class's index. FileNotFoundError when there is none."""
+    with os.scandir(directory) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not_hidden(e.name) and e.name not in NOT_CLASSES)
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {c: i for i, c in enumerate(classes)}
 
 
 def _checked_rows(

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from imgcls_core.config import DataConfig, is_multi_label
 from imgcls_core.data.digits import materialize_digits
 from imgcls_core.data.records import DatasetSplits, SplitRecords
-from imgcls_core.data.shards import CLASS_INDEX, load_class_index, read_shard_table
+from imgcls_core.data.shards import CLASS_INDEX, find_image_classes, load_class_index, not_hidden, read_shard_table
 
 _LAYOUTS = {
     "imagefolder": "<root>/<split>/<class>/<image>, e.g. <root>/train/cat/001.jpg",
@@ -197,7 +197,7 @@ def _load_imagefolder(
         raise FileNotFoundError(
             f"no train split: {str(train_dir)!r} does not exist; expected {_LAYOUTS[cfg.format]}"
         )
-    classes, class_to_idx = find_classes(str(train_dir))
+    classes, class_to_idx = find_image_classes(train_dir)
     train = _folder_records(train_dir, classes, class_to_idx)
     empty = [c for c, n in zip(classes, train.class_counts()) if n == 0]
     if empty:
@@ -215,7 +215,7 @@ def _folder_split(
     if not directory.is_dir():
         return None
     found, _ = (
-        find_classes(str(directory)) if any(p.is_dir() for p in directory.iterdir()) else ([], {})
+        find_image_classes(directory) if any(p.is_dir() for p in directory.iterdir()) else ([], {})
     )
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -228,8 +228,9 @@ def _folder_split(
 def _folder_records(
     directory: Path, classes: list[str], class_to_idx: dict[str, int]
 ) -> SplitRecords:
-    samples = make_dataset(
-        str(directory), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True
+    samples = make_dataset(  # hidden files (macOS's ._<name> resource forks) are not images
+        str(directory), class_to_idx, allow_empty=True,
+        is_valid_file=lambda p: not_hidden(p) and has_file_allowed_extension(p, IMG_EXTENSIONS),
     )
     return SplitRecords(
         list(classes), [label for _, label in samples], [path for path, _ in samples]
@@ -309,16 +310,24 @@ def read_label_sets(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"data.labels_file: {str(path)!r} does not exist; multi-label image folders "
                                 f"need one: {_LAYOUTS['multi_label']}")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # spreadsheets save UTF-8 with a byte-order mark
     if path.suffix.lower() == ".json":
+        def pairs(items: list[tuple[str, object]]) -> dict:  # a file listed twice would keep one silently
+            seen: dict[str, object] = {}
+            for key, value in items:
+                if (name := Path(key).as_posix()) in seen:
+                    raise ValueError(f"{path}: {name} is listed twice")
+                seen[name] = value
+            return seen
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not all(
                 isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
             raise ValueError(f'{path}: expected {{"<split>/<file>": ["label", ...]}}')
-        return {Path(k).as_posix(): list(v) for k, v in data.items()}
+        return _checked_label_names(path, {k: list(v) for k, v in data.items()})
     rows = list(csv.reader(text.splitlines()))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
         raise ValueError(f"{path}: the first row must be the header 'path,labels'")
@@ -332,7 +341,17 @@ def read_label_sets(path: Path) -> dict[str, list[str]]:
         if key in found:
             raise ValueError(f"{path}, line {line}: {key} is listed twice")
         found[key] = row[1].split()
-    return found
+    return _checked_label_names(path, found)
+
+
+def _checked_label_names(path: Path, label_sets: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``label_sets``, unless a label holds a comma, semicolon or bar: labels joined by another
+    separator than the format's would each become one class named after the whole set."""
+    for key, labels in label_sets.items():
+        if joined := [label for label in labels if any(c in label for c in ",;|")]:
+            raise ValueError(f"{path}: {key} has label {joined[0]!r}; a CSV separates labels by spaces "
+                             f"('cat dog'), a JSON file lists them ([\"cat\", \"dog\"])")
+    return label_sets
 
 
 # ----------------------------------------------------------------------------- parquet

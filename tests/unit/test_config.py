@@ -56,6 +56,7 @@ def test_an_unquoted_off_is_the_choice_off_and_other_yaml_booleans_are_explained
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("optim.betas=[2, 3]", r"optim\.betas: \[2\.0, 3\.0\] must be two numbers in \[0, 1\)"),
         ("data.test_split=val", "the three splits must be different folders"),
+        ("data.val_split=./train/", "the three splits must be different folders"),
         ("tracking.experiment=' '", "tracking.experiment: an MLflow experiment needs a name"),
         ("tracking.register_as=team/digits", r"tracking\.register_as: 'team/digits': .* cannot contain '/' or ':'"),
         ("serve.model_name=''", "serve.model_name: a registered model needs a name"),

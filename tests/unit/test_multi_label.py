@@ -118,12 +118,26 @@ def test_an_image_folder_with_a_labels_file_gives_label_sets(tmp_path, as_json):
     (lambda root: (root / "labels.csv").write_text("file,tags\n"), "header 'path,labels'"),
     (lambda root: (root / "labels.csv").write_text("path,labels\ntrain/a.png,cat\ntrain/a.png,dog\n"), "twice"),
     (lambda root: (root / "labels.csv").unlink(), "data.labels_file"),
+    (lambda root: (root / "labels.csv").write_text(
+        "path,labels\n" + "".join(f'{k},"{",".join(v)}"\n' for k, v in ROWS.items())), "separates labels by spaces"),
 ])
 def test_a_labels_file_that_does_not_match_the_images_is_refused_with_the_reason(tmp_path, change, message):
     write_folder(tmp_path, ROWS)
     change(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_dataset(DataConfig(format="imagefolder", root=str(tmp_path), multi_label=True))
+
+
+def test_a_json_labels_file_naming_one_image_twice_is_refused_and_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    write_folder(tmp_path, ROWS, as_json=True)
+    text = (tmp_path / "labels.json").read_text()
+    (tmp_path / "labels.json").write_text(text.replace('{"train/a.png"', '{"./train/a.png": ["dog"], "train/a.png"'))
+    with pytest.raises(ValueError, match="train/a.png is listed twice"):
+        load_dataset(DataConfig(format="imagefolder", root=str(tmp_path), multi_label=True, labels_file="labels.json"))
+    write_folder(tmp_path, ROWS)
+    (tmp_path / "labels.csv").write_text("\ufeff" + (tmp_path / "labels.csv").read_text(), encoding="utf-8")
+    splits = load_dataset(DataConfig(format="imagefolder", root=str(tmp_path), multi_label=True))
+    assert splits.classes == ["cat", "dog"] and splits.train.labels[0] == (0, 1)
 
 
 def test_val_and_test_labels_unknown_to_train_are_refused(tmp_path):

@@ -134,6 +134,61 @@ def test_converter_refuses_unknown_val_class_and_bad_sources(image_folder, tmp_p
         convert_image_folder(src, src / "shards", num_workers=0)
 
 
+def test_converter_never_writes_over_its_source(image_folder, tmp_path):
+    """--source data/train --out data: writing out/train would replace the source folder itself."""
+    root = image_folder({"train": {"a": 3, "b": 3}})
+    with pytest.raises(ValueError, match=r"is the output's train split"):
+        convert_image_folder(root / "train", root, num_workers=0)
+    assert len([p for p in (root / "train").rglob("*") if p.is_file()]) == 6
+
+
+def test_a_failed_or_interrupted_reconversion_leaves_the_data_set_that_was_there(image_folder, tmp_path, monkeypatch):
+    """Splits are staged and moved into place together: a failure while writing val leaves the first data
+    set's class index and splits, not new train shards beside old val shards."""
+    import imgcls_core.data.shards as shards
+
+    out = tmp_path / "out"
+    convert_image_folder(image_folder(LAYOUT, name="first"), out, num_workers=0)
+    before = {s: read_shard_table(out, s).column("path").to_pylist() for s in ("train", "val", "test")}
+    write = shards.write_shards
+
+    def interrupted(rows, root, split, *args, **kwargs):
+        if split == "val":
+            raise KeyboardInterrupt
+        return write(rows, root, split, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image_folder(image_folder({"train": {"ant": 3, "bee": 3}, "val": {"ant": 1, "bee": 1}}, name="second"),
+                             out, num_workers=0)
+    assert load_class_index(out) == ["cat", "dog", "eel"]
+    assert {s: read_shard_table(out, s).column("path").to_pylist() for s in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "report.json", "test", "train", "val"]
+
+
+def test_an_empty_split_is_refused_at_prepare_not_at_training(image_folder, tmp_path):
+    src = image_folder({"train": {"a": 3, "b": 3}, "val": {"a": 0, "b": 0}})
+    (src / "val" / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"none of the 1 val file\(s\) could be used; e\.g\. val/a/broken\.png.*"
+                                         r"remove the empty val folder"):
+        convert_image_folder(src, tmp_path / "out", num_workers=0)
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_hidden_and_os_folders_are_not_classes_and_resource_forks_not_images(image_folder, tmp_path):
+    """A tree unzipped on macOS: __MACOSX/ and ._<name> files; .ipynb_checkpoints from a notebook."""
+    src = image_folder({"train": {"cat": 3, "dog": 3}, "val": {"cat": 1, "dog": 1}})
+    for extra in ("__MACOSX", ".ipynb_checkpoints"):
+        (src / "train" / extra).mkdir()
+        (src / "train" / extra / "x.png").write_bytes((src / "train" / "cat").iterdir().__next__().read_bytes())
+    (src / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    report = convert_image_folder(src, tmp_path / "out", num_workers=0)
+    assert report.classes == ["cat", "dog"] and report.splits["train"].images == 6
+    splits = load_dataset(DataConfig(format="imagefolder", root=str(src)))
+    assert splits.train.classes == ["cat", "dog"] and len(splits.train) == 6
+    assert not any("/._" in p for p in splits.train.paths)
+
+
 def test_write_shards_is_atomic(tmp_path):
     png = encode(random_rgb(np.random.default_rng(0)), "PNG")
     out = tmp_path / "out"
