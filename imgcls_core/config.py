@@ -740,11 +740,27 @@ def _validate_multi_label(cfg: Config) -> None:
                           "(use mAP or loss)")
 
 
-def check_tune_metric(cfg: Config) -> None:
-    """A sweep's metric must be one its runs report (multi-label runs report mAP, not top-1)."""
-    if is_multi_label(cfg) and cfg.tune.metric.split("/")[-1] in ("acc1", "acc5"):
+# What each epoch's validation reports (imgcls_core.evaluation: EvalReport / MultiLabelReport.metrics),
+# and whether a sweep looks for its largest ("max") or smallest ("min") value.
+TUNE_METRICS = {"acc1": "max", "acc5": "max", "macro_f1": "max", "loss": "min", "ece": "min"}
+MULTI_LABEL_TUNE_METRICS = {"mAP": "max", "micro_f1": "max", "macro_f1": "max", "micro_precision": "max",
+                            "micro_recall": "max", "loss": "min"}
+
+
+def check_tune_metric(cfg: Config) -> str:
+    """A sweep's metric must be one its runs report on val each epoch (``val/<name>``, or
+    ``val_ema/<name>`` with an EMA; multi-label runs report mAP, not top-1). Returns its mode:
+    "max", or "min" for a loss or calibration error."""
+    prefix, _, name = cfg.tune.metric.partition("/")
+    multi = is_multi_label(cfg)
+    names = MULTI_LABEL_TUNE_METRICS if multi else TUNE_METRICS
+    if multi and name in ("acc1", "acc5"):
         raise ConfigError(f"tune.metric: {cfg.tune.metric} is a single-label metric; multi-label runs report "
                           f"val/mAP (set tune.metric=val/mAP)")
+    if prefix not in ("val", "val_ema") or name not in names:
+        raise ConfigError(f"tune.metric: {cfg.tune.metric!r} is not reported by {'multi-label ' if multi else ''}"
+                          f"runs each epoch; choose val/<name> or val_ema/<name> with <name> one of {list(names)}")
+    return names[name]
 
 
 def _float_or_none(text: str) -> float | None:

@@ -69,7 +69,7 @@ class Decision:
             lines.append(f"champion:   {self.model} v{self.champion_version} (this version)")
         else:
             lines.append(f"champion:   {self.model} v{self.champion_version} test {what} {self.champion_acc1:.4f}"
-                         f" (same test split, this call)")
+                         f" (same test split)")
             lines.append(f"difference: {self.challenger_acc1 - self.champion_acc1:+.4f} (margin {self.margin:+.4f})")
         verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
         lines.append(f"decision:   {verdict}: {self.reason}; champion is v{self.champion_after}")
@@ -86,12 +86,19 @@ def is_missing(exc: BaseException) -> bool:
 
 
 def should_promote(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """The gate: promote when there is no champion or the challenger wins by at least ``margin``."""
+    """The gate: promote when there is no champion or the challenger gains at least ``margin`` over it
+    (a positive margin), or more than ``margin`` (zero or negative: with the default 0 a tie keeps the
+    champion; -0.01 accepts a model up to a point worse, e.g. a smaller one)."""
     if champion is None:
         return True, "no champion yet"
-    if challenger >= champion + margin:
-        return True, f"beats the champion by {challenger - champion:+.4f} (>= margin {margin:+.4f})"
-    return False, f"does not beat the champion by the margin ({challenger - champion:+.4f} < {margin:+.4f})"
+    gain = challenger - champion
+    if margin > 0:
+        passed, rule = gain >= margin - 1e-9, ">="  # (fractions of a split: no rounding error decides)
+    else:
+        passed, rule = gain > margin, ">"
+    if passed:
+        return True, f"beats the champion by {gain:+.4f} ({rule} margin {margin:+.4f})"
+    return False, f"does not beat the champion by the margin ({gain:+.4f}, not {rule} {margin:+.4f})"
 
 
 def gate_champion(registry: Registry, version: str, challenger_acc1: float, *, evaluate: Callable[[Any], float],
@@ -110,7 +117,15 @@ def gate_champion(registry: Registry, version: str, challenger_acc1: float, *, e
     champion = registry.alias(CHAMPION)
     for _ in range(attempts):
         same = champion is not None and str(champion.version) == version
-        champion_acc1 = evaluate(champion) if champion is not None and not same else None
+        champion_acc1 = None
+        if champion is not None and not same:
+            try:
+                champion_acc1 = evaluate(champion)
+            except Exception as exc:  # noqa: BLE001 - a forced move is how a broken champion is replaced
+                if not force_reason:
+                    raise
+                log(f"{registry.name}: the champion {_named(champion)} could not be evaluated ({exc}); "
+                    f"forced, it is replaced anyway")
         if same:
             promoted, reason = False, "it is the champion already"
         elif force_reason:
@@ -263,7 +278,9 @@ class Registry:
 
 
 def _strings(tags: dict[str, Any]) -> dict[str, str]:
-    return {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in tags.items()}
+    # repr: the shortest text that reads back as the same float (a score read back from its tag must
+    # compare with a freshly measured one exactly, or rounding would decide a tie)
+    return {k: (repr(v) if isinstance(v, float) else str(v)) for k, v in tags.items()}
 
 
 def register_model_file(tracking_uri: str | None, name: str, model_file: str | Path, *, experiment: str = "imgcls",

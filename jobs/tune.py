@@ -216,14 +216,22 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
     # Tune snapshots the experiment state on every checkpoint (num_to_keep is set) and warns when that
     # happens more than once in 5 s, which short trials on a local disk always do, at no real cost.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A mid-epoch checkpoint (train.checkpoint_every_minutes) is reported before the epoch's validation,
+    # without the sweep's metric; Tune would end the whole sweep over it. Its schedulers skip such a
+    # report, and tune.metric is checked against what every epoch reports (check_tune_metric).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     cfg = resolve_config_paths(cfg)
-    check_tune_metric(cfg)
+    mode = check_tune_metric(cfg)
     space = load_space(cfg.tune.space, cfg)  # fails here, before any trial, on a bad space
     mutations = space.mutations(cfg.tune.pbt_mutate) if cfg.tune.scheduler == "pbt" else {}
     param_space = space.to_ray() if cfg.tune.search == "random" else _as_grid(space)
     if check_data:
         check_sweep_data(cfg)
     sweep = cfg.tune.name or f"{cfg.ray.name or Path(cfg.train.output_dir).name}-sweep"
+    path = f"{cfg.ray.storage_path}/{sweep}"
+    definition = sweep_definition(cfg, space)
+    if tune.Tuner.can_restore(path):
+        _check_same_sweep(path, sweep, definition)  # before its MLflow run is touched
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _warn_without_state_api(log)
@@ -254,21 +262,20 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
             f"({', '.join(space.dists)}), {cfg.tune.scheduler}, {concurrency} trial(s) at a time, "
             + ("each training in its trial's process" if in_trial else "each on a TorchTrainer"))
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=settings), trial_resources(cfg))
-        path = f"{cfg.ray.storage_path}/{sweep}"
         started = time.perf_counter()
         restorable = tune.Tuner.can_restore(path)
         if restorable and _tracked_elsewhere(path, parent):
             moved, restorable = _set_aside(path, cfg), False
             log(f"sweep {sweep}: {path} holds a sweep tracked in another MLflow store (this store does not "
                 f"hold its runs); starting it over, the old one kept as {moved}")
-        _record_parent_run(path, parent)
+        _record_parent_run(path, parent, definition)
         if restorable:
             log(f"resuming sweep {sweep} from {path}: finished trials are kept, unfinished ones continue")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=_scheduler(cfg, mutations),
+                tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=mode, scheduler=_scheduler(cfg, mutations),
                                             # (an explicit search_alg ignores max_concurrent_trials, with a
                                             # warning: it gets its own limit and the Tuner none)
                                             search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
@@ -282,10 +289,11 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
             )
         results = tuner.fit()
         seconds = time.perf_counter() - started
+        _end_trial_runs(parent, results)
 
         table = results.get_dataframe()
         table.to_csv(out / "sweep_results.csv", index=False)
-        best = _best_result(results, cfg, out / "trials")
+        best = _best_result(results, cfg, out / "trials", mode)
         best_sample = {k: plain(v) for k, v in best.config.items()}
         best_trial = _trial_dir(out / "trials", best).name
         best_cfg = apply_sample(cfg, best_sample)
@@ -314,9 +322,62 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
             f"{seconds:.0f} s; best {cfg.tune.metric} {best_value} ({summary['best_trial']})")
         return summary
     except BaseException as exc:
-        # Whatever ends the sweep early ends its MLflow run too, rather than leaving it RUNNING.
-        parent.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        # Whatever ends the sweep early ends its MLflow run too, and its trials' runs, rather than
+        # leaving them RUNNING.
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        _end_trial_runs(parent, None, status)
+        parent.close(status=status)
         raise
+
+
+def sweep_definition(cfg: Config, space) -> dict[str, Any]:
+    """What a sweep is, for telling whether a re-run resumes the same one: the searched space and
+    every setting of its trials and scheduler, less those a re-run may change (where it runs and
+    reports: ray.*, tracking.*, serve.*; how many trials run at once)."""
+    keep = {k: v for k, v in cfg.flat().items()
+            if not k.startswith(("ray.", "tracking.", "serve.")) and k != "tune.max_concurrent_trials"}
+    return {**json.loads(json.dumps(keep, default=str)), **space.params()}
+
+
+def _check_same_sweep(path: str, sweep: str, definition: dict[str, Any]) -> None:
+    """Refuse to resume the sweep at ``path`` with other settings than it started with: Tuner.restore
+    keeps its space, sample count and scheduler, while its trials would train with the new config."""
+    record = _sweep_run_file(path)
+    try:
+        was = json.loads(record.read_text()).get("definition") if record is not None else None
+    except (OSError, ValueError, AttributeError):
+        was = None
+    if not isinstance(was, dict):
+        return  # remote storage, or a sweep recorded before definitions were
+    changed = [f"{k} {was.get(k)!r} -> {definition.get(k)!r}" for k in sorted(set(was) | set(definition))
+               if was.get(k) != definition.get(k)]
+    if changed:
+        raise ValueError(
+            f"sweep {sweep} in {path} was started with other settings ({'; '.join(changed[:8])}"
+            f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}); re-running it resumes it as it was. "
+            f"Set tune.name to start a new sweep, or re-run with the settings it started with")
+
+
+def _end_trial_runs(parent, results, status: str = "KILLED") -> None:
+    """End the MLflow runs of trials that did not end them: a trial stopped early (ASHA) or lost (an
+    error, a dead worker) is ended by Tune killing its process. With ``results`` (the sweep's
+    ResultGrid) a trial that errored ends FAILED, one that was stopped KILLED; without (the sweep
+    itself failed), each ends ``status``."""
+    if not parent.active:
+        return
+    errored = [Path(r.path).name for r in results if r.error] if results is not None else []
+
+    def end() -> None:
+        runs = parent.client.search_runs(
+            [parent.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            name = run.info.run_name or ""
+            failed = any(d == name or d.startswith(f"{name}_") for d in errored)
+            parent.client.set_terminated(run.info.run_id,
+                                         status="FAILED" if failed else status if results is None else "KILLED")
+
+    parent.call("the trials' run status", end)
 
 
 SWEEP_RUN_FILE = "imgcls_sweep_run.json"  # in the sweep's Tune folder: the parent run its trials report to
@@ -346,11 +407,12 @@ def _tracked_elsewhere(path: str, parent) -> bool:
         return True
 
 
-def _record_parent_run(path: str, parent) -> None:
+def _record_parent_run(path: str, parent, definition: dict[str, Any]) -> None:
     record = _sweep_run_file(path)
-    if record is not None and parent.active:
+    if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"parent_run_id": parent.run_id}))
+        record.write_text(json.dumps({"parent_run_id": parent.run_id if parent.active else None,
+                                      "definition": definition}))
 
 
 def _set_aside(path: str, cfg: Config) -> str:
@@ -411,14 +473,15 @@ def _trial_dir(trials: Path, result) -> Path:
     return next((d for d in trials.glob(f"*_{result.metrics.get('trial_id')}")), trials / "missing")
 
 
-def _best_result(results, cfg: Config, trials: Path):
-    """The best trial by its last metric, among those that trained every epoch and packaged their model."""
+def _best_result(results, cfg: Config, trials: Path, mode: str = "max"):
+    """The best trial by its last metric (largest, or with ``mode="min"`` smallest), among those that
+    trained every epoch and packaged their model."""
     finished = [r for r in results if r.metrics and r.metrics.get("epoch", 0) >= cfg.train.epochs
                 and r.metrics.get(cfg.tune.metric) is not None]
     packaged = [r for r in finished if (_trial_dir(trials, r) / SUMMARY_FILE).exists()]
     if not (packaged or finished):
         raise RuntimeError(f"no trial finished all {cfg.train.epochs} epochs; see the errors above")
-    return max(packaged or finished, key=lambda r: r.metrics[cfg.tune.metric])
+    return (max if mode == "max" else min)(packaged or finished, key=lambda r: r.metrics[cfg.tune.metric])
 
 
 def _state_api_probe() -> str | None:
@@ -505,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         check_tune_metric(cfg)
         if cfg.tune.search == "grid":
             _as_grid(space)
+        if cfg.tune.scheduler == "pbt":
+            space.mutations(cfg.tune.pbt_mutate)
         check_sweep_data(cfg)
         init_ray(args.address)
         summary = run_sweep(cfg, check_data=False)

@@ -19,6 +19,7 @@ it, so a bad space fails before any trial starts, naming the key.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,17 +140,31 @@ def _read(path: Path, seen: set[Path]) -> dict[str, Dist]:
         raise SpaceError(f"{path}: include cycle")
     seen.add(path.resolve())
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise SpaceError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise SpaceError(f"{path}: must be a mapping of config keys to distributions")
     dists: dict[str, Dist] = {}
-    for include in data.pop("include", []) or []:
-        dists.update(_read(_find(path.parent / include), seen))
+    includes = data.pop("include", []) or []
+    for include in [includes] if isinstance(includes, str) else includes:
+        # beside the including file first, then (a user's space including a shipped one) tune_spaces/
+        local = path.parent / include
+        dists.update(_read(local if local.is_file() else _find(include), seen))
     for key, spec in data.items():
         dists[key] = _parse(key, spec, path)
     return dists
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        if twice := sorted({k for k in keys if keys.count(k) > 1}, key=str):
+            raise yaml.constructor.ConstructorError(None, None, f"key {twice[0]!r} is given twice",
+                                                    node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def _parse(key: str, spec: Any, path: Path) -> Dist:
@@ -175,12 +190,26 @@ def _parse(key: str, spec: Any, path: Path) -> Dist:
             raise SpaceError(f"{path}: {key}: q must be > 0, got {args[2]}")
         if kind in ("randint", "qrandint") and not all(isinstance(a, int) for a in args):
             raise SpaceError(f"{path}: {key}: {kind} bounds must be integers, got {args!r}")
+        if kind in ("quniform", "qloguniform") and not all(math.isclose(b / args[2], round(b / args[2]))
+                                                         for b in (low, high)):
+            raise SpaceError(f"{path}: {key}: {kind} bounds {low} and {high} must be multiples of q ({args[2]}), "
+                             f"as Ray Tune requires")
     return Dist(key, kind, tuple(args))
+
+
+# Keys a sweep sets itself for every trial (its folder, run name, checkpoints, Ray and MLflow settings) or
+# sets once for all trials (the epochs ASHA and the best-trial choice count to, the sweep's own settings):
+# searching them would be overridden or would break the sweep.
+NOT_SEARCHABLE = ("tune.", "ray.", "tracking.", "serve.", "train.output_dir", "train.keep_checkpoints",
+                  "train.epochs", "train.resume")
 
 
 def _validate(dist: Dist, base: Config, path: Path) -> None:
     """Every value the distribution can produce must make a valid config (bounds checked at both ends)."""
     known = base.flat()
+    if dist.key.startswith(NOT_SEARCHABLE) and dist.key in known:
+        raise SpaceError(f"{path}: {dist.key} cannot be searched: the sweep sets it for every trial "
+                         f"({', '.join(NOT_SEARCHABLE)} are the sweep's own); set it in the config instead")
     if dist.key not in known:
         section = dist.key.split(".")[0]
         near = sorted(k for k in known if k.startswith(section + "."))

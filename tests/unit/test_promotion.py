@@ -11,8 +11,49 @@ def test_gate_promotes_only_past_the_margin():
     assert should_promote(0.90, None, 0.01) == (True, "no champion yet")
     assert should_promote(0.95, 0.94, 0.01)[0]  # +0.01 >= margin 0.01
     promoted, reason = should_promote(0.945, 0.94, 0.01)
-    assert not promoted and "+0.0050 < +0.0100" in reason
+    assert not promoted and "+0.0050, not >= +0.0100" in reason
     assert not should_promote(0.93, 0.94, 0.0)[0]
+    assert not should_promote(350 / 360, 350 / 360, 0.0)[0]  # a tie keeps the champion
+    assert should_promote(0.935, 0.94, -0.01)[0]  # a negative margin accepts a slightly worse model
+
+
+def test_a_score_read_back_from_its_tag_equals_the_measured_one():
+    """The champion's score comes back from its version tag: rounding it would decide ties."""
+    from imgcls_core.registry import _strings
+
+    for score in (350 / 360, 352 / 360, 0.1 + 0.2):
+        assert float(_strings({"test/acc1": score})["test/acc1"]) == score
+
+
+def test_a_forced_promotion_replaces_a_champion_that_cannot_be_evaluated():
+    from types import SimpleNamespace
+
+    from imgcls_core.registry import gate_champion
+
+    class Stand_in:  # the two registry calls the gate makes
+        name = "digits"
+
+        def __init__(self):
+            self.champion = SimpleNamespace(version="1")
+
+        def alias(self, _):
+            return self.champion
+
+        def set_alias_if(self, _alias, version, expected):
+            assert expected == "1"
+            self.champion = SimpleNamespace(version=version)
+            return True, self.champion
+
+    def broken(_version):
+        raise ValueError("the split's classes differ from the model's")
+
+    with pytest.raises(ValueError, match="classes differ"):
+        gate_champion(Stand_in(), "2", 0.9, evaluate=broken, margin=0.0, log=lambda m: None)
+    registry, said = Stand_in(), []
+    promoted, reason, _, score = gate_champion(registry, "2", 0.9, evaluate=broken, margin=0.0,
+                                               force_reason="roll back", log=said.append)
+    assert promoted and reason == "forced: roll back" and score is None and registry.champion.version == "2"
+    assert "could not be evaluated (the split's classes differ" in said[0]
 
 
 def test_decision_summary_names_both_versions_and_the_verdict():

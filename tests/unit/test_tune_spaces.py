@@ -23,6 +23,12 @@ def test_default_includes_both_files():
     assert {"optim.lr", "optim.schedule", "augment.strength", "augment.mixup_alpha"} <= keys
 
 
+def test_a_users_space_may_include_a_shipped_one_by_name_and_as_one_string(tmp_path):
+    path = write(tmp_path, "include: lr_schedules.yaml\naugment.strength: {uniform: [0.0, 0.5]}\n")
+    keys = set(load_space(path).dists)
+    assert {"optim.lr", "optim.schedule", "augment.strength"} <= keys
+
+
 def write(tmp_path, text: str):
     path = tmp_path / "space.yaml"
     path.write_text(text)
@@ -41,6 +47,11 @@ def write(tmp_path, text: str):
         ("optim.warmup_epochs: {uniform: [0, 5]}", "optim.warmup_epochs: value 5"),
         ("data.batch_size: {randint: [8.5, 64]}", "must be integers"),
         ("optim.lr: 0.1", "expected one distribution"),
+        ("optim.warmup_epochs: {quniform: [0, 1, 0.3]}", r"bounds 0 and 1 must be multiples of q \(0.3\)"),
+        ("train.epochs: {choice: [1, 2]}", "train.epochs cannot be searched: the sweep sets it"),
+        ("train.output_dir: {choice: [a, b]}", "train.output_dir cannot be searched"),
+        ("tune.num_samples: {choice: [1, 2]}", "tune.num_samples cannot be searched"),
+        ("optim.lr: {choice: [0.1]}\noptim.lr: {choice: [0.2]}", "key 'optim.lr' is given twice"),
     ],
 )
 def test_bad_spaces_fail_before_any_trial_naming_the_problem(tmp_path, text, message):
