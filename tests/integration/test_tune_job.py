@@ -55,6 +55,10 @@ def test_asha_sweep_then_promotion_gate(ray_session, digits_root, tmp_path, mlfl
     parents = [r for r in runs if r.data.tags.get("imgcls.job") == "tune"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
     assert len(parents) == 1 and len(children) == 4
+    # trials ASHA stopped ended their runs too (Tune kills a stopped trial's process before it can)
+    finished = summary["epochs_run"] == 4 * 2
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}, [c.info.status for c in children]
+    assert finished or any(c.info.status == "KILLED" for c in children)
     assert parents[0].data.params["sweep.scheduler"] == "asha"
     assert parents[0].data.params["space.optim.lr"].startswith("loguniform")
     artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
@@ -208,6 +212,11 @@ def test_a_sweep_tracked_in_another_store_starts_over_and_its_best_trial_can_be_
     assert len(list((tmp_path / "results").glob("moved.other-store-*"))) == 1
     assert third["best_trial"] == second["best_trial"] and third["parent_run_id"] == second["parent_run_id"]
     assert third["epochs_run"] == second["epochs_run"] == 1, third
+
+    # Once more with other settings: refused, before the sweep's run is touched (it stays FINISHED).
+    with pytest.raises(ValueError, match=r"sweep moved in .* was started with other settings \(train\.epochs 1 -> 2\)"):
+        run_sweep(sweep_config(tmp_path, other, digits_root, *extra, "train.epochs=2"))
+    assert MlflowClient(other).get_run(second["parent_run_id"]).info.status == "FINISHED"
 
 
 def test_bad_search_space_fails_before_any_trial(tmp_path, capsys):

