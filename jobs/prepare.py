@@ -7,8 +7,9 @@
 --source takes <src>/{train,val,test}/<class>/<image> or a flat <src>/<class>/<image>
 tree (all of it train). A val or test split the source lacks is held out of its
 train files: --val-fraction and --test-fraction of them (default 0.1 each; 0: none),
-stratified by class and seeded by --seed, so a re-run writes the same splits; the
-output says which splits were held out and how many files each got. Every image is
+each file's split a hash of --seed and its path, so a re-run writes the same splits
+and images added to the source later never move an earlier one between train and
+val/test; the output says which splits were held out and how many files each got. Every image is
 decoded once to check it; corrupt, truncated and empty files are skipped. Prints
 the images and shards per split (--shard-size images per file, default 2048) and
 each skipped file with its reason; the full report is written to <out>/report.json.

@@ -15,12 +15,15 @@ split behind.
 
 A source without ``val/`` or ``test/`` (a flat ``<src>/<class>/<image>`` tree, or
 ``train/`` alone) can have them held out of its train files: ``val_fraction`` and
-``test_fraction`` of them, stratified by class and seeded, so that re-running the
-conversion gives the same splits (recorded in the report's ``held_out``).
+``test_fraction`` of them, each file's split a seeded hash of its path, so that
+re-running the conversion gives the same splits (recorded in the report's
+``held_out``), and adding images to the source moves none of those already there
+between train and a held-out split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -33,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,7 +74,7 @@ class ConversionReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     # split -> {"from": "train", "fraction": f, "seed": s, "files": n}: splits the source lacked,
-    # held out of its train files (stratified by class)
+    # held out of its train files (by a seeded hash of each file's path)
     held_out: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -97,7 +101,7 @@ class ConversionReport:
             seed = next(iter(self.held_out.values()))["seed"]
             lines.append(
                 f"the source has no {' or '.join(f'{n}/' for n in self.held_out)}: held out "
-                f"{', '.join(parts)} of its train files, stratified by class (seed {seed})"
+                f"{', '.join(parts)} of its train files, by a hash of each file's path (seed {seed})"
             )
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} file(s):")
@@ -227,8 +231,7 @@ def convert_image_folder(
     With ``labels_file`` (relative to ``src``, or absolute) the images are multi-label: the
     files the labels CSV/JSON lists (``<split>/<file>``, as data.labels_file reads them) with their
     label sets, written as multi-label shards (:data:`MULTI_SCHEMA`); classes come from
-    ``<src>/classes.json`` when present, else the sorted labels of the train rows. Held-out splits
-    are then seeded random fractions (a label set has no one class to stratify by).
+    ``<src>/classes.json`` when present, else the sorted labels of the train rows.
 
     Rows are written in a seeded random order, so that every shard (and every
     worker's share of a split) holds a mix of all classes: folder order would give
@@ -241,8 +244,8 @@ def convert_image_folder(
     torchvision's ImageFolder; val/test may not hold other classes.
 
     A val or test split the source lacks is held out of its train files when
-    ``val_fraction`` / ``test_fraction`` > 0 (fractions of all train files, stratified by
-    class, seeded by ``seed``); 0 leaves it missing.
+    ``val_fraction`` / ``test_fraction`` > 0 (fractions of all train files; each file's split a
+    hash of ``seed`` and its path, see :func:`_hold_out`); 0 leaves it missing.
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -288,7 +291,7 @@ def convert_image_folder(
         )
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
-    held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed)
+    held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed, src)
     return _write_splits(src, out, layout, classes, samples, held_out, num_workers=num_workers, shard_size=shard_size,
                          max_pixels=max_pixels, seed=seed, start=start)
 
@@ -319,7 +322,7 @@ def _convert_labelled(src: Path, out: Path, labels_file: Path, split_dirs: dict[
         samples.setdefault(split, []).append((str(src / key), encode(key)))
     if not samples.get("train"):
         raise ValueError(f"{labels_file} lists no train/ images")
-    held_out = _hold_out(samples, fractions, seed, stratify=False)
+    held_out = _hold_out(samples, fractions, seed, src)
     return _write_splits(src, out, "multi_label", classes, samples, held_out, num_workers=num_workers,
                          shard_size=shard_size, max_pixels=max_pixels, seed=seed, start=start)
 
@@ -385,13 +388,16 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
 
 
 def _hold_out(
-    samples: dict[str, list[tuple[str, int]]], fractions: dict[str, float], seed: int, stratify: bool = True
+    samples: dict[str, list[tuple[str, Any]]], fractions: dict[str, float], seed: int, src: Path
 ) -> dict[str, dict]:
-    """Move stratified (or with ``stratify=False`` random), seeded ``fractions`` of the train files
-    into the splits ``samples`` lacks (in place); what was held out, by split. Fractions are of all
-    train files."""
-    from imgcls_core.data.sources import random_split, stratified_split  # sources imports this module
+    """Move seeded ``fractions`` of the train files into the splits ``samples`` lacks (in place);
+    what was held out, by split. Fractions are of all train files.
 
+    A file's split follows from a hash of ``seed`` and its path under ``src`` alone, never from the
+    other files: adding images to the source (or removing some) and preparing it again moves no
+    image between train and a held-out split, so a model trained before is never tested (say by
+    jobs.promote, on the champion) on images it trained on. Each class's share of a held-out split is
+    its fraction in expectation (a 10% split of 1,000 files holds 100 +- 10), not exactly."""
     missing = {s: f for s, f in fractions.items() if s not in samples and f > 0}
     if not missing:
         return {}
@@ -399,26 +405,32 @@ def _hold_out(
         raise ValueError(
             f"the held-out fractions {missing} leave no training files; keep their sum below 1"
         )
-    train, left, held_out = samples["train"], 1.0, {}
-    for split in ("test", "val"):  # test first: it never depends on the val fraction
-        if split not in missing:
-            continue
-        fraction = missing[split] / left  # of what is left, so that it is of all train files
-        try:
-            keep, held = (stratified_split([label for _, label in train], fraction, seed) if stratify
-                          else random_split(len(train), fraction, seed))
-        except ValueError as exc:
+    ranges, low = {}, 0.0
+    for split in ("test", "val"):  # test first: its files never depend on the val fraction
+        if split in missing:
+            ranges[split], low = (low, low + missing[split]), low + missing[split]
+    held: dict[str, list] = {split: [] for split in ranges}
+    train = []
+    for item in samples["train"]:
+        u = _unit_hash(f"{seed}/{Path(item[0]).relative_to(src).as_posix()}")
+        split = next((name for name, (a, b) in ranges.items() if a <= u < b), None)
+        (held[split] if split else train).append(item)
+    held_out = {}
+    for split, items in held.items():
+        if not items:
             raise ValueError(
-                f"cannot hold out a {split} split: {exc} (or give the source a {split}/ folder)"
-            ) from None
-        samples[split] = [train[i] for i in held]
-        train = [train[i] for i in keep]
-        left -= missing[split]
-        held_out[split] = {
-            "from": "train", "fraction": missing[split], "seed": seed, "files": len(held)
-        }
+                f"cannot hold out a {split} split: none of the {len(samples['train'])} train files fell in its "
+                f"{missing[split]:.0%} (a file's split is a hash of its path); raise --{split}-fraction or give "
+                f"the source a {split}/ folder")
+        samples[split] = items
+        held_out[split] = {"from": "train", "fraction": missing[split], "seed": seed, "files": len(items)}
     samples["train"] = train
     return {s: held_out[s] for s in SPLITS if s in held_out}
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends on ``text`` only (the same on every machine and Python)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 # Folders that operating systems and tools leave in an image tree (macOS archives' resource forks,

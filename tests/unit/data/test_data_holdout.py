@@ -1,4 +1,5 @@
-"""Held-out splits: a source without val/ or test/ gets them from its train files, stratified and seeded."""
+"""Held-out splits: a source without val/ or test/ gets them from its train files, each file's split a
+seeded hash of its path."""
 
 from __future__ import annotations
 
@@ -15,25 +16,26 @@ def split_paths(out, split: str) -> set[str]:
     return set(read_shard_table(out, split).column("path").to_pylist())
 
 
-def test_flat_source_gets_stratified_val_and_test(image_folder, tmp_path):
-    src = image_folder({"flat": {"x": 20, "y": 10}}) / "flat"
+def test_flat_source_gets_val_and_test_by_a_seeded_hash_of_each_path(image_folder, tmp_path):
+    src = image_folder({"flat": {"x": 60, "y": 40}}) / "flat"
     report = convert_image_folder(src, tmp_path / "a", num_workers=0, val_fraction=0.1, test_fraction=0.2)
     assert list(report.splits) == ["train", "val", "test"]
-    # of all 30 files: test 20% (6), val 10% (3), each in the classes' 2:1 proportion
-    assert report.splits["test"].class_counts == {"x": 4, "y": 2}
-    assert report.splits["val"].class_counts == {"x": 2, "y": 1}
-    assert report.splits["train"].class_counts == {"x": 14, "y": 7}
+    n = {s: report.splits[s].images for s in ("train", "val", "test")}
+    # of all 100 files: test 20% and val 10% in expectation (binomial: within 3 standard deviations)
+    assert sum(n.values()) == 100 and 8 <= n["test"] <= 32 and 1 <= n["val"] <= 19, n
+    assert all(count > 0 for split in ("val", "test") for count in report.splits[split].class_counts.values())
     assert report.held_out == {
-        "val": {"from": "train", "fraction": 0.1, "seed": 0, "files": 3},
-        "test": {"from": "train", "fraction": 0.2, "seed": 0, "files": 6},
+        "val": {"from": "train", "fraction": 0.1, "seed": 0, "files": n["val"]},
+        "test": {"from": "train", "fraction": 0.2, "seed": 0, "files": n["test"]},
     }
-    assert "the source has no val/ or test/: held out val 10% (3 files), test 20% (6 files)" in report.summary()
+    assert (f"the source has no val/ or test/: held out val 10% ({n['val']} files), test 20% ({n['test']} files) "
+            f"of its train files, by a hash of each file's path (seed 0)") in report.summary()
     assert json.loads((tmp_path / "a" / "report.json").read_text())["held_out"] == report.held_out
 
     parts = {s: split_paths(tmp_path / "a", s) for s in ("train", "val", "test")}
-    assert sum(map(len, parts.values())) == 30 and len(set().union(*parts.values())) == 30  # disjoint, complete
+    assert sum(map(len, parts.values())) == 100 and len(set().union(*parts.values())) == 100  # disjoint, complete
     splits = load_dataset(DataConfig(format="parquet", root=str(tmp_path / "a")))
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (21, 3, 6)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (n["train"], n["val"], n["test"])
 
     again = convert_image_folder(src, tmp_path / "b", num_workers=0, val_fraction=0.1, test_fraction=0.2)
     assert {s: split_paths(tmp_path / "b", s) for s in parts} == parts  # seeded: the same files
@@ -42,13 +44,29 @@ def test_flat_source_gets_stratified_val_and_test(image_folder, tmp_path):
     assert split_paths(tmp_path / "c", "test") != parts["test"]
 
 
+def test_images_added_later_move_no_earlier_image_between_train_and_a_held_out_split(image_folder, tmp_path):
+    """A model trained on the first conversion's train split is promoted on the second's test split:
+    that split must not hold images it trained on (nor may its old test images move into train)."""
+    src = image_folder({"flat": {"x": 40, "y": 40}}) / "flat"
+    convert_image_folder(src, tmp_path / "a", num_workers=0, val_fraction=0.1, test_fraction=0.2)
+    before = {s: split_paths(tmp_path / "a", s) for s in ("train", "val", "test")}
+    for folder in (src / "x", src / "y"):
+        for i, file in enumerate(sorted(folder.iterdir())):
+            (folder / f"added_{i:03d}{file.suffix}").write_bytes(file.read_bytes())
+    convert_image_folder(src, tmp_path / "b", num_workers=0, val_fraction=0.1, test_fraction=0.2)
+    after = {s: split_paths(tmp_path / "b", s) for s in before}
+    assert all(before[s] <= after[s] for s in before), {s: before[s] - after[s] for s in before}
+    assert sum(map(len, after.values())) == 160
+
+
 def test_only_the_missing_split_is_held_out(image_folder, tmp_path):
-    src = image_folder({"train": {"a": 10, "b": 10}, "test": {"a": 2, "b": 2}})
+    src = image_folder({"train": {"a": 20, "b": 20}, "test": {"a": 2, "b": 2}})
     report = convert_image_folder(src, tmp_path / "out", num_workers=0, val_fraction=0.2, test_fraction=0.2)
-    assert report.held_out == {"val": {"from": "train", "fraction": 0.2, "seed": 0, "files": 4}}
-    assert report.splits["test"].images == 4 and report.splits["val"].class_counts == {"a": 2, "b": 2}
+    n = report.splits["val"].images
+    assert report.held_out == {"val": {"from": "train", "fraction": 0.2, "seed": 0, "files": n}} and 0 < n < 20
+    assert report.splits["test"].images == 4 and report.splits["train"].images == 40 - n
     assert all(p.startswith("test/") for p in split_paths(tmp_path / "out", "test"))
-    assert "the source has no val/: held out val 20% (4 files)" in report.summary()
+    assert f"the source has no val/: held out val 20% ({n} files)" in report.summary()
 
 
 def test_zero_fractions_keep_a_flat_source_all_train(image_folder, tmp_path):
@@ -58,10 +76,11 @@ def test_zero_fractions_keep_a_flat_source_all_train(image_folder, tmp_path):
     assert "held out" not in report.summary()
 
 
-def test_too_few_images_for_a_stratified_hold_out_name_the_fix(image_folder, tmp_path):
-    src = image_folder({"flat": {"x": 1, "y": 5}}) / "flat"
-    with pytest.raises(ValueError, match=r"cannot hold out a test split: .* give the source a test/ folder"):
-        convert_image_folder(src, tmp_path / "out", num_workers=0, test_fraction=0.3)
+def test_a_hold_out_no_file_falls_in_names_the_fix(image_folder, tmp_path):
+    src = image_folder({"flat": {"x": 1, "y": 2}}) / "flat"
+    with pytest.raises(ValueError, match=r"cannot hold out a test split: none of the 3 train files fell in its 1%"
+                                         r".* give the source a test/ folder"):
+        convert_image_folder(src, tmp_path / "out", num_workers=0, test_fraction=0.01)
     with pytest.raises(ValueError, match="leave no training files"):
         convert_image_folder(src, tmp_path / "out", num_workers=0, val_fraction=0.5, test_fraction=0.5)
 
@@ -71,10 +90,12 @@ def test_prepare_job_holds_out_10_percent_each_by_default_and_says_so(image_fold
     out = tmp_path / "shards"
     assert prepare(["--source", str(src), "--out", str(out), "--workers", "0"]) == 0
     text = capsys.readouterr().out
-    assert "the source has no val/ or test/: held out val 10% (2 files), test 10% (2 files)" in text
-    assert "stratified by class (seed 0)" in text
+    n = {s: len(split_paths(out, s)) for s in ("train", "val", "test")}
+    assert (f"the source has no val/ or test/: held out val 10% ({n['val']} files), test 10% ({n['test']} files)"
+            in text), text
+    assert "by a hash of each file's path (seed 0)" in text
     assert f"--set data.format=parquet --set data.root={out}" in text
-    assert {s: len(split_paths(out, s)) for s in ("train", "val", "test")} == {"train": 16, "val": 2, "test": 2}
+    assert sum(n.values()) == 20 and n["val"] > 0 and n["test"] > 0
 
     assert prepare(["--source", str(src), "--out", str(tmp_path / "none"), "--workers", "0",
                     "--val-fraction", "0", "--test-fraction", "0"]) == 0
