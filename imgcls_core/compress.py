@@ -111,10 +111,15 @@ def images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, *, warm
     return {name: batch.shape[0] / statistics.median(values) for name, values in seconds.items()}
 
 
-def test_acc1(model: nn.Module, pre: Preprocessing, test: SplitRecords, batch_size: int = 256) -> float:
+def refuse_multi_label(pre: Preprocessing) -> None:
+    """Compression is judged on test top-1, which a multi-label model does not have: refuse it up front."""
     if pre.multi_label:
         raise ValueError("quantization and pruning are gated on test top-1; a multi-label model (judged by mAP) "
                          "cannot be compressed yet")
+
+
+def test_acc1(model: nn.Module, pre: Preprocessing, test: SplitRecords, batch_size: int = 256) -> float:
+    refuse_multi_label(pre)
     return Predictor(model, pre).evaluate(test, batch_size=batch_size).acc1
 
 
@@ -304,10 +309,12 @@ def quantize(model: nn.Module, pre: Preprocessing, calibration: torch.Tensor, te
     ``out_dir/model.onnx`` is written). Speed is measured on ``batch_size``
     images from ``calibration`` with ``threads`` intra-op threads for every
     model (default: torch's current count). Returns ``({"fp32_onnx", "int8_onnx",
-    "report"}: path, QuantReport)``.
+    "report"}: path, QuantReport)``. A multi-label model is refused (ValueError) before
+    anything is written.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose from {list(QUANT_METHODS)}")
+    refuse_multi_label(pre)  # before the export and the quantization: they take a while and leave files
     out = Path(out_dir)
     threads = threads or torch.get_num_threads()
     model = model.eval()
@@ -413,7 +420,8 @@ def reduced_precision(model: nn.Module, pre: Preprocessing, images: torch.Tensor
                       repeats: int = 10) -> tuple[dict[str, Path], Bf16Report]:
     """Compare ``model`` in bf16 autocast with itself in fp32: test top-1 on ``test`` and images/s
     on ``batch_size`` of ``images`` with ``threads`` intra-op threads (default: torch's current
-    count). Returns ``({"report": path}, Bf16Report)``."""
+    count). Returns ``({"report": path}, Bf16Report)``; a multi-label model is refused (ValueError) at once."""
+    refuse_multi_label(pre)  # before the timing, which would be wasted
     threads = threads or torch.get_num_threads()
     fp32 = model.eval()
     bf16 = Bf16Module(copy.deepcopy(fp32))  # a copy: Bf16Module puts its model in channels_last
@@ -620,5 +628,5 @@ __all__ = [
     "Bf16Report", "CompressionError", "PruneReport", "QuantReport", "bf16_unavailable", "calibration_batch",
     "channel_sparsity", "finetune", "gzip_mb", "images_per_second", "make_permanent", "prunable_weights", "prune",
     "prune_structured", "prune_unstructured", "quantize", "quantize_onnx_dynamic", "quantize_onnx_static",
-    "reduced_precision", "sparsity", "test_acc1",
+    "reduced_precision", "refuse_multi_label", "sparsity", "test_acc1",
 ]

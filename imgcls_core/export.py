@@ -12,14 +12,17 @@ passes::
     report.raise_if_failed()
 
 The ONNX file carries the preprocessing (input size, mean/std, crop ratio, class
-names) in its metadata, so ONNX Runtime users (and the Serve app's ``onnx``
-backend) need nothing else. The batch axis is dynamic in both formats.
+names, and a multi-label model's threshold) in its metadata, so ONNX Runtime users
+(and the Serve app's ``onnx`` backend) need nothing else; the TorchScript file
+carries the same JSON as its extra file ``imgcls.preprocessing.json``
+(:func:`torchscript_preprocessing`). The batch axis is dynamic in both formats.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx's exporter writes natively (lower ones fail to convert)
 DEFAULT_TOLERANCE = 1e-4
 METADATA_KEY = "imgcls.preprocessing"  # ONNX metadata_props key holding the preprocessing as JSON
+TORCHSCRIPT_EXTRA_FILE = METADATA_KEY + ".json"  # the TorchScript archive's extra file holding the same JSON
 FORMATS = ("torchscript", "onnx", "tensorrt")
 DEFAULT_FORMATS = ("torchscript", "onnx")  # tensorrt needs a CUDA GPU and the tensorrt extra (trt_export)
 
@@ -81,8 +85,9 @@ def load_eager(model_file: str | Path) -> tuple[nn.Module, Preprocessing]:
     return model.eval(), pre
 
 
-def export_torchscript(model: nn.Module, batch: torch.Tensor, path: str | Path) -> Path:
-    """Trace ``model`` on ``batch`` and save it (``torch.jit.load`` / LibTorch read it back)."""
+def export_torchscript(model: nn.Module, pre: Preprocessing, batch: torch.Tensor, path: str | Path) -> Path:
+    """Trace ``model`` on ``batch`` and save it (``torch.jit.load`` / LibTorch read it back), with the
+    preprocessing as JSON in the extra file ``imgcls.preprocessing.json`` (:func:`torchscript_preprocessing`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -90,9 +95,20 @@ def export_torchscript(model: nn.Module, batch: torch.Tensor, path: str | Path) 
         traced = torch.jit.trace(model.eval(), batch, check_trace=False)
         traced = torch.jit.freeze(traced)
         tmp = path.with_name(path.name + ".tmp")
-        torch.jit.save(traced, str(tmp))
+        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(pre.to_dict())})
     os.replace(tmp, path)
     return path
+
+
+def torchscript_preprocessing(path: str | Path) -> Preprocessing:
+    """The preprocessing an imgcls TorchScript export carries in its extra file."""
+    extra = {TORCHSCRIPT_EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[TORCHSCRIPT_EXTRA_FILE]:
+        raise ExportError(f"{path} is not an imgcls export: it has no {TORCHSCRIPT_EXTRA_FILE!r} extra file")
+    return Preprocessing.from_dict(json.loads(extra[TORCHSCRIPT_EXTRA_FILE]))
 
 
 def export_onnx(model: nn.Module, pre: Preprocessing, batch: torch.Tensor, path: str | Path, *,
@@ -200,7 +216,8 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
     Returns ``({format: file}, [ParityReport])``; writes ``parity.json`` beside
     the files. Raises :class:`ExportError` (after writing ``parity.json``) when any
     export misses the tolerance or disagrees on a top-1 class; the files of the formats that
-    failed are renamed ``<name>.failed-parity``, so no failed export passes for a checked one.
+    failed are renamed ``<name>.failed-parity`` (replacing an earlier failure's), so no failed
+    export passes for a checked one.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -218,7 +235,7 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
     files: dict[str, Path] = {}
     reports: list[ParityReport] = []
     if "torchscript" in formats:
-        files["torchscript"] = export_torchscript(model, batch, out / "model.torchscript.pt")
+        files["torchscript"] = export_torchscript(model, pre, batch, out / "model.torchscript.pt")
         reports.append(check_parity("torchscript", model, load_torchscript(files["torchscript"]), batch,
                                     tolerance=tolerance))
         log(reports[-1].summary())
@@ -238,11 +255,22 @@ def export_model(model_file: str | Path, batch: torch.Tensor, out_dir: str | Pat
     failed = [r for r in reports if not r.passed]
     if failed:
         for report in failed:
-            path = files[report.format]
-            path.replace(path.with_name(path.name + ".failed-parity"))
+            _set_aside(files[report.format])
         raise ExportError("parity check failed (the failed files are kept as *.failed-parity): "
                           + "; ".join(r.summary() for r in failed))
     return files, reports
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a failed export ``<name>.failed-parity``, replacing the one an earlier failure left
+    (a TensorRT engine is a folder, which a rename cannot replace when it is not empty)."""
+    target = path.with_name(path.name + ".failed-parity")
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    path.replace(target)
+    return target
 
 
 def file_size_mb(path: str | Path) -> float:

@@ -19,11 +19,13 @@ and writes the files and ``<method>_report.json`` to ``--out`` (default
     prune-unstructured, prune-structured  model.pt (a normal imgcls model file)
 
 For a registry model the files and figures are also logged to the version's
-MLflow run (artifacts under ``compress/<method>/``, metrics ``compress/<kind>/*``)
-and the version is tagged ``compress.<kind>.<figure>`` (kind: ``int8``,
+MLflow run (artifacts under ``compress/<method>/<UTC time>/``, a folder of this run's
+own, so a later run never overwrites a file an earlier one tagged; metrics
+``compress/<kind>/*``) and the version is tagged ``compress.<kind>.<figure>`` (kind: ``int8``,
 ``int8_dynamic``, ``bf16``, ``prune_unstructured``, ``prune_structured``), e.g.
 ``compress.int8.acc1_delta``. An int8 file whose test top-1 is within 1 point of
-fp32 is also tagged servable (``export.int8.uri``): ``serve.backend=onnx`` with
+fp32 is also tagged servable (``export.int8.uri``, naming that run's file; a run that
+fails the gate leaves an earlier servable file and tag as they were): ``serve.backend=onnx`` with
 ``serve.precision=int8`` serves it. Likewise bf16 within 1 point is tagged servable
 (``export.bf16.acc1_delta``): ``serve.backend=torch`` with ``serve.precision=bf16``
 serves it, on hardware with native bf16. The job needs no Ray: it runs the same as a plain
@@ -39,6 +41,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from imgcls_core.config import Config
@@ -47,6 +50,7 @@ from jobs.common import add_config_args, job_config, resolve_config_paths, resol
 METHODS = ("static", "dynamic", "bf16", "prune-unstructured", "prune-structured")
 TAG_KIND = {"static": "int8", "dynamic": "int8_dynamic", "bf16": "bf16", "prune-unstructured": "prune_unstructured",
             "prune-structured": "prune_structured"}
+GATE_ADVICE = {"int8": "try --method static with more --calibration-images", "bf16": "serve it in fp32"}
 
 
 def resolve_model(cfg: Config, args: argparse.Namespace, work: Path, log=print):
@@ -101,21 +105,41 @@ def _run(cfg: Config, args: argparse.Namespace, model_file: Path, registry, vers
     source = str(model_file) if registry is None else f"models:/{args.model}/{version.version}"
     result = {"method": args.method, "model_file": source, **report.to_dict(),
               "files": {k: str(v) for k, v in files.items()}}
-    if registry is not None:
-        result["model"], result["version"] = args.model, str(version.version)
-        record_in_registry(registry, version, args.method, report.metrics(), files)
-        log(f"logged to run {version.run_id}; tagged {args.model} v{version.version} "
-            f"compress.{TAG_KIND[args.method]}.*")
-        if args.method in compress.QUANT_METHODS:
-            result["servable"] = tag_servable_int8(registry, version, args.method, report, log)
-        elif args.method == compress.BF16_METHOD:
-            result["servable"] = tag_servable_bf16(registry, version, report, log)
-    files["report"].write_text(json.dumps(result, indent=1))
+    if registry is None:
+        files["report"].write_text(json.dumps(result, indent=1))
+        return result
+    return publish(registry, version, args.model, args.method, report, files, result, log)
+
+
+def publish(registry, version, model_name: str, method: str, report, files: dict[str, Path], result: dict,
+            log=print) -> dict:
+    """Judge the gate, write the final report, log it and the files to the version's run under a
+    folder of this run's own (``compress/<method>/<UTC time>``), then tag the version: its figures,
+    and servable (int8: the file in that folder) only when the gate passed. Returns the report as
+    written and logged."""
+    from imgcls_core.compress import BF16_METHOD, QUANT_METHODS
+
+    artifact_path = f"compress/{method}/{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+    result = {**result, "model": model_name, "version": str(version.version), "artifact_path": artifact_path}
+    precision = "int8" if method in QUANT_METHODS else "bf16" if method == BF16_METHOD else None
+    if precision is not None:
+        result["servable"] = passes_gate(precision, report, log, GATE_ADVICE[precision])
+    files["report"].write_text(json.dumps(result, indent=1))  # final before the upload: the run logs this file
+    record_in_registry(registry, version, method, report.metrics(), files, artifact_path)
+    log(f"logged to run {version.run_id} under {artifact_path}/; tagged {model_name} v{version.version} "
+        f"compress.{TAG_KIND[method]}.*")
+    if result.get("servable"):  # after the upload: the tag names a file the run holds
+        if precision == "int8":
+            tag_servable_int8(registry, version, method, report, f"{artifact_path}/{files['int8_onnx'].name}", log)
+        else:
+            tag_servable_bf16(registry, version, report, log)
     return result
 
 
-def record_in_registry(registry, version, method: str, figures: dict[str, float], files: dict[str, Path]) -> None:
-    """Log the files and figures to the version's run and tag the version with the figures."""
+def record_in_registry(registry, version, method: str, figures: dict[str, float], files: dict[str, Path],
+                       artifact_path: str) -> None:
+    """Log the files (under ``artifact_path``) and figures to the version's run and tag the version
+    with the figures."""
     from mlflow.entities import Metric
 
     kind = TAG_KIND[method]
@@ -124,37 +148,30 @@ def record_in_registry(registry, version, method: str, figures: dict[str, float]
     client.log_batch(version.run_id, metrics=[Metric(f"compress/{kind}/{k}", float(v), now, 0)
                                               for k, v in figures.items()])
     for path in files.values():
-        client.log_artifact(version.run_id, str(path), f"compress/{method}")
+        client.log_artifact(version.run_id, str(path), artifact_path)
     registry.tag(version.version, {f"compress.{kind}.{k}": v for k, v in figures.items()})
 
 
-def tag_servable_int8(registry, version, method: str, report, log=print) -> bool:
-    """Tag the version's int8 ONNX file as servable (``export.int8.uri``: serve.backend=onnx with
-    serve.precision=int8 runs it) when its test top-1 is within GATE_POINTS of fp32; else say why
-    and leave any earlier servable int8 file of the version as it was."""
+def tag_servable_int8(registry, version, method: str, report, artifact: str, log=print) -> None:
+    """Tag the version's int8 ONNX file, logged to its run at ``artifact``, as servable
+    (``export.int8.uri``: serve.backend=onnx with serve.precision=int8 runs it). Only for a report
+    that passed the gate (:func:`passes_gate`)."""
     from imgcls_core.serving import INT8_URI_TAG
 
-    if not passes_gate("int8", report, log, "try --method static with more --calibration-images"):
-        return False
-    uri = f"runs:/{version.run_id}/compress/{method}/model.int8.onnx"
-    registry.tag(version.version, {INT8_URI_TAG: uri, "export.int8.method": method,
+    registry.tag(version.version, {INT8_URI_TAG: f"runs:/{version.run_id}/{artifact}", "export.int8.method": method,
                                    "export.int8.acc1_delta": round(report.acc1_delta_points, 4)})
     log("serve it with serve.backend=onnx serve.precision=int8")
-    return True
 
 
-def tag_servable_bf16(registry, version, report, log=print) -> bool:
+def tag_servable_bf16(registry, version, report, log=print) -> None:
     """Tag the version servable in bf16 (``export.bf16.acc1_delta``: serve.backend=torch with
-    serve.precision=bf16 runs its weights under bf16 autocast) when its test top-1 is within
-    GATE_POINTS of fp32; else say why."""
+    serve.precision=bf16 runs its weights under bf16 autocast). Only for a report that passed the
+    gate (:func:`passes_gate`)."""
     from imgcls_core.serving import BF16_GATE_TAG
 
-    if not passes_gate("bf16", report, log, "serve it in fp32"):
-        return False
     registry.tag(version.version, {BF16_GATE_TAG: round(report.acc1_delta_points, 4)})
     log("serve it with serve.precision=bf16 (serve.backend torch or auto) on hardware with native bf16"
         + (f"; here: {report.native}" if report.native else ""))
-    return True
 
 
 def passes_gate(precision: str, report, log, otherwise: str) -> bool:

@@ -10,7 +10,9 @@ validation split when there is none), preprocessed as the model was trained.
 Each export passes when its logits are within ``--tolerance`` (max absolute
 difference, default 1e-4) of eager PyTorch and its top-1 agrees on every image.
 
-For a registered version, the exports, ``parity.json`` and the figures are
+Files go to ``--out`` (default ``<train.output_dir>/exports/<model>/v<N>``, or
+``.../exports/file`` with ``--model-file``). For a registered version, this run's
+exports, ``parity.json`` and ``export.json`` (nothing else the folder holds) are
 logged to the version's run under ``exports/v<N>/``, and the version is tagged
 (``export.onnx.uri``, ``export.onnx.max_abs_diff``, ...): the Serve app's
 ``serve.backend=onnx`` loads the file ``export.onnx.uri`` names, ``serve.backend=tensorrt``
@@ -74,7 +76,9 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
             if not model_path.exists():
                 raise FileNotFoundError(f"model file {model_path} does not exist")
             source = str(model_path)
-        out_dir = Path(out) if out else Path(cfg.train.output_dir) / "exports" / (f"v{mv.version}" if mv else "file")
+        # Keyed by model and version: another model's v<N> (or its stale files) never shares the folder
+        default = Path(cfg.train.output_dir) / "exports" / (f"{model_name}/v{mv.version}" if mv else "file")
+        out_dir = Path(out) if out else default
         log(f"exporting {source} to {', '.join(formats)} (opset {opset}) in {out_dir}")
         batch = check_batch(cfg, model_path, check_images)
         files, reports = export_model(model_path, batch, out_dir, formats=formats, opset=opset,
@@ -98,7 +102,9 @@ def export_job(cfg: Config, *, model_name: str | None, alias: str | None, versio
                                "artifact_path": artifact_path, "tags": sorted(tags)}
         # Written before the upload, so the run holds it beside the files it describes.
         (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
-        registry.client.log_artifacts(mv.run_id, str(out_dir), artifact_path=artifact_path)
+        # This run's files only: the folder may hold others (--out shared, *.failed-parity of an earlier run)
+        for path in [*files.values(), out_dir / "parity.json", out_dir / "export.json"]:
+            registry.client.log_artifact(mv.run_id, str(path), artifact_path=artifact_path)  # model.trt/: whole
         registry.tag(mv.version, tags)
         log(f"logged to run {mv.run_id} under {artifact_path}/ and tagged {model_name} v{mv.version}")
         return summary
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"max abs logit difference allowed (default {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--check-images", type=int, default=128,
                         help="real images in the parity check batch (default: %(default)s)")
-    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/v<N>, or "
+    parser.add_argument("--out", help="output folder (default: <train.output_dir>/exports/<model>/v<N>, or "
                                        ".../exports/file with --model-file)")
     return parser
 

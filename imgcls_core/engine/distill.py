@@ -175,7 +175,15 @@ class Teacher:
 
 
 def check_teacher_compatible(teacher: Preprocessing, student: Preprocessing, where: str) -> None:
-    """The teacher must score the student's classes, in the same order, at the same input size."""
+    """The teacher must score the student's classes, in the same order, at the same input size, and
+    be of the same kind (single-label softmax or multi-label sigmoids)."""
+    if teacher.multi_label != student.multi_label:
+        kinds = ("single-label", "multi-label")
+        raise ValueError(
+            f"teacher {where} is a {kinds[teacher.multi_label]} model but the student's data is "
+            f"{kinds[student.multi_label]}; distil from a {kinds[student.multi_label]} teacher trained on "
+            f"the same classes"
+        )
     if list(teacher.classes) != list(student.classes):
         raise ValueError(
             f"teacher {where} was trained on classes {_preview(teacher.classes)} but the student's data has "

@@ -59,8 +59,10 @@ def test_compress_job_quantizes_the_champion_and_records_it_in_the_registry(regi
     assert float(tags["compress.int8.size_mb"]) < float(tags["compress.int8.fp32_mb"])
     run = registry.client.get_run(registered["run_id"])
     assert run.data.metrics["compress/int8/acc1"] == pytest.approx(report["int8_acc1"])
-    logged = {a.path for a in registry.client.list_artifacts(registered["run_id"], "compress/static")}
-    assert "compress/static/model.int8.onnx" in logged
+    folder = report["artifact_path"]  # compress/static/<UTC time>: this run's own
+    assert folder.startswith("compress/static/")
+    logged = {a.path for a in registry.client.list_artifacts(registered["run_id"], folder)}
+    assert {f"{folder}/model.int8.onnx", f"{folder}/static_report.json"} <= logged
 
 
 def test_bf16_job_gates_the_champion_and_it_serves_in_bf16_with_the_same_answers(registered, digits_root,

@@ -794,7 +794,7 @@ def test_an_int8_file_within_a_point_of_fp32_is_servable_and_serves_the_same_ans
                           "--out", str(tmp_path)]) == 0
     assert "int8 is servable" in capsys.readouterr().out
     tags = Registry(registry["uri"], MODEL).client.get_model_version(MODEL, "1").tags
-    assert tags["export.int8.uri"].endswith("compress/static/model.int8.onnx")
+    assert re.search(r"/compress/static/[^/]+/model\.int8\.onnx$", tags["export.int8.uri"]), tags  # this run's own
     assert float(tags["export.int8.acc1_delta"]) >= -1.0
 
     serve.run(build_app({"tracking_uri": registry["uri"], "model_name": MODEL, "num_cpus": 0.25, "version": "1",

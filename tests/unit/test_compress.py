@@ -7,6 +7,7 @@ measures it. Accuracy, sizes, sparsity and the saved files are.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,77 @@ def test_unknown_method_and_bad_calibration_method_are_rejected(trained):
     with pytest.raises(ValueError, match="unknown calibration method"):
         compress.quantize_onnx_static("missing.onnx", trained["calibration"], trained["out"] / "y.onnx",
                                       calibrate="magic")
+
+
+def test_a_multi_label_model_is_refused_before_anything_is_written(tmp_path):
+    from imgcls_core.config import ModelConfig
+    from imgcls_core.data import SplitRecords
+    from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.models import build_model
+
+    classes = [str(i) for i in range(4)]
+    pre = Preprocessing(16, [0.5] * 3, [0.25] * 3, 1.0, classes, multi_label=True, threshold=0.4)
+    model = build_model(ModelConfig(name="cnn3", width=0.25), len(classes), 16).eval()
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8).numpy()
+    test = SplitRecords(classes, [(0, 1), (2,), (), (1, 3)], ["a", "b", "c", "d"], arrays=pixels, multi_label=True)
+    with pytest.raises(ValueError, match="a multi-label model .* cannot be compressed yet"):
+        compress.quantize(model, pre, torch.randn(8, 3, 16, 16), test, tmp_path / "static", log=lambda _line: None)
+    with pytest.raises(ValueError, match="a multi-label model .* cannot be compressed yet"):
+        compress.reduced_precision(model, pre, torch.randn(8, 3, 16, 16), test, tmp_path / "bf16", repeats=1)
+    assert not list(tmp_path.iterdir())  # no ONNX export, no int8 file, no report
+
+
+def test_a_run_that_fails_the_int8_gate_leaves_the_servable_file_and_logs_its_own(trained, static_int8, tmp_path):
+    """Two static runs of one version: the first passes the gate and is tagged servable, the second
+    (its int8 file 5 points below fp32) is logged beside it, under a folder of its own, untagged."""
+    import dataclasses
+    import shutil
+
+    import mlflow
+
+    from imgcls_core.registry import Registry, register_model_file
+    from imgcls_core.serving import INT8_URI_TAG
+    from jobs.compress import publish
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("unit", artifact_location=(tmp_path / "artifacts").as_uri())
+    registry = Registry(uri, "digits")
+    version = registry.version(register_model_file(uri, "digits", trained["model_file"], experiment="unit").version)
+
+    def run(files, report) -> dict:
+        local = {"method": "static", "model_file": "models:/digits/1", **report.to_dict(),
+                 "files": {k: str(v) for k, v in files.items()}}
+        return publish(registry, version, "digits", "static", report, files, local, log=lambda _line: None)
+
+    def logged(result: dict, name: str) -> bytes:
+        return Path(mlflow.artifacts.download_artifacts(
+            f"runs:/{version.run_id}/{result['artifact_path']}/{name}", dst_path=str(tmp_path / "download"),
+            tracking_uri=uri)).read_bytes()
+
+    first = tmp_path / "first"  # a copy: the module's fixture files stay as they are
+    shutil.copytree(static_int8[0]["int8_onnx"].parent, first)
+    files = {k: first / v.name for k, v in static_int8[0].items()}
+    passed = run(files, static_int8[1])
+    servable_bytes = files["int8_onnx"].read_bytes()
+
+    again, report = compress.quantize(trained["model"], trained["pre"], trained["calibration"][:16],
+                                      trained["splits"].test, tmp_path / "second", method="static",
+                                      fp32_onnx=files["fp32_onnx"], threads=1, repeats=1, log=lambda _line: None)
+    assert again["int8_onnx"].read_bytes() != servable_bytes  # other calibration, other file
+    failed = run(again, dataclasses.replace(report, int8_acc1=report.fp32_acc1 - 0.05))
+
+    assert passed["servable"] is True and failed["servable"] is False
+    assert passed["artifact_path"].startswith("compress/static/") and failed["artifact_path"].startswith(
+        "compress/static/") and passed["artifact_path"] != failed["artifact_path"]
+    tags = client.get_model_version("digits", version.version).tags
+    assert tags[INT8_URI_TAG] == f"runs:/{version.run_id}/{passed['artifact_path']}/model.int8.onnx"
+    assert float(tags["export.int8.acc1_delta"]) == pytest.approx(static_int8[1].acc1_delta_points, abs=1e-4)
+    assert float(tags["compress.int8.acc1_delta"]) == pytest.approx(-5.0, abs=1e-4)  # the latest run's figures
+    assert logged(passed, "model.int8.onnx") == servable_bytes  # the tagged file is the one that passed
+    assert logged(failed, "model.int8.onnx") == again["int8_onnx"].read_bytes()
+    for result, local in ((passed, files["report"]), (failed, again["report"])):
+        assert json.loads(logged(result, "static_report.json")) == json.loads(local.read_text()) == result
 
 
 def test_unstructured_pruning_reaches_the_sparsity_and_fine_tuning_recovers(trained):

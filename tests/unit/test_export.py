@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,66 @@ def test_jobs_export_from_a_model_file_and_its_argument_errors(model_file, tmp_p
     assert "18..23" in capsys.readouterr().err
     assert main([*config, "--model-file", str(tmp_path / "missing.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript's deprecation notice
+def test_the_torchscript_file_carries_the_preprocessing_with_a_multi_label_threshold(tmp_path):
+    from imgcls_core.export import TORCHSCRIPT_EXTRA_FILE, torchscript_preprocessing
+
+    pre = Preprocessing(SIZE, [0.2, 0.3, 0.4], [0.3, 0.25, 0.2], 0.875, list("abcdef"), multi_label=True,
+                        threshold=0.37)
+    cfg = ModelConfig(name="cnn3", width=0.25)
+    model_file = save_inference_model(tmp_path / "model.pt", build_model(cfg, 6, SIZE).eval().state_dict(),
+                                      vars(cfg), pre)
+    files, _ = export_model(model_file, batch(4), tmp_path / "out", formats=("torchscript",), log=lambda _l: None)
+    extra = {TORCHSCRIPT_EXTRA_FILE: ""}
+    torch.jit.load(str(files["torchscript"]), _extra_files=extra)  # what a LibTorch user reads back
+    assert json.loads(extra["imgcls.preprocessing.json"]) == pre.to_dict()
+    assert torchscript_preprocessing(files["torchscript"]) == pre
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "plain.pt"))
+    with pytest.raises(ExportError, match="not an imgcls export"):
+        torchscript_preprocessing(tmp_path / "plain.pt")
+
+
+def saved_model(path, width: float, seed: int):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name="cnn3", width=width)
+    return save_inference_model(path, build_model(cfg, len(PRE.classes), SIZE).eval().state_dict(), vars(cfg), PRE)
+
+
+def test_jobs_export_of_two_models_keeps_their_folders_and_uploads_only_this_runs_files(tmp_path, digits_root):
+    """Two registered models, each at v1: each export has its own default folder, and a version's run
+    gets that export's files, parity.json and export.json, never a stray file of the folder."""
+    import mlflow
+
+    from imgcls_core.config import load_config
+    from imgcls_core.registry import register_model_file
+    from jobs.export import export_job
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("unit", artifact_location=(tmp_path / "artifacts").as_uri())
+    big = register_model_file(uri, "digits", saved_model(tmp_path / "a" / "model.pt", 0.5, 0), experiment="unit")
+    small = register_model_file(uri, "digits-small", saved_model(tmp_path / "b" / "model.pt", 0.25, 1),
+                                experiment="unit")
+    cfg = load_config(None, ["data.format=digits", f"data.root={digits_root}", f"tracking.tracking_uri={uri}",
+                             f"train.output_dir={tmp_path / 'runs'}"])
+
+    def export(name: str, formats: tuple[str, ...]) -> dict:
+        return export_job(cfg, model_name=name, alias=None, version="1", model_file=None, formats=formats,
+                          opset=18, tolerance=1e-4, check_images=8, out=None, log=lambda _line: None)
+
+    def logged(version) -> set[str]:
+        return {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, "exports/v1")}
+
+    first = export("digits", ("torchscript", "onnx"))
+    folder = Path(first["files"]["onnx"]).parent
+    assert folder == tmp_path / "runs" / "exports" / "digits" / "v1"
+    second = export("digits-small", ("onnx",))
+    assert Path(second["files"]["onnx"]).parent == tmp_path / "runs" / "exports" / "digits-small" / "v1"
+    assert logged(small) == {"model.onnx", "parity.json", "export.json"}  # not digits' TorchScript file
+    assert logged(big) == {"model.torchscript.pt", "model.onnx", "parity.json", "export.json"}
+
+    (folder / "model.onnx.failed-parity").write_bytes(b"an earlier export that failed its check")
+    export("digits", ("onnx",))
+    assert "model.onnx.failed-parity" not in logged(big)

@@ -299,3 +299,25 @@ def test_a_served_answer_lists_every_label_over_the_threshold_whatever_top_k(run
         assert answer["labels"] == [r for r in row if r["probability"] >= answer["threshold"]]
     info = model.info()
     assert info["multi_label"] is True and info["threshold"] == model.predictor.pre.threshold
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_a_teacher_of_the_other_kind_is_refused_before_training(tmp_path):
+    from imgcls_core.config import ModelConfig
+    from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.engine.checkpoint import save_inference_model
+    from imgcls_core.engine.distill import check_teacher_compatible, load_teacher
+    from imgcls_core.models import build_model
+
+    classes = [str(i) for i in range(10)]
+    multi = Preprocessing(16, [0.5] * 3, [0.25] * 3, 1.0, classes, multi_label=True, threshold=0.4)
+    single = Preprocessing(16, [0.5] * 3, [0.25] * 3, 1.0, classes)
+    cfg = ModelConfig(name="cnn3", width=0.25)
+    teacher = save_inference_model(tmp_path / "teacher.pt", build_model(cfg, 10, 16).state_dict(), vars(cfg), multi)
+    with pytest.raises(ValueError, match="is a multi-label model but the student's data is single-label"):
+        load_teacher(str(teacher), single)
+    with pytest.raises(ValueError, match="is a single-label model but the student's data is multi-label"):
+        check_teacher_compatible(single, multi, "models:/t/1")
+    assert load_teacher(str(teacher), multi).preprocessing.multi_label  # the same kind is accepted

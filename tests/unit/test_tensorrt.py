@@ -4,6 +4,8 @@ answers like the eager model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,3 +68,36 @@ def test_an_engine_passes_the_parity_gate_and_answers_like_eager(model_file, tmp
     want = eager.probabilities(eager.preprocess(list(images))).argmax(1)
     got = served.probabilities(served.preprocess(list(images))).argmax(1)
     assert (got == want).float().mean().item() >= 0.99
+
+
+def test_a_repeated_tensorrt_parity_failure_replaces_the_earlier_failed_engine(model_file, tmp_path, monkeypatch):
+    """Without a GPU, TensorRT is stood in for by an engine folder whose module drifts from eager: each
+    failure sets its engine aside as model.trt.failed-parity (a folder), replacing the one before."""
+    import imgcls_core.trt_export as trt_export
+
+    attempts = []
+
+    def build_engine(model, pre, batch, folder, precision="fp16", **_options):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / trt_export.PROGRAM_FILE).write_text(f"engine of attempt {len(attempts)}")
+        (folder / trt_export.META_FILE).write_text(json.dumps(pre.to_dict()))
+        return folder
+
+    class Drifting(torch.nn.Module):  # answers every image with the same logits: not the eager model's
+        def __init__(self, folder):
+            super().__init__()
+
+        def forward(self, images):
+            return torch.full((images.shape[0], 10), 5.0)
+
+    monkeypatch.setattr(trt_export, "unavailable", lambda: None)
+    monkeypatch.setattr(trt_export, "export_tensorrt", build_engine)
+    monkeypatch.setattr(trt_export, "TensorRTModule", Drifting)
+    for attempt in (1, 2):
+        attempts.append(attempt)
+        with pytest.raises(ExportError, match=r"tensorrt: .*FAILED"):
+            export_model(model_file, torch.randn(4, 3, 32, 32), tmp_path / "out", formats=("tensorrt",),
+                         log=lambda _line: None)
+    aside = tmp_path / "out" / "model.trt.failed-parity"
+    assert not (tmp_path / "out" / "model.trt").exists()  # nothing failed is left under the checked name
+    assert (aside / trt_export.PROGRAM_FILE).read_text() == "engine of attempt 2"
