@@ -737,7 +737,7 @@ def test_onnx_backend_serves_the_checked_export_with_the_same_answers(serve_url,
     assert float(tags["export.onnx.max_abs_diff"]) <= 1e-4 and float(tags["export.onnx.top1_agreement"]) == 1.0
     assert float(tags["export.torchscript.max_abs_diff"]) <= 1e-4
     assert tags["export.onnx.uri"].endswith("exports/v1/model.onnx")
-    assert (tmp_path / "exports" / "v1" / "model.onnx").is_file()
+    assert (tmp_path / "exports" / MODEL / "v1" / "model.onnx").is_file()  # <output_dir>/exports/<model>/v<N>
     version = Registry(registry["uri"], MODEL).client.get_model_version(MODEL, "1")
     logged = {a.path for a in Registry(registry["uri"], MODEL).client.list_artifacts(version.run_id, "exports/v1")}
     assert {"exports/v1/model.onnx", "exports/v1/parity.json", "exports/v1/export.json"} <= logged, logged
