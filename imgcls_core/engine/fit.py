@@ -10,6 +10,7 @@ locally, or in a folder a Ray job hands to ``ray.train.report``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -59,8 +60,13 @@ def fit(
             report(metrics, None)
             return
 
+        # A multi-label checkpoint decides at the threshold its val chose (model.pt gets the shipped
+        # weights' at the end); its first epoch's, before any val, at the default.
+        pre = (dataclasses.replace(preprocessing, threshold=metrics["val/threshold"])
+               if preprocessing.multi_label and "val/threshold" in metrics else preprocessing)
+
         def write(directory: Path) -> None:
-            save_checkpoint(directory, engine.state_dict(), cfg.to_dict(), preprocessing, metrics, extra)
+            save_checkpoint(directory, engine.state_dict(), cfg.to_dict(), pre, metrics, extra)
 
         report(metrics, write)
 

@@ -42,13 +42,41 @@ def test_map_and_f1_agree_with_scikit_learn():
     assert report.loss == pytest.approx(loss, rel=1e-9)
 
 
+def test_a_confident_models_ranking_is_kept_in_its_average_precision():
+    """Scores crowd near probability 1: 20 positives at logit 10 and 180 negatives at 8 rank perfectly
+    (equal-width probability bins merged them: AP 0.10)."""
+    from sklearn.metrics import average_precision_score
+
+    targets = torch.zeros(200, 1)
+    targets[:20] = 1
+    logits = torch.where(targets.bool(), 10.0, 8.0)
+    assert compute_metrics(logits, targets, ["a"]).mAP == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)  # a trained-like model: positives N(6, 3), negatives N(-6, 3)
+    targets = (torch.rand(2000, 4, generator=g) < 0.3).float()
+    logits = torch.randn(2000, 4, generator=g) * 3 + torch.where(targets.bool(), 6.0, -6.0)
+    want = np.mean([average_precision_score(targets[:, i], logits[:, i]) for i in range(4)])
+    assert compute_metrics(logits, targets, list("abcd")).mAP == pytest.approx(want, abs=1e-3)
+
+
+def test_nan_or_infinite_logits_are_refused_not_scored():
+    from imgcls_core.evaluation import NonFiniteLogitsError
+
+    logits, targets = scored()
+    logits[3, 1] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match="NaN or infinite for 1 of 600 images"):
+        compute_metrics(logits, targets, list("abcdef"))
+    with pytest.raises(NonFiniteLogitsError):
+        compute_metrics(torch.full((4, 3), float("nan")), torch.tensor([0, 0, 1, 2]), list("abc"))
+
+
 def test_the_threshold_is_the_best_micro_f1_on_the_set_and_is_kept_when_given():
     from sklearn.metrics import f1_score
 
     logits, targets = scored(1)
     report = compute_metrics(logits, targets, list("abcdef"))
     probs, y = logits.sigmoid().numpy(), targets.numpy()
-    grid = [t / 1000 for t in range(50, 951)]
+    acc = MultiLabelAccumulator(6)  # the candidates: the bin edges (of the logit) from 0.05 to 0.95
+    grid = [acc.edge_probability(e) for e in range(acc.edge_of(0.05), acc.edge_of(0.95) + 1)]
     best = max(f1_score(y, probs >= t, average="micro") for t in grid)
     assert report.micro_f1 == pytest.approx(best, abs=1e-9) and 0.05 <= report.threshold <= 0.95
     fixed = compute_metrics(logits, targets, list("abcdef"), threshold=0.5)
@@ -237,6 +265,10 @@ def test_a_local_run_is_judged_by_map_and_ships_its_val_threshold(run):
     pre = payload["preprocessing"]
     assert pre["multi_label"] is True and pre["threshold"] == result.val.threshold
     assert result.test.threshold == result.val.threshold  # chosen on val, applied to test
+    # a training checkpoint decides at the threshold its own val chose, not at the default 0.5
+    saved = [load_checkpoint(f) for f in sorted(out.rglob("checkpoint.pt"))]
+    assert saved and all(c["preprocessing"]["threshold"] == c["metrics"]["val/threshold"] for c in saved)
+    assert any(c["preprocessing"]["threshold"] != 0.5 for c in saved)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["metric"] == "mAP" and summary["test_mAP"] == pytest.approx(result.test.mAP)
     assert summary["final_weights"]["metric"] == "mAP"
