@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -350,6 +351,7 @@ def run_main(body: Callable[[], int | None], *, what: str, tracking_uri: str | N
     set the traceback follows the line. MLflow is made to fail fast first (:func:`fail_fast_mlflow`).
     Use it as ``return run_main(lambda: _body(args, cfg), what="training")``."""
     mine = fail_fast_mlflow()
+    previous = _interrupt_on_sigterm()
     try:
         result = body()
     except KeyboardInterrupt:
@@ -363,7 +365,25 @@ def run_main(body: Callable[[], int | None], *, what: str, tracking_uri: str | N
         return code
     finally:
         _restore_mlflow_settings(mine)  # a caller in the same process (a test, imgcls) gets its own back
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0 if result is None else int(result)
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM a KeyboardInterrupt while a job runs (in the main thread, when nothing else
+    handles it): `ray job stop` and `kill` send it, and by default it ends Python without unwinding,
+    leaving the job's MLflow run RUNNING. Returns the handler to put back, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL
 
 
 def _restore_mlflow_settings(mine: dict[str, str]) -> None:
@@ -394,11 +414,14 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
     for _ in range(8):
         failures = getattr(exc, "worker_failures", None)
         controller = getattr(exc, "controller_failure", None)
+        health = getattr(exc, "health_check_failure", None)  # a worker that died: its ActorDiedError says why
         cause = getattr(exc, "cause", None) if type(exc).__module__.startswith("ray.") else None
         if isinstance(failures, dict) and failures:
             exc = failures[min(failures)]
         elif isinstance(controller, BaseException):
             exc = controller
+        elif isinstance(health, BaseException):
+            exc = health
         elif isinstance(cause, BaseException) and cause is not exc:
             exc = cause
         else:

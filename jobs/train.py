@@ -123,7 +123,15 @@ def _fit_to_running_cluster(cfg: Config, ingest: str, log) -> str:
 
     if not ray.is_initialized():
         return ingest
-    return fit_to_cluster(cfg, ingest, ray.cluster_resources(), log=log)
+    ingest = fit_to_cluster(cfg, ingest, ray.cluster_resources(), log=log)
+    r, free = cfg.ray, ray.available_resources()
+    need = r.num_workers * r.cpus_per_worker
+    if not r.autoscaling and need > free.get("CPU", 0.0):
+        # Ray Train retries a worker group that cannot start without end (a message a minute)
+        log(f"warning: the Train workers need {need:g} CPU and {free.get('CPU', 0.0):g} of the cluster's "
+            f"{ray.cluster_resources().get('CPU', 0.0):g} are free now (Serve replicas or other jobs hold the rest): "
+            f"the job waits until they are free; `ray status` shows who holds them")
+    return ingest
 
 
 def pin_teacher(cfg: Config, pre, log=print) -> str:
@@ -337,7 +345,35 @@ def run_training(cfg: Config, *, register_as: str | None = None, stop_after: int
     plan = plan_training(cfg, log=log)
     out = Path(plan.cfg.train.output_dir)
     with lock_output_dir(out):
+        claim_run_folder(plan)
         return _fit(plan, out, register_as=register_as, stop_after=stop_after, inject_kill=inject_kill, log=log)
+
+
+OWNER_FILE = "imgcls_output_dir.json"  # in the Ray run's folder: the train.output_dir it belongs to
+
+
+def claim_run_folder(plan: TrainPlan) -> None:
+    """Refuse to train in a Ray run folder (``<ray.storage_path>/<ray.name>``) that belongs to another
+    train.output_dir: its checkpoints would be resumed, and its MLflow run continued, by this job.
+    Two output folders of one name (``runs/a/exp``, ``runs/b/exp``) give the same default ray.name.
+    On local storage the first run records its output folder there (remote storage is not checked)."""
+    storage = plan.cfg.ray.storage_path
+    if is_uri(storage) and not storage.startswith("file://"):
+        return
+    record = Path(storage.removeprefix("file://")) / plan.name / OWNER_FILE
+    mine = str(Path(plan.cfg.train.output_dir).resolve())
+    try:
+        owner = json.loads(record.read_text()).get("output_dir")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner is None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"output_dir": mine}))
+    elif owner != mine:
+        raise ValueError(
+            f"the Ray run {plan.name} in {storage} belongs to train.output_dir {owner}, not {mine}: the two would "
+            f"share checkpoints and an MLflow run. Set ray.name to another name (its default is the output "
+            f"folder's name)")
 
 
 def _fit(plan: TrainPlan, out: Path, *, register_as, stop_after, inject_kill, log) -> dict[str, Any]:
@@ -345,15 +381,24 @@ def _fit(plan: TrainPlan, out: Path, *, register_as, stop_after, inject_kill, lo
     log(f"Ray Train: {world} worker(s) x {plan.cfg.data.batch_size} = global batch "
         f"{plan.cfg.data.batch_size * world}; ingest={plan.ingest}; run {plan.run_key}")
     start_tracking(plan, log=log)
-    started = time.perf_counter()
-    trainer = build_trainer(plan, stop_after=stop_after, register_as=register_as, inject_kill=inject_kill)
+    started, since = time.perf_counter(), time.time()
     try:
+        trainer = build_trainer(plan, stop_after=stop_after, register_as=register_as, inject_kill=inject_kill)
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C: Ray Train aborts the run and exits (SystemExit); `ray job stop`: SIGTERM (run_main)
+        _mark_run(plan, "KILLED", log)
+        if isinstance(exc, SystemExit):
+            raise KeyboardInterrupt from exc
+        raise
     except Exception:
         _mark_run(plan, "FAILED", log)
         raise
+    # rank 0 writes it once it packaged the model; one from before this job is an earlier run's
+    # (this one stopped early, --stop-after): not reported as this run's
     summary_file = out / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    fresh = summary_file.exists() and summary_file.stat().st_mtime >= since - 5
+    summary = json.loads(summary_file.read_text()) if fresh else {}
     summary.update({"seconds": time.perf_counter() - started, "checkpoint": getattr(result.checkpoint, "path", None),
                     "storage": plan.run_key})
     if plan.teacher:

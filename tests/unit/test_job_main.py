@@ -163,3 +163,59 @@ def test_a_ray_instance_started_by_the_driver_keeps_mlflows_retries(monkeypatch)
         from jobs.common import _restore_mlflow_settings
 
         _restore_mlflow_settings(FAIL_FAST_MLFLOW)
+
+
+def test_a_dead_workers_own_cause_is_reported(capsys):
+    """A worker killed mid-run (OOM, a lost node) reaches the driver as a failed health check whose
+    cause says why."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    died = RuntimeError("The actor is dead because its worker process has died (killed by the OOM killer)")
+    wrapped = WorkerGroupError("workers failed", {1: WorkerHealthCheckFailedError("A worker health check failed.",
+                                                                                  died)})
+    assert run_main(raises(wrapped), what="training") == 1
+    assert one_error_line(capsys) == f"error: training failed: {died}"
+
+
+def test_sigterm_ends_a_job_as_an_interruption_and_the_handler_is_put_back(capsys):
+    """`ray job stop` sends SIGTERM: the job unwinds (its MLflow run ends) instead of dying at once."""
+    import signal
+
+    cleaned = []
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+
+    assert run_main(body, what="training") == 130
+    assert one_error_line(capsys) == "error: training interrupted" and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize(("raised", "status"), [(SystemExit(0), "KILLED"), (KeyboardInterrupt(), "KILLED"),
+                                                (RuntimeError("boom"), "FAILED")])
+def test_an_interrupted_or_failed_training_job_ends_its_mlflow_run(tmp_path, monkeypatch, raised, status):
+    """Ctrl-C makes Ray Train abort the run and call sys.exit: the run must end KILLED, not stay RUNNING,
+    and the job report an interruption (exit 130)."""
+    from mlflow.tracking import MlflowClient
+
+    import jobs.train as train
+    from imgcls_core.config import load_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["tracking.enabled=true", f"tracking.tracking_uri={uri}", f"train.output_dir={tmp_path}"])
+    plan = train.TrainPlan(cfg, "exp", "dataloader", {"classes": ["a", "b"]}, 10, "key", None)
+
+    class Trainer:
+        def fit(self):
+            raise raised
+
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: Trainer())
+    expected = RuntimeError if isinstance(raised, RuntimeError) else KeyboardInterrupt
+    with pytest.raises(expected):
+        train._fit(plan, tmp_path, register_as=None, stop_after=None, inject_kill=None, log=lambda m: None)
+    assert MlflowClient(uri).get_run(plan.mlflow_run_id).info.status == status

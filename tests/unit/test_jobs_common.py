@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import pytest
 
 from imgcls_core.config import load_config
 from jobs.common import BASE_DIR_ENV, resolve_config_paths, resolve_path
@@ -36,7 +39,7 @@ def test_runtime_env_uploads_code_only_and_points_at_this_checkout(monkeypatch, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     env = runtime_env(tmp_path)
     assert env["working_dir"] == str(REPO)
-    assert {"/.git", "/.venv", "/data", "/results", "/mlruns"} <= set(env["excludes"])
+    assert {"/.git", "/.venv", "/venv", "/data", "/results", "/mlruns"} <= set(env["excludes"])
     assert env["env_vars"] == {BASE_DIR_ENV: str(tmp_path), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
                                "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
@@ -275,3 +278,23 @@ def test_following_a_job_ends_when_ray_marks_it_finished_and_prints_every_line_o
     status = asyncio.run(asyncio.wait_for(follow(Client(), "raysubmit_x", out=out), timeout=30))
     assert status == JobStatus.SUCCEEDED
     assert out.getvalue() == log
+
+
+def test_a_ray_run_folder_of_another_output_dir_is_refused(tmp_path):
+    """runs/a/exp and runs/b/exp share the default ray.name: the second would resume the first's
+    checkpoints and continue its MLflow run."""
+    from types import SimpleNamespace
+
+    from jobs.train import OWNER_FILE, claim_run_folder
+
+    def plan(out: str, storage=tmp_path / "results"):
+        cfg = load_config(None, [f"train.output_dir={tmp_path / out}", f"ray.storage_path={storage}"])
+        return SimpleNamespace(cfg=cfg, name="exp")
+
+    claim_run_folder(plan("a/exp"))
+    assert json.loads((tmp_path / "results" / "exp" / OWNER_FILE).read_text()) == {"output_dir": str(tmp_path / "a/exp")}
+    claim_run_folder(plan("a/exp"))  # the same run again (a resume)
+    with pytest.raises(ValueError, match=r"the Ray run exp in .* belongs to train.output_dir .*/a/exp, not .*/b/exp.*"
+                                         r"Set ray.name"):
+        claim_run_folder(plan("b/exp"))
+    claim_run_folder(plan("b/exp", storage="s3://bucket/results"))  # remote storage: not checked
