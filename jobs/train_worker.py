@@ -167,7 +167,8 @@ class WorkerData:
 
         self.cfg, self.pre, self.rank, self.world = cfg, pre, rank, world
         self.ingest = loop_config["ingest"]
-        self.splits = splits = load_dataset(cfg.data)
+        # Ray Data streams the train images: this rank needs only their labels (class weights)
+        self.splits = splits = load_dataset(cfg.data, train_images=self.ingest != "ray_data")
         num_classes = len(pre.classes)
         self.class_weights = (
             class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None

@@ -174,9 +174,10 @@ def write_shards(
     return SplitShards(split, rows_written, files, dict(zip(classes, counts)))
 
 
-def read_shard_table(root: str | Path, split: str) -> pa.Table:
+def read_shard_table(root: str | Path, split: str, *, images: bool = True) -> pa.Table:
     """All rows of ``<root>/<split>/*.parquet`` (in file order) as one table (multi-label shards: with
-    a ``labels`` column, :data:`MULTI_SCHEMA`)."""
+    a ``labels`` column, :data:`MULTI_SCHEMA`); ``images=False`` leaves the image bytes unread (the
+    labels and paths only)."""
     directory = Path(root) / split
     if not directory.is_dir():
         raise FileNotFoundError(f"no shard folder {str(directory)!r}")
@@ -185,12 +186,14 @@ def read_shard_table(root: str | Path, split: str) -> pa.Table:
         raise ValueError(f"{directory} has no .parquet shards")
     tables = []
     for f in files:
-        table = pq.read_table(f)
-        schema = MULTI_SCHEMA if "labels" in table.column_names else SCHEMA
-        missing = [n for n in schema.names if n not in table.column_names]
+        names = pq.read_schema(f).names
+        schema = MULTI_SCHEMA if "labels" in names else SCHEMA
+        missing = [n for n in schema.names if n not in names]
         if missing:
             raise ValueError(f"{f} lacks column(s) {missing}; expected schema {schema}")
-        tables.append(table.select(schema.names).cast(schema))
+        if not images:
+            schema = pa.schema([field for field in schema if field.name != "image"])
+        tables.append(pq.read_table(f, columns=schema.names).cast(schema))
     return pa.concat_tables(tables)
 
 

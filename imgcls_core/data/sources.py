@@ -49,8 +49,11 @@ _LAYOUTS = {
 }
 
 
-def load_dataset(cfg: DataConfig) -> DatasetSplits:
-    """Train, val and test records for ``cfg`` (test is None when the source has no test split)."""
+def load_dataset(cfg: DataConfig, *, train_images: bool = True) -> DatasetSplits:
+    """Train, val and test records for ``cfg`` (test is None when the source has no test split).
+
+    ``train_images=False`` (Parquet shards read by Ray Data, which streams the train images itself):
+    the train records carry labels and paths only, and the image bytes stay on disk."""
     root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
     multi = is_multi_label(cfg)
     if cfg.format == "digits":
@@ -70,7 +73,7 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
         train, test = _load_cifar(root, cfg.format)
         val = None
     elif cfg.format == "parquet":
-        train, val, test = _load_parquet(root, cfg)
+        train, val, test = _load_parquet(root, cfg, train_images)
     elif multi:
         train, val, test = _load_labelled_folder(root, cfg)
     else:
@@ -358,7 +361,7 @@ def _checked_label_names(path: Path, label_sets: dict[str, list[str]]) -> dict[s
 
 
 def _load_parquet(
-    root: Path, cfg: DataConfig
+    root: Path, cfg: DataConfig, train_images: bool = True
 ) -> tuple[SplitRecords, SplitRecords | None, SplitRecords | None]:
     classes = load_class_index(root)
 
@@ -370,7 +373,8 @@ def _load_parquet(
                     f"expected {_LAYOUTS['parquet']}"
                 )
             return None
-        table = read_shard_table(root, name)
+        images = train_images or name != cfg.train_split
+        table = read_shard_table(root, name, images=images)
         multi = "labels" in table.column_names
         if multi != is_multi_label(cfg):
             raise ValueError(f"{root / name}: the shards have a {'labels (list)' if multi else 'label'} column, "
@@ -388,7 +392,7 @@ def _load_parquet(
             list(classes),
             labels,
             table.column("path").to_pylist(),
-            images=table.column("image").to_pylist(),
+            images=table.column("image").to_pylist() if images else None,
             multi_label=multi,
         )
 

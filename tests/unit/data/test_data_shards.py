@@ -247,3 +247,16 @@ def test_parquet_source_errors(tmp_path):
     (root / "classes.json").write_text(json.dumps({"classes": "ab"}))
     with pytest.raises(ValueError, match="list of strings"):
         load_class_index(root)
+
+
+def test_without_train_images_the_train_records_hold_labels_and_paths_only(image_folder, tmp_path):
+    """Ray Data streams the train images itself: a Train worker loads only the labels (the image bytes
+    of a large split would be held once per worker)."""
+    convert_image_folder(image_folder(LAYOUT), tmp_path / "out", num_workers=0)
+    cfg = DataConfig(format="parquet", root=str(tmp_path / "out"))
+    full, light = load_dataset(cfg), load_dataset(cfg, train_images=False)
+    assert light.train.images is None and full.train.images is not None
+    assert (light.train.labels, light.train.paths) == (full.train.labels, full.train.paths)
+    assert light.val.images == full.val.images and light.test.images == full.test.images
+    table = read_shard_table(tmp_path / "out", "train", images=False)
+    assert table.column_names == ["label", "path"] and table.num_rows == 18
