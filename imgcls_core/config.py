@@ -223,9 +223,9 @@ class TuneConfig:
     num_samples: int = 8  # trials (with grid entries: samples of every grid point)
     search: Literal["random", "grid"] = "random"
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"  # fifo: every trial runs all epochs
-    # Maximized. With train.ema_decay > 0, val_ema/acc1 ranks the averaged weights, which read an
-    # unfinished run better than the raw ones (bench/tune_asha.py: ASHA's rungs, epoch 4 of 8 vs
-    # final, Spearman 0.84 vs 0.80, epoch 5 0.92 vs 0.58).
+    # Maximized (a loss or ece minimized: check_tune_metric). With train.ema_decay > 0, val_ema/acc1
+    # ranks the averaged weights, which read an unfinished run better than the raw ones
+    # (bench/tune_asha.py: ASHA's rungs, epoch 4 of 8 vs final, Spearman 0.84 vs 0.80, epoch 5 0.92 vs 0.58).
     metric: str = "val/acc1"
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung

@@ -245,6 +245,8 @@ def init_ray(address: str | None = None, log=print, **kwargs) -> None:
         ray.init(address=address, **kwargs)
     finally:
         os.environ.update(driver_only)
+    if _interrupting:  # ray.init puts its own SIGTERM handler (sys.exit) in place of run_main's
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 # Ray Data's read and decode tasks each ask for one CPU, which must lie outside the Train
@@ -366,6 +368,7 @@ def run_main(body: Callable[[], int | None], *, what: str, tracking_uri: str | N
     finally:
         _restore_mlflow_settings(mine)  # a caller in the same process (a test, imgcls) gets its own back
         if previous is not None:
+            _interrupting.clear()
             signal.signal(signal.SIGTERM, previous)
     return 0 if result is None else int(result)
 
@@ -378,12 +381,16 @@ def _interrupt_on_sigterm():
 
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return None
-
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
+    _interrupting.append(True)
+    signal.signal(signal.SIGTERM, _interrupt)
     return signal.SIG_DFL
+
+
+_interrupting: list[bool] = []  # non-empty while run_main turns SIGTERM into KeyboardInterrupt (init_ray too)
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _restore_mlflow_settings(mine: dict[str, str]) -> None:

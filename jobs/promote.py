@@ -129,7 +129,9 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
     registry.tag(number, {"imgcls.promotion": "promoted" if promoted else "not promoted",
                                    "imgcls.promotion_reason": reason,
                                    "imgcls.compared_with": f"v{decision.champion_version}: {champion_acc}"
-                                   if champion_acc is not None else "none"})
+                                   if champion_acc is not None else
+                                   f"v{decision.champion_version}: not evaluated" if decision.champion_version
+                                   and decision.champion_version != number else "none"})
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "promotion.json").write_text(json.dumps(decision.to_dict(), indent=1))

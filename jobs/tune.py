@@ -324,7 +324,8 @@ def run_sweep(cfg: Config, *, log=print, check_data: bool = True) -> dict[str, A
     except BaseException as exc:
         # Whatever ends the sweep early ends its MLflow run too, and its trials' runs, rather than
         # leaving them RUNNING.
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # (ray.init's SIGTERM handler exits: SystemExit is a stop, as Ctrl-C is)
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         _end_trial_runs(parent, None, status)
         parent.close(status=status)
         raise
@@ -335,8 +336,14 @@ def sweep_definition(cfg: Config, space) -> dict[str, Any]:
     every setting of its trials and scheduler, less those a re-run may change (where it runs and
     reports: ray.*, tracking.*, serve.*; how many trials run at once)."""
     keep = {k: v for k, v in cfg.flat().items()
-            if not k.startswith(("ray.", "tracking.", "serve.")) and k != "tune.max_concurrent_trials"}
+            if not k.startswith(("ray.", "tracking.", "serve.")) and k not in ("tune.max_concurrent_trials", "tune.name")}
+    for key in PATH_KEYS:  # the same folder however written (relative, ~, a symlink, a trailing /)
+        if isinstance(keep.get(key), str) and keep[key] and not is_uri(keep[key]):
+            keep[key] = os.path.realpath(os.path.expanduser(keep[key]))
     return {**json.loads(json.dumps(keep, default=str)), **space.params()}
+
+
+PATH_KEYS = ("data.root", "data.labels_file", "train.output_dir", "model.pretrained")
 
 
 def _check_same_sweep(path: str, sweep: str, definition: dict[str, Any]) -> None:
@@ -349,8 +356,12 @@ def _check_same_sweep(path: str, sweep: str, definition: dict[str, Any]) -> None
         was = None
     if not isinstance(was, dict):
         return  # remote storage, or a sweep recorded before definitions were
-    changed = [f"{k} {was.get(k)!r} -> {definition.get(k)!r}" for k in sorted(set(was) | set(definition))
-               if was.get(k) != definition.get(k)]
+    # settings only one side has (a version of imgcls with other settings wrote the record) are not compared
+    changed = [f"{k} {was[k]!r} -> {definition[k]!r}" for k in sorted(set(was) & set(definition))
+               if was[k] != definition[k]]
+    if set(was) ^ set(definition) and any(k.startswith("space.") for k in set(was) ^ set(definition)):
+        changed.append(f"searched keys {sorted(k[6:] for k in was if k.startswith('space.'))} -> "
+                       f"{sorted(k[6:] for k in definition if k.startswith('space.'))}")
     if changed:
         raise ValueError(
             f"sweep {sweep} in {path} was started with other settings ({'; '.join(changed[:8])}"
@@ -408,11 +419,19 @@ def _tracked_elsewhere(path: str, parent) -> bool:
 
 
 def _record_parent_run(path: str, parent, definition: dict[str, Any]) -> None:
+    """Record the sweep's parent run and definition; a run without tracking keeps the parent run
+    recorded before (a later tracked run continues that one)."""
     record = _sweep_run_file(path)
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"parent_run_id": parent.run_id if parent.active else None,
-                                      "definition": definition}))
+    if record is None:
+        return
+    run_id = parent.run_id if parent.active else None
+    if run_id is None:
+        try:
+            run_id = json.loads(record.read_text()).get("parent_run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"parent_run_id": run_id, "definition": definition}))
 
 
 def _set_aside(path: str, cfg: Config) -> str:

@@ -73,7 +73,7 @@ class ConversionReport:
     splits: dict[str, SplitShards]
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    # split -> {"from": "train", "fraction": f, "seed": s, "files": n}: splits the source lacked,
+    # split -> {"from": "train", "fraction": f, "seed": s, "files": n, "method": "path-hash"}: splits the source lacked,
     # held out of its train files (by a seeded hash of each file's path)
     held_out: dict[str, dict] = field(default_factory=dict)
 
@@ -294,7 +294,7 @@ def convert_image_folder(
         )
     if not samples["train"]:
         raise ValueError(f"no files under the class folders of {split_dirs['train']}")
-    held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed, src)
+    held_out = _hold_out(samples, {"val": val_fraction, "test": test_fraction}, seed, src, classes)
     return _write_splits(src, out, layout, classes, samples, held_out, num_workers=num_workers, shard_size=shard_size,
                          max_pixels=max_pixels, seed=seed, start=start)
 
@@ -391,7 +391,8 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
 
 
 def _hold_out(
-    samples: dict[str, list[tuple[str, Any]]], fractions: dict[str, float], seed: int, src: Path
+    samples: dict[str, list[tuple[str, Any]]], fractions: dict[str, float], seed: int, src: Path,
+    classes: list[str] | None = None,
 ) -> dict[str, dict]:
     """Move seeded ``fractions`` of the train files into the splits ``samples`` lacks (in place);
     what was held out, by split. Fractions are of all train files.
@@ -426,7 +427,13 @@ def _hold_out(
                 f"{missing[split]:.0%} (a file's split is a hash of its path); raise --{split}-fraction or give "
                 f"the source a {split}/ folder")
         samples[split] = items
-        held_out[split] = {"from": "train", "fraction": missing[split], "seed": seed, "files": len(items)}
+        held_out[split] = {"from": "train", "fraction": missing[split], "seed": seed, "files": len(items),
+                           "method": "path-hash"}
+    if classes is not None:  # single-label: a class whose few files were all held out has nothing to train on
+        kept = {label for _, label in train}
+        if emptied := sorted({classes[label] for _, label in samples["train"] if label not in kept}):
+            raise ValueError(f"class(es) {emptied} have so few files that all were held out for "
+                             f"{'/'.join(held)}; add images to them, or give the source val/ and test/ folders")
     samples["train"] = train
     return {s: held_out[s] for s in SPLITS if s in held_out}
 

@@ -219,3 +219,28 @@ def test_an_interrupted_or_failed_training_job_ends_its_mlflow_run(tmp_path, mon
     with pytest.raises(expected):
         train._fit(plan, tmp_path, register_as=None, stop_after=None, inject_kill=None, log=lambda m: None)
     assert MlflowClient(uri).get_run(plan.mlflow_run_id).info.status == status
+
+
+def test_sigterm_still_interrupts_after_ray_init_put_its_own_handler(capsys, monkeypatch):
+    """ray.init installs a SIGTERM handler that calls sys.exit; init_ray puts run_main's back."""
+    import signal
+    import sys
+
+    import ray
+
+    from jobs.common import init_ray
+
+    def ray_init(**_kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", ray_init)
+
+    def body():
+        init_ray("local")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    assert run_main(body, what="sweep") == 130
+    assert one_error_line(capsys) == "error: sweep interrupted"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -15,6 +15,9 @@ def test_gate_promotes_only_past_the_margin():
     assert not should_promote(0.93, 0.94, 0.0)[0]
     assert not should_promote(350 / 360, 350 / 360, 0.0)[0]  # a tie keeps the champion
     assert should_promote(0.935, 0.94, -0.01)[0]  # a negative margin accepts a slightly worse model
+    # a champion's score tagged by an older imgcls, rounded to 6 digits: still a tie
+    assert not should_promote(350 / 360, float(f"{350 / 360:.6g}"), 0.0)[0]
+    assert should_promote(351 / 360, 350 / 360, 0.0)[0]  # one image more is a gain
 
 
 def test_a_score_read_back_from_its_tag_equals_the_measured_one():
@@ -54,6 +57,8 @@ def test_a_forced_promotion_replaces_a_champion_that_cannot_be_evaluated():
                                                force_reason="roll back", log=said.append)
     assert promoted and reason == "forced: roll back" and score is None and registry.champion.version == "2"
     assert "could not be evaluated (the split's classes differ" in said[0]
+    text = Decision("digits", "2", "abc", 0.9, "1", None, 0.0, True, reason, True, "2").summary()
+    assert "champion:   digits v1 (could not be evaluated)" in text and "this version" not in text
 
 
 def test_decision_summary_names_both_versions_and_the_verdict():

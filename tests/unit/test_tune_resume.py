@@ -42,6 +42,14 @@ def test_without_tracking_or_on_remote_storage_the_sweep_resumes_as_before(tmp_p
     assert not _tracked_elsewhere(str(tmp_path), parent(None, continued=False))
     _record_parent_run(str(tmp_path), parent(None), DEFINITION)
     assert not _tracked_elsewhere(str(tmp_path), parent(None, continued=False))
+
+
+def test_a_run_without_tracking_keeps_the_parent_run_recorded_before(tmp_path):
+    """Run 1 tracked, run 2 with MLflow down, run 3 tracked again: run 3 resumes into run 1's parent."""
+    _record_parent_run(str(tmp_path), parent("abc"), DEFINITION)
+    _record_parent_run(str(tmp_path), parent(None), DEFINITION)
+    assert json.loads((tmp_path / SWEEP_RUN_FILE).read_text())["parent_run_id"] == "abc"
+    assert not _tracked_elsewhere(str(tmp_path), parent("abc"))
     assert not _tracked_elsewhere("s3://bucket/results/sweep", parent("abc"))
 
 
@@ -51,13 +59,21 @@ def test_a_sweep_re_run_with_other_settings_is_refused_naming_them(tmp_path):
     cfg = load_config(None, ["tune.num_samples=4", "train.epochs=3"])
     space = load_space("lr_schedules", cfg)
     _record_parent_run(str(tmp_path), parent("abc"), sweep_definition(cfg, space))
-    same = load_config(None, ["tune.num_samples=4", "train.epochs=3", "ray.num_workers=2", "tracking.run_name=x",
-                              "tune.max_concurrent_trials=1"])  # where and how fast it runs may change
+    same = load_config(None, ["tune.num_samples=4", "train.epochs=3", "ray.num_workers=3", "tracking.run_name=x",
+                              "tune.max_concurrent_trials=1", "tune.name=s"])  # where and how fast it runs may change
     _check_same_sweep(str(tmp_path), "s", sweep_definition(same, space))
+    record = json.loads((tmp_path / SWEEP_RUN_FILE).read_text())  # a setting an older imgcls did not have
+    record["definition"].pop("train.epochs")
+    (tmp_path / SWEEP_RUN_FILE).write_text(json.dumps(record))
+    _check_same_sweep(str(tmp_path), "s", sweep_definition(same, space))
+    _record_parent_run(str(tmp_path), parent("abc"), sweep_definition(cfg, space))
     changed = load_config(None, ["tune.num_samples=2", "train.epochs=5"])
     with pytest.raises(ValueError, match=r"sweep s in .* was started with other settings \(train\.epochs 3 -> 5; "
                                          r"tune\.num_samples 4 -> 2\).*Set tune\.name"):
         _check_same_sweep(str(tmp_path), "s", sweep_definition(changed, space))
+    other_space = load_space("augmentation", cfg)
+    with pytest.raises(ValueError, match=r"searched keys \[.*'optim.lr'.*\] -> \[.*'augment.strength'"):
+        _check_same_sweep(str(tmp_path), "s", sweep_definition(cfg, other_space))
     (tmp_path / SWEEP_RUN_FILE).write_text('{"parent_run_id": "abc"}')  # recorded before definitions were
     _check_same_sweep(str(tmp_path), "s", sweep_definition(changed, space))
 

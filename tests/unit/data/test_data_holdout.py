@@ -25,8 +25,8 @@ def test_flat_source_gets_val_and_test_by_a_seeded_hash_of_each_path(image_folde
     assert sum(n.values()) == 100 and 8 <= n["test"] <= 32 and 1 <= n["val"] <= 19, n
     assert all(count > 0 for split in ("val", "test") for count in report.splits[split].class_counts.values())
     assert report.held_out == {
-        "val": {"from": "train", "fraction": 0.1, "seed": 0, "files": n["val"]},
-        "test": {"from": "train", "fraction": 0.2, "seed": 0, "files": n["test"]},
+        "val": {"from": "train", "fraction": 0.1, "seed": 0, "files": n["val"], "method": "path-hash"},
+        "test": {"from": "train", "fraction": 0.2, "seed": 0, "files": n["test"], "method": "path-hash"},
     }
     assert (f"the source has no val/ or test/: held out val 10% ({n['val']} files), test 20% ({n['test']} files) "
             f"of its train files, by a hash of each file's path (seed 0)") in report.summary()
@@ -63,7 +63,7 @@ def test_only_the_missing_split_is_held_out(image_folder, tmp_path):
     src = image_folder({"train": {"a": 20, "b": 20}, "test": {"a": 2, "b": 2}})
     report = convert_image_folder(src, tmp_path / "out", num_workers=0, val_fraction=0.2, test_fraction=0.2)
     n = report.splits["val"].images
-    assert report.held_out == {"val": {"from": "train", "fraction": 0.2, "seed": 0, "files": n}} and 0 < n < 20
+    assert report.held_out == {"val": {"from": "train", "fraction": 0.2, "seed": 0, "files": n, "method": "path-hash"}} and 0 < n < 20
     assert report.splits["test"].images == 4 and report.splits["train"].images == 40 - n
     assert all(p.startswith("test/") for p in split_paths(tmp_path / "out", "test"))
     assert f"the source has no val/: held out val 20% ({n} files)" in report.summary()
@@ -81,6 +81,9 @@ def test_a_hold_out_no_file_falls_in_names_the_fix(image_folder, tmp_path):
     with pytest.raises(ValueError, match=r"cannot hold out a test split: none of the 3 train files fell in its 1%"
                                          r".* give the source a test/ folder"):
         convert_image_folder(src, tmp_path / "out", num_workers=0, test_fraction=0.01)
+    tiny = image_folder({"flat": {"x": 30, "y": 1}}, name="tiny") / "flat"  # y's one file falls in test
+    with pytest.raises(ValueError, match=r"class\(es\) \['y'\] have so few files that all were held out"):
+        convert_image_folder(tiny, tmp_path / "out", num_workers=0, test_fraction=0.5)
     with pytest.raises(ValueError, match="leave no training files"):
         convert_image_folder(src, tmp_path / "out", num_workers=0, val_fraction=0.5, test_fraction=0.5)
 
