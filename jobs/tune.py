@@ -337,13 +337,13 @@ def sweep_definition(cfg: Config, space) -> dict[str, Any]:
     reports: ray.*, tracking.*, serve.*; how many trials run at once)."""
     keep = {k: v for k, v in cfg.flat().items()
             if not k.startswith(("ray.", "tracking.", "serve.")) and k not in ("tune.max_concurrent_trials", "tune.name")}
-    for key in PATH_KEYS:  # the same folder however written (relative, ~, a symlink, a trailing /)
-        if isinstance(keep.get(key), str) and keep[key] and not is_uri(keep[key]):
-            keep[key] = os.path.realpath(os.path.expanduser(keep[key]))
+    for key in PATH_KEYS:  # resolved to absolute paths (resolve_config_paths): the same folder through a symlink
+        if isinstance(keep.get(key), str) and os.path.isabs(keep[key]):
+            keep[key] = os.path.realpath(keep[key])
     return {**json.loads(json.dumps(keep, default=str)), **space.params()}
 
 
-PATH_KEYS = ("data.root", "data.labels_file", "train.output_dir", "model.pretrained")
+PATH_KEYS = ("data.root", "train.output_dir", "model.pretrained")  # (a torchvision: weights name is no path)
 
 
 def _check_same_sweep(path: str, sweep: str, definition: dict[str, Any]) -> None:
