@@ -178,7 +178,18 @@ def test_a_dead_workers_own_cause_is_reported(capsys):
     assert one_error_line(capsys) == f"error: training failed: {died}"
 
 
-def test_sigterm_ends_a_job_as_an_interruption_and_the_handler_is_put_back(capsys):
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM's default action, as a job's process starts with: the suite's shared Ray instance
+    (ray.init) has put its own handler in place, which run_main leaves alone. Put back after."""
+    import signal
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_ends_a_job_as_an_interruption_and_the_handler_is_put_back(capsys, default_sigterm):
     """`ray job stop` sends SIGTERM: the job unwinds (its MLflow run ends) instead of dying at once."""
     import signal
 
@@ -221,7 +232,7 @@ def test_an_interrupted_or_failed_training_job_ends_its_mlflow_run(tmp_path, mon
     assert MlflowClient(uri).get_run(plan.mlflow_run_id).info.status == status
 
 
-def test_sigterm_still_interrupts_after_ray_init_put_its_own_handler(capsys, monkeypatch):
+def test_sigterm_still_interrupts_after_ray_init_put_its_own_handler(capsys, monkeypatch, default_sigterm):
     """ray.init installs a SIGTERM handler that calls sys.exit; init_ray puts run_main's back."""
     import signal
     import sys
