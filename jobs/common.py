@@ -167,6 +167,23 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def local_folder(location: str) -> Path | None:
+    """``location`` (a plain path or a ``file://`` URI) as a local Path; None for remote storage (s3://, gs://)."""
+    if is_uri(location) and not location.startswith("file://"):
+        return None
+    return Path(location.removeprefix("file://"))
+
+
+def read_record(path: Path | None) -> dict[str, Any]:
+    """The JSON object of a bookkeeping record a job keeps beside a run (whose parent run, whose output
+    folder); {} when there is none, or the file is not one (unreadable, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def resolve_path(path: str) -> str:
     """An absolute local path (``~`` expanded, then against $IMGCLS_BASE_DIR, else the cwd); URIs
     unchanged."""

@@ -35,8 +35,8 @@ from typing import Any
 from imgcls_core.config import Config, is_multi_label, score_name
 from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.output_dir
 from jobs.common import (
-    add_config_args, fit_to_cluster, init_ray, is_uri, job_config, positive_int, resolve_config_paths, resolve_path,
-    run_main,
+    add_config_args, fit_to_cluster, init_ray, is_uri, job_config, local_folder, positive_int, read_record,
+    resolve_config_paths, resolve_path, run_main,
 )
 from jobs.train_worker import DECODE_BLOCK_ROWS, augment_batch, decode_batch, decode_pixels, train_loop_per_worker
 
@@ -123,13 +123,14 @@ def _fit_to_running_cluster(cfg: Config, ingest: str, log) -> str:
 
     if not ray.is_initialized():
         return ingest
-    ingest = fit_to_cluster(cfg, ingest, ray.cluster_resources(), log=log)
+    cluster = ray.cluster_resources()
+    ingest = fit_to_cluster(cfg, ingest, cluster, log=log)
     r, free = cfg.ray, ray.available_resources()
     need = r.num_workers * r.cpus_per_worker
     if not r.autoscaling and need > free.get("CPU", 0.0):
         # Ray Train retries a worker group that cannot start without end (a message a minute)
         log(f"warning: the Train workers need {need:g} CPU and {free.get('CPU', 0.0):g} of the cluster's "
-            f"{ray.cluster_resources().get('CPU', 0.0):g} are free now (Serve replicas or other jobs hold the rest): "
+            f"{cluster.get('CPU', 0.0):g} are free now (Serve replicas or other jobs hold the rest): "
             f"the job waits until they are free; `ray status` shows who holds them")
     return ingest
 
@@ -358,14 +359,11 @@ def claim_run_folder(plan: TrainPlan) -> None:
     Two output folders of one name (``runs/a/exp``, ``runs/b/exp``) give the same default ray.name.
     On local storage the first run records its output folder there (remote storage is not checked)."""
     storage = plan.cfg.ray.storage_path
-    if is_uri(storage) and not storage.startswith("file://"):
+    if (folder := local_folder(storage)) is None:
         return
-    record = Path(storage.removeprefix("file://")) / plan.name / OWNER_FILE
+    record = folder / plan.name / OWNER_FILE
     mine = str(Path(plan.cfg.train.output_dir).resolve())
-    try:
-        owner = json.loads(record.read_text()).get("output_dir")
-    except (OSError, ValueError, AttributeError):
-        owner = None
+    owner = read_record(record).get("output_dir")
     if owner is None:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"output_dir": mine}))

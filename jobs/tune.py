@@ -37,7 +37,8 @@ from typing import Any
 
 from imgcls_core.config import Config, check_tune_metric
 from jobs.common import (
-    INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, resolve_config_paths, run_main,
+    INGEST_CPUS, add_config_args, fit_to_cluster, init_ray, is_uri, job_config, local_folder, read_record,
+    resolve_config_paths, run_main,
 )
 from jobs.train import SUMMARY_FILE, check_data, resolve_ingest
 from tune_spaces import SpaceError, plain
@@ -349,11 +350,7 @@ PATH_KEYS = ("data.root", "train.output_dir", "model.pretrained")  # (a torchvis
 def _check_same_sweep(path: str, sweep: str, definition: dict[str, Any]) -> None:
     """Refuse to resume the sweep at ``path`` with other settings than it started with: Tuner.restore
     keeps its space, sample count and scheduler, while its trials would train with the new config."""
-    record = _sweep_run_file(path)
-    try:
-        was = json.loads(record.read_text()).get("definition") if record is not None else None
-    except (OSError, ValueError, AttributeError):
-        was = None
+    was = read_record(_sweep_run_file(path)).get("definition")
     if not isinstance(was, dict):
         return  # remote storage, or a sweep recorded before definitions were
     # settings only one side has (a version of imgcls with other settings wrote the record) are not compared
@@ -385,8 +382,7 @@ def _end_trial_runs(parent, results, status: str = "KILLED") -> None:
         for run in runs:
             name = run.info.run_name or ""
             failed = any(d == name or d.startswith(f"{name}_") for d in errored)
-            parent.client.set_terminated(run.info.run_id,
-                                         status="FAILED" if failed else status if results is None else "KILLED")
+            parent.client.set_terminated(run.info.run_id, status="FAILED" if failed else status)
 
     parent.call("the trials' run status", end)
 
@@ -396,9 +392,8 @@ SWEEP_RUN_FILE = "imgcls_sweep_run.json"  # in the sweep's Tune folder: the pare
 
 def _sweep_run_file(path: str) -> Path | None:
     """The sweep's parent-run record, on local storage (None on remote storage)."""
-    if is_uri(path) and not path.startswith("file://"):
-        return None
-    return Path(path.removeprefix("file://")) / SWEEP_RUN_FILE
+    folder = local_folder(path)
+    return folder / SWEEP_RUN_FILE if folder is not None else None
 
 
 def _tracked_elsewhere(path: str, parent) -> bool:
@@ -412,10 +407,7 @@ def _tracked_elsewhere(path: str, parent) -> bool:
     record = _sweep_run_file(path)
     if record is None:
         return False
-    try:
-        return json.loads(record.read_text()).get("parent_run_id") != parent.run_id
-    except (OSError, ValueError, AttributeError):  # no record, or not one this module wrote
-        return True
+    return read_record(record).get("parent_run_id") != parent.run_id  # no record, or not one this module wrote
 
 
 def _record_parent_run(path: str, parent, definition: dict[str, Any]) -> None:
@@ -424,12 +416,7 @@ def _record_parent_run(path: str, parent, definition: dict[str, Any]) -> None:
     record = _sweep_run_file(path)
     if record is None:
         return
-    run_id = parent.run_id if parent.active else None
-    if run_id is None:
-        try:
-            run_id = json.loads(record.read_text()).get("parent_run_id")
-        except (OSError, ValueError, AttributeError):
-            run_id = None
+    run_id = parent.run_id if parent.active else read_record(record).get("parent_run_id")
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"parent_run_id": run_id, "definition": definition}))
 

@@ -346,15 +346,16 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
     staging.mkdir()
     skipped: list[dict[str, str]] = []
     written: dict[str, SplitShards] = {}
-    pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
     try:
         _write_class_index(staging, classes)
-        for split, items in samples.items():
-            rows = _checked_rows(items, src, split, pool, max_pixels, skipped)
-            written[split] = write_shards(rows, staging, split, classes, shard_size)
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-            pool = None
+        pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+        try:
+            for split, items in samples.items():
+                rows = _checked_rows(items, src, split, pool, max_pixels, skipped)
+                written[split] = write_shards(rows, staging, split, classes, shard_size)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         for split, shards in written.items():
             if not shards.images:
                 reasons = [f"{s['path']}: {s['reason']}" for s in skipped if s["split"] == split]
@@ -373,8 +374,6 @@ def _write_splits(src: Path, out: Path, layout: str, classes: list[str], samples
                 shutil.rmtree(directory)
         os.replace(staging / CLASS_INDEX, out / CLASS_INDEX)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
     report = ConversionReport(
         str(src),
