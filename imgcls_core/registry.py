@@ -153,10 +153,54 @@ def _named(version) -> str:
     return f"v{version.version}" if version is not None else "no champion"
 
 
-class Registry:
-    """One registered model name in an MLflow tracking server's registry."""
+class MissingStoreError(FileNotFoundError):
+    """A local tracking store (sqlite file, file-store folder) that does not exist."""
 
-    def __init__(self, tracking_uri: str | None, name: str):
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local tracking store URI (``sqlite:///mlflow.db``, ``file:///mlruns``,
+    ``./mlruns``), None for a server or an in-memory database."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:"):
+        path = uri[len("sqlite:"):].split("?", 1)[0]
+        if not path.startswith("///") or path[3:] in ("", ":memory:"):
+            return None
+        return Path(unquote(path[3:]))
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if uri.startswith("databricks"):
+        return None
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a plain path
+        return Path(uri).expanduser()
+    return None
+
+
+def check_store_exists(tracking_uri: str | None) -> None:
+    """Raise MissingStoreError when ``tracking_uri`` (else MLflow's default) names a local store that
+    is not there: MLflow would create an empty one, and a typo'd path would read as "no such model"."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+        raise MissingStoreError(
+            f"there is no MLflow store at {path}{where}, from the tracking URI {uri!r}: set "
+            f"tracking.tracking_uri (or MLFLOW_TRACKING_URI) to the store the model was logged to")
+
+
+class Registry:
+    """One registered model name in an MLflow tracking server's registry.
+
+    A local store must exist already (:func:`check_store_exists`) unless ``create``: only
+    registering a new file may start one.
+    """
+
+    def __init__(self, tracking_uri: str | None, name: str, *, create: bool = False):
+        if not create:
+            check_store_exists(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.name = name
@@ -298,7 +342,7 @@ def register_model_file(tracking_uri: str | None, name: str, model_file: str | P
 
     from imgcls_core.packaging import log_model
 
-    registry = Registry(tracking_uri, name)
+    registry = Registry(tracking_uri, name, create=True)
     client = registry.client
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)

@@ -64,7 +64,7 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
     same_file = Path(summary.get("model_file") or "").name == model_file.name
     sha = file_sha256(model_file)
     tags = {"imgcls.model_file": str(model_file), SHA_TAG: sha}
-    registry = Registry(tracking_uri, name)
+    registry = Registry(tracking_uri, name, create=True)  # a file may start a new store
     if run_id and same_file and summary.get("model_uri"):
         try:
             version, created = registry.register(run_id, tags)

@@ -382,3 +382,37 @@ def test_sweep_that_fails_after_its_run_started_ends_the_run_failed(digits_root,
     assert code == 1
     assert_one_error_line(capsys.readouterr().err, "error: sweep failed: the Train workers need 2.1 CPU")
     assert [(r.info.run_name, r.info.status) for r in runs(tmp_path)] == [("sweep-sweep", "FAILED")]
+
+
+@pytest.mark.parametrize("uri, path", [
+    ("sqlite:///mlflow.db", "mlflow.db"),
+    ("sqlite:////abs/m.db?timeout=5", "/abs/m.db"),
+    ("sqlite://", None),
+    ("sqlite:///:memory:", None),
+    ("file:///abs/mlruns", "/abs/mlruns"),
+    ("./mlruns", "mlruns"),
+    ("http://127.0.0.1:5000", None),
+    ("databricks", None),
+    ("databricks-uc", None),
+])
+def test_local_store_path_reads_sqlite_file_and_plain_paths(uri, path):
+    from imgcls_core.registry import local_store_path
+
+    assert local_store_path(uri) == (None if path is None else Path(path))
+
+
+def test_a_typod_store_is_refused_and_not_created(tmp_path, monkeypatch, capsys):
+    """A registry reader pointed at a store that is not there says so, instead of MLflow creating an
+    empty store that answers "no such model"; promotion refuses before it writes any data."""
+    from imgcls_core.registry import MissingStoreError, Registry
+    from jobs.promote import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(MissingStoreError, match=r"no MLflow store at typo\.db \(relative to the working directory"):
+        Registry("sqlite:///typo.db", "m")
+    assert main(["--run-id", "abc", "--set", "tracking.tracking_uri=sqlite:///typo.db"]) == 1
+    assert "error: promotion failed: there is no MLflow store at typo.db" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no digits data
+    Registry("sqlite:///new.db", "m", create=True)  # registering a file may start a store
+    assert (tmp_path / "new.db").exists()
