@@ -641,6 +641,13 @@ def validate(cfg: Config) -> None:
             f"optim.cosine_epochs: {cfg.optim.cosine_epochs} must be > 0 and at most train.epochs - "
             f"optim.warmup_epochs ({cfg.train.epochs - cfg.optim.warmup_epochs:g}) with schedule cosine_plateau"
         )
+    if cfg.optim.schedule == "cosine_plateau" and cfg.optim.min_lr_ratio <= 0:
+        raise ConfigError(
+            "optim.min_lr_ratio: cosine_plateau hands the LR the cosine ends at to plateau, which only lowers "
+            "it; with 0 the plateau epochs train at LR 0. Set a floor, e.g. optim.min_lr_ratio=0.1")
+    if cfg.optim.schedule in ("plateau", "cosine_plateau") and cfg.optim.gamma >= 1.0:
+        raise ConfigError(f"optim.gamma: {cfg.optim.gamma} must be below 1 with schedule {cfg.optim.schedule} "
+                          f"(the factor plateau multiplies the LR by)")
     if not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must be two numbers in [0, 1) (AdamW's moment decays)")
     splits = {"data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split,

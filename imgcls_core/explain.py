@@ -145,7 +145,7 @@ def save_feature_maps(model: nn.Module, images: torch.Tensor, mean, std, path: P
 
     stages = stage_modules(model)
     outputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.detach().cpu()))
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.detach().clone().cpu()))
                for n, m in stages]
     model.eval()
     try:

@@ -56,10 +56,11 @@ class Predictor:
         """Decode (bytes/paths) and transform into one float batch; uint8 CHW tensors pass through decode.
 
         A file that is not an image raises CorruptImageError naming its path (``images[i]`` for bytes)."""
-        tensors = [img if isinstance(img, torch.Tensor)
-                   else decode_image(img, name=None if isinstance(img, (str, Path)) else f"images[{i}]")
-                   for i, img in enumerate(images)]
-        return torch.stack([self.transform(t) for t in tensors])
+        # each decoded image is transformed at once: a batch holds model-size tensors, not full-size pixels
+        return torch.stack([self.transform(img if isinstance(img, torch.Tensor) else
+                                           decode_image(img, name=None if isinstance(img, (str, Path))
+                                                        else f"images[{i}]"))
+                            for i, img in enumerate(images)])
 
     def evaluate(self, records: SplitRecords, batch_size: int = 256,
                  num_workers: int = 0) -> EvalReport | MultiLabelReport:

@@ -2,7 +2,8 @@
 
 Written by rank 0 only, through ``torch.utils.tensorboard``: every epoch's metrics
 and learning rate as scalars (the step is the epoch), a grid of the first
-augmented training batch as the model sees it (un-normalized), and the test
+augmented training batch as the loader yields it (un-normalized; before MixUp or CutMix, which
+the training step applies), and the test
 confusion matrix as an image. The folder is logged to MLflow with the other
 artifacts. ``tensorboard --logdir runs/<run>`` (or the folder above several
 runs) shows them. Sweeps: Ray Tune writes each trial's reported metrics and its
@@ -24,11 +25,14 @@ _NOT_SCALARS = ("epoch", "step", "mid_epoch", "epoch_step")
 
 class TensorBoardLog:
     """One run's event files; every call is a no-op when ``enabled`` is false (other ranks, or
-    ``tracking.tensorboard: false``). The writer opens on first use and appends on resume."""
+    ``tracking.tensorboard: false``). The writer opens on first use and appends on resume; set
+    :attr:`purge_step` to the first epoch a session trains, and TensorBoard hides what an earlier
+    attempt logged from that step on (the epochs it trained again after a crash or restart)."""
 
     def __init__(self, out: Path, enabled: bool):
         self.dir = Path(out) / FOLDER
         self.enabled = enabled
+        self.purge_step: int | None = None
         self._writer = None
 
     @property
@@ -36,7 +40,7 @@ class TensorBoardLog:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.dir))
+            self._writer = SummaryWriter(str(self.dir), purge_step=self.purge_step)
         return self._writer
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:

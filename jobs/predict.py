@@ -84,10 +84,10 @@ def classify(predictor, paths: list[Path], *, top_k: int, batch_size: int) -> It
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         rows: list[dict[str, Any]] = [{"path": str(p)} for p in chunk]
-        decoded = {}
+        decoded = {}  # model-size input tensors: a chunk never holds full-resolution pixels
         for i, path in enumerate(chunk):
             try:
-                decoded[i] = decode_image(path)
+                decoded[i] = predictor.transform(decode_image(path))
             except Exception as exc:  # noqa: BLE001 - any unreadable file is one error row
                 rows[i]["error"] = _reason(exc)
         for i, result in zip(decoded, _classify_batch(predictor, list(decoded.values()), top_k)):
@@ -97,23 +97,29 @@ def classify(predictor, paths: list[Path], *, top_k: int, batch_size: int) -> It
                 rows[i].update(label=result[0]["label"], probability=f"{result[0]['probability']:.6f}",
                                top_k=json.dumps([[c["label"], round(c["probability"], 6)] for c in result[:top_k]]))
                 if predictor.pre.multi_label:  # every class is ranked: those over the threshold
-                    rows[i]["labels"] = " ".join(c["label"] for c in predictor.present(result))
+                    # "|" as predictions.csv joins them: class names may hold spaces
+                    rows[i]["labels"] = "|".join(c["label"] for c in predictor.present(result))
         yield from rows
 
 
 def _classify_batch(predictor, images: list, top_k: int) -> list:
-    """Top-k per image; when the batch fails, image by image, so one bad image fails alone."""
+    """Top-k per preprocessed image; when the batch fails, image by image, so one bad image fails alone."""
+    import torch
+
+    def classify(batch: list) -> list:
+        return predictor.rank(predictor.probabilities(torch.stack(batch)), top_k)
+
     if not images:
         return []
     try:
-        return predictor.classify(images, top_k=top_k)
+        return classify(images)
     except Exception as exc:  # noqa: BLE001
         if len(images) == 1:
             return [exc]
     results = []
     for image in images:
         try:
-            results.append(predictor.classify([image], top_k=top_k)[0])
+            results.append(classify([image])[0])
         except Exception as exc:  # noqa: BLE001
             results.append(exc)
     return results

@@ -66,6 +66,8 @@ class Client:
             return response.json()
         try:
             body = response.json()
+            if not isinstance(body, dict):  # a proxy's JSON list or string: shown as text
+                raise ValueError(body)
             error, detail = body.get("error", "error"), body.get("detail", response.text)
         except ValueError:  # Serve's proxy answers overload (503) and timeouts (408) in plain text
             error, detail = response.reason or "error", response.text.strip()

@@ -165,7 +165,7 @@ class Engine:
             self._sums[:5] += torch.tensor([loss * n, correct, n, kd * n, ce * n], dtype=torch.float64)
             n_batches += 1
             if on_step is not None and n_batches % self.cfg.train.log_every == 0:
-                on_step({"loss": self._sums[0].item() / self._sums[2].item(), "lr": self.schedule.last_lr()})
+                on_step({"loss": self._sums[0].item() / self._sums[2].item(), "lr": self.schedule.epoch_lr()})
         seconds = earlier_s + time.perf_counter() - start
         self.epoch_step, self._checkpointed_sums = 0, None  # the pass is complete; the next starts at its first batch
         self.sync_buffers()
@@ -177,7 +177,7 @@ class Engine:
             self.train_accuracy: sums[1].item() / sums[2].item(),
             "train/images_per_s": sums[2].item() / max(seconds, 1e-9),
             "train/epoch_s": seconds,
-            "lr": self.schedule.last_lr(),
+            "lr": self.schedule.epoch_lr(),  # the epoch's last step's (not the next epoch's first)
         }
         if self.teacher is not None:  # train/loss is the mixed loss; these are its two terms
             metrics["train/kd_loss"] = sums[3].item() / sums[2].item()

@@ -4,11 +4,14 @@ Every schedule is built from torch.optim.lr_scheduler and advanced once per
 optimizer step; warmup is a LinearLR chained in front with SequentialLR
 (OneCycleLR has its own warm-up phase; ReduceLROnPlateau reacts per epoch to
 the validation top-1 or loss once warmup, and with ``cosine_plateau`` the cosine
-phase, is over).
+phase, is over). The cosine decays each parameter group to its own peak times
+``min_lr_ratio`` (a backbone at a tenth of the head's LR ends at a tenth of the
+head's floor).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -59,6 +62,8 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int):
         self.optimizer = optimizer
         self.kind = cfg.schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.lr_used: float | None = None  # the LR of the last optimizer step taken
         total = max(1, epochs * steps_per_epoch)
         self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
         self.cosine_steps = (max(1, round(cfg.cosine_epochs * steps_per_epoch))
@@ -80,14 +85,16 @@ class LRSchedule:
             return lr_scheduler.OneCycleLR(
                 opt, max_lr=peaks, total_steps=total, pct_start=min(max(warm, 2), total - 1) / total,  # torch divides by zero below 2
                 div_factor=div, final_div_factor=final_div,
+                # cycled between optim.momentum (at the LR's peak: lowest) and 0.1 less, as torch's
+                # 0.95/0.85 default spreads it, so optim.momentum is the momentum SGD is set to
                 cycle_momentum=isinstance(opt, torch.optim.SGD) and cfg.momentum > 0,
+                max_momentum=cfg.momentum, base_momentum=max(0.0, cfg.momentum - 0.1),
             )
         warmup = lr_scheduler.LinearLR(opt, cfg.warmup_start_factor, 1.0, total_iters=warm) if warm else None
         main: lr_scheduler.LRScheduler | None = None
         rest = total - warm
         if cfg.schedule in ("cosine", "cosine_plateau"):
-            main = lr_scheduler.CosineAnnealingLR(opt, T_max=self.cosine_steps or rest,
-                                                  eta_min=cfg.lr * cfg.min_lr_ratio)
+            main = lr_scheduler.LambdaLR(opt, _cosine(self.cosine_steps or rest, cfg.min_lr_ratio))
         elif cfg.schedule == "multistep":
             marks = sorted({max(1, round(m * total) - warm) for m in cfg.milestones})
             main = lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=cfg.gamma)
@@ -101,6 +108,8 @@ class LRSchedule:
         return warmup or main
 
     def step_batch(self) -> None:
+        """After an optimizer step: the LR it used is :attr:`lr_used`; advance to the next step's."""
+        self.lr_used = self.last_lr()
         self.steps += 1
         if self.per_step is None:
             return
@@ -121,18 +130,43 @@ class LRSchedule:
             self.plateau.step(val_metrics[self.plateau_key])
 
     def last_lr(self) -> float:
+        """The (highest group's) LR the next optimizer step will use."""
         return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def epoch_lr(self) -> float:
+        """The LR to report for the steps taken so far: the last one's (the next one's before any)."""
+        return self.lr_used if self.lr_used is not None else self.last_lr()
 
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,
+            "steps_per_epoch": self.steps_per_epoch,
             "per_step": self.per_step.state_dict() if self.per_step else None,
             "plateau": self.plateau.state_dict() if self.plateau else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("steps_per_epoch")  # absent from checkpoints of earlier versions
+        if saved is not None and saved != self.steps_per_epoch:
+            # the restored schedule's length and milestones are in steps: with another number per
+            # epoch it would end early or late (a cosine stopping at a quarter of the peak, a
+            # one-cycle raising "Tried to step ... times" before the last epoch ends)
+            raise ValueError(
+                f"the checkpoint's LR schedule was built for {saved} optimizer steps per epoch and this "
+                f"run takes {self.steps_per_epoch} (another ray.num_workers, data.batch_size or number of "
+                f"training images); resume with the settings it was trained with, or train in a new "
+                f"train.output_dir")
         self.steps = state["steps"]
         if self.per_step and state["per_step"]:
             self.per_step.load_state_dict(state["per_step"])
         if self.plateau and state["plateau"]:
             self.plateau.load_state_dict(state["plateau"])
+
+
+def _cosine(steps: int, floor: float):
+    """LambdaLR's factor: a half cosine from 1 to ``floor`` over ``steps``, then ``floor``."""
+
+    def factor(step: int) -> float:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+    return factor

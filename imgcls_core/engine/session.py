@@ -184,26 +184,29 @@ class TrainingSession:
             # From the epoch it starts at (0, resumed or adopted): history lines past it are of an
             # attempt that crashed before its next checkpoint, and that epoch is trained again.
             self._trim_history(engine.epoch)
+            self.tensorboard.purge_step = engine.epoch + 1  # steps are 1-based epochs, as history's
             # What jobs.promote --summary and jobs.register read as the config the run trained with;
             # written once a resume was accepted (a refused one leaves the run's own).
             write_text_durably(self.out / "config.yaml", cfg.to_yaml())
         if engine.epoch >= cfg.train.epochs:
             self.log(f"run already finished all {cfg.train.epochs} epochs; evaluating its model again")
-        history = fit(engine, self._show_samples(self.data.train), self.data.val, self.pre, self._reporter(tracker),
-                      stop_after=stop_after,
-                      on_step=on_step, extra={"mlflow_run_id": tracker.run_id or self.checkpoint_run_id})
-        if engine.epoch < cfg.train.epochs:
-            self.log(f"stopped after epoch {engine.epoch} of {cfg.train.epochs}; run again with the same "
-                     f"train.output_dir (and ray.name) to resume")
-            tracker.close(status="KILLED")
-            self.tensorboard.close()
-            return RunResult(self.out, history, None, None, False, time.perf_counter() - start, self.resumed_from,
-                             mlflow_run_id=tracker.run_id)
-        return self._finish(tracker, history, start)
+        try:
+            history = fit(engine, self._show_samples(self.data.train), self.data.val, self.pre,
+                          self._reporter(tracker), stop_after=stop_after,
+                          on_step=on_step, extra={"mlflow_run_id": tracker.run_id or self.checkpoint_run_id})
+            if engine.epoch < cfg.train.epochs:
+                self.log(f"stopped after epoch {engine.epoch} of {cfg.train.epochs}; run again with the same "
+                         f"train.output_dir (and ray.name) to resume")
+                tracker.close(status="KILLED")
+                return RunResult(self.out, history, None, None, False, time.perf_counter() - start,
+                                 self.resumed_from, mlflow_run_id=tracker.run_id)
+            return self._finish(tracker, history, start)
+        finally:
+            self.tensorboard.close()  # its file and thread, whatever ended the run
 
     def _show_samples(self, train):
         """``train`` as fit takes it, the first batch it yields in this session also written to
-        TensorBoard (augmented as the model sees it); ``train`` itself when TensorBoard is off."""
+        TensorBoard (augmented, before MixUp or CutMix); ``train`` itself when TensorBoard is off."""
         if not self.tensorboard.enabled:
             return train
         pending = True

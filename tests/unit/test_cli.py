@@ -162,6 +162,30 @@ def test_predict_writes_a_row_per_image_and_an_error_row_per_bad_file(model_file
     assert rows[-1]["error"] == "unreadable: No such file or directory"
 
 
+def test_predict_joins_a_multi_label_models_labels_with_bars(tmp_path, capsys):
+    """Class names may hold spaces ("golden retriever"): the labels column joins them with "|", as
+    predictions.csv does, and lists every class at or over the threshold, best first."""
+    import torch
+
+    from imgcls_core.config import ModelConfig
+    from imgcls_core.engine.checkpoint import Preprocessing, save_inference_model
+    from imgcls_core.models import build_model
+    from imgcls_core.predict import Predictor
+    from jobs.predict import main as predict
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn3", width=0.5), 3, 16).eval()
+    pre = Preprocessing(16, [0.5] * 3, [0.25] * 3, 1.0, ["golden retriever", "cat", "eel"], multi_label=True,
+                        threshold=0.0)  # every class present
+    file = save_inference_model(tmp_path / "ml.pt", model.state_dict(), {"name": "cnn3", "width": 0.5}, pre)
+    images = write_images(tmp_path / "photos", 2)
+    assert predict(["--model", str(file), *map(str, images)]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    expected = Predictor.from_file(file).classify(images, top_k=3)
+    assert [row["labels"] for row in rows] == ["|".join(c["label"] for c in ranked) for ranked in expected]
+    assert all(len(row["labels"].split("|")) == 3 for row in rows)
+
+
 def test_predict_to_stdout_and_failures(model_file, tmp_path, capsys):
     from jobs.predict import main as predict
 

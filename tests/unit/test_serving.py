@@ -177,3 +177,21 @@ def test_auto_backend_serves_the_faster_of_the_export_and_the_weights_and_still_
     assert auto.can_explain() is None
     (rows, overlay), *_ = auto.explain(batch[:2], 2)
     assert overlay.startswith(b"\x89PNG") and rows[0]["index"] == eager.classify(batch[:1], 1)[0][0]["index"]
+
+
+@pytest.mark.parametrize("body, error, detail", [
+    (b'{"error": "too_large", "detail": "over 8 MiB"}', "too_large", "over 8 MiB"),
+    (b'["a proxy", "said"]', "Bad Gateway", '["a proxy", "said"]'),  # JSON, but not the app's object
+    (b'"upstream down"', "Bad Gateway", '"upstream down"'),
+    (b"upstream connect error", "Bad Gateway", "upstream connect error"),
+])
+def test_the_client_reads_any_error_body_into_an_endpoint_error(body, error, detail):
+    import requests
+
+    from serve.client import Client, EndpointError
+
+    response = requests.Response()
+    response.status_code, response._content, response.reason = 502, body, "Bad Gateway"
+    with pytest.raises(EndpointError) as raised:
+        Client._check(response)
+    assert (raised.value.status, raised.value.error, raised.value.detail) == (502, error, detail)

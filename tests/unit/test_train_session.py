@@ -172,7 +172,8 @@ def test_bad_final_weights_and_schedule_settings_are_config_errors():
         load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=12", "train.epochs=10"])
     with pytest.raises(ConfigError, match="optim.plateau_metric"):
         load_config(None, ["optim.plateau_metric=f1"])
-    assert load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=6"]).optim.cosine_epochs == 6
+    assert load_config(None, ["optim.schedule=cosine_plateau", "optim.cosine_epochs=6",
+                              "optim.min_lr_ratio=0.1"]).optim.cosine_epochs == 6
 
 
 def test_a_run_writes_tensorboard_event_files_and_logs_them_to_mlflow(tiny_config, tmp_path):
@@ -200,3 +201,29 @@ def test_tensorboard_can_be_turned_off(tiny_config, tmp_path):
     cfg = tiny_config("train.epochs=1", f"train.output_dir={tmp_path / 'off'}", "tracking.tensorboard=false")
     train_and_evaluate(cfg, log=lambda _m: None)
     assert (tmp_path / "off" / "model.pt").is_file() and not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_a_resumed_session_hides_the_tensorboard_points_an_earlier_attempt_logged_past_its_start(tmp_path):
+    """Epochs 1-3 logged, then a resume from the epoch-1 checkpoint logs 2-3 again: TensorBoard
+    shows each step once, with the new attempt's values (purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from imgcls_core.tensorboard_log import TensorBoardLog
+
+    first = TensorBoardLog(tmp_path, enabled=True)
+    first.purge_step = 1
+    for epoch in (1, 2, 3):
+        first.scalars({"val/acc1": epoch / 10}, step=epoch)
+    first.close()
+    # TensorBoard reads a folder's event files in name order: <seconds>.<host>.<pid>.<a counter of
+    # this process>; a new process (a resumed job) gets a later second, not a larger counter
+    time.sleep(1.1)
+    again = TensorBoardLog(tmp_path, enabled=True)
+    again.purge_step = 2
+    for epoch in (2, 3):
+        again.scalars({"val/acc1": 0.5 + epoch / 10}, step=epoch)
+    again.close()
+    events = EventAccumulator(str(first.dir))
+    events.Reload()
+    seen = [(e.step, round(e.value, 3)) for e in events.Scalars("val/acc1")]
+    assert seen == [(1, 0.1), (2, 0.7), (3, 0.8)]

@@ -128,3 +128,60 @@ def test_schedule_state_survives_a_weights_only_round_trip(kind):
     sched2.load_state_dict(state["s"])
     assert sched2.steps == sched.steps
     assert math.isclose(sched2.last_lr(), sched.last_lr())
+
+
+def test_cosine_decays_each_group_to_its_own_floor():
+    """A backbone at a tenth of the head's LR ends at a tenth of the head's floor (a floor taken from
+    optim.lr alone made a small backbone LR rise over the 'decay')."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    cfg = OptimConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
+    groups = [{"params": list(net[0].parameters()), "lr": 0.05, "weight_decay": 0.0},
+              {"params": list(net[1].parameters()), "lr": 1.0, "weight_decay": 0.0}]
+    opt = build_optimizer(groups, cfg)
+    sched = LRSchedule(opt, cfg, 2, 10)
+    backbone = []
+    for _ in range(20):
+        backbone.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step_batch()
+    assert all(a >= b for a, b in zip(backbone, backbone[1:]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005) and opt.param_groups[1]["lr"] == pytest.approx(0.1)
+
+
+def test_the_reported_lr_is_the_one_the_last_step_used():
+    lrs, sched, _ = _lrs("cosine", epochs=2, warmup_epochs=1, warmup_start_factor=0.1)
+    assert sched.epoch_lr() == pytest.approx(lrs[-1])  # not the next (0) one
+    assert sched.last_lr() < sched.epoch_lr()
+
+
+def test_a_resume_with_other_steps_per_epoch_is_refused():
+    _, sched, _ = _lrs("cosine", epochs=4, spe=10)
+    net = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(lr=1.0, schedule="cosine")
+    other = LRSchedule(build_optimizer(param_groups_for(net, cfg), cfg), cfg, 4, 5)
+    with pytest.raises(ValueError, match="built for 10 optimizer steps per epoch and this run takes 5"):
+        other.load_state_dict(sched.state_dict())
+
+
+def test_onecycle_cycles_momentum_down_from_the_configured_one():
+    net = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(lr=1.0, schedule="onecycle", momentum=0.5, warmup_epochs=1)
+    opt = build_optimizer(param_groups_for(net, cfg), cfg)
+    sched = LRSchedule(opt, cfg, 2, 10)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step_batch()
+    assert max(seen) == pytest.approx(0.5) and min(seen) == pytest.approx(0.4, abs=0.01)
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"schedule": "cosine_plateau", "cosine_epochs": 1.0}, "with 0 the plateau epochs train at LR 0"),
+    ({"schedule": "plateau", "gamma": 1.0}, "must be below 1 with schedule plateau"),
+])
+def test_schedules_that_would_not_decay_are_refused(sets, message):
+    from imgcls_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"optim.{k}={v}" for k, v in sets.items()] + ["train.epochs=4"])
