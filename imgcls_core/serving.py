@@ -34,6 +34,7 @@ ONNX_URI_TAG = "export.onnx.uri"  # jobs.export tags each version with where its
 TENSORRT_URI_TAG = "export.tensorrt.uri"  # ... and its checked TensorRT engine folder (on a GPU)
 INT8_URI_TAG = "export.int8.uri"  # jobs.compress: the version's int8 ONNX file, when it passed the gate
 BF16_GATE_TAG = "export.bf16.acc1_delta"  # jobs.compress --method bf16: bf16's test top-1 passed the gate
+EXPORT_TAG_PREFIX = "export."  # every tag above: what a version can be served with
 GATE_POINTS = 1.0  # int8 or bf16 test top-1 at most this many points below fp32 to be servable
 _SERVE_FIELDS = get_type_hints(ServeConfig)
 PRECISIONS = get_args(_SERVE_FIELDS["precision"])  # serve.precision's values
@@ -160,6 +161,12 @@ class ServedModel:
         """One forward pass on a blank image: the first real request then pays no lazy init."""
         size = self.predictor.pre.image_size
         self.classify(self.preprocess(torch.zeros(3, size, size, dtype=torch.uint8))[None], top_k=1)
+
+
+def export_tags(tags: dict[str, str]) -> dict[str, str]:
+    """A version's tags that decide how it is served (its checked exports and gates): when they
+    change, a replica serving it loads it again."""
+    return {k: v for k, v in tags.items() if k.startswith(EXPORT_TAG_PREFIX)}
 
 
 def load_served_model(tracking_uri: str | None, name: str, *, alias: str | None = "champion",

@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "tracking.register_as, else 'imgcls')")
     parser.add_argument("--name", default="imgcls", help="Serve application name (default: %(default)s)")
     parser.add_argument("--route-prefix", default="/")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="where Serve's HTTP proxy listens (if it is not running; default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
+    parser.add_argument("--host", help="where Serve listens for HTTP when this job starts Serve (default: "
+                                        "127.0.0.1); a running Serve keeps its own")
+    parser.add_argument("--port", type=int, help="Serve's HTTP port when this job starts Serve (default: 8000); "
+                                                 "a running Serve keeps its own")
     parser.add_argument("--predict", nargs="*", default=[], metavar="IMAGE", help="classify these files once up")
     parser.add_argument("--wait-s", type=float, default=300.0,
                         help="how long to wait for the endpoint (default: %(default)s s)")
@@ -57,7 +58,7 @@ def deploy(args: argparse.Namespace, cfg: Config) -> int:
     import ray
     from ray import serve
 
-    from serve.app import application, resolve_settings
+    from serve.app import HTTP_OPTIONS, PROXY_LOCATION, application, resolve_settings
     from serve.client import Client, EndpointError, format_predictions
 
     connected_before = ray.is_initialized()
@@ -72,14 +73,16 @@ def deploy(args: argparse.Namespace, cfg: Config) -> int:
         builder_args["model_name"] = args.model
     settings = resolve_settings(builder_args)  # a ConfigError: exit 2
     started = time.perf_counter()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    asked = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    serve.start(proxy_location=PROXY_LOCATION, http_options={**HTTP_OPTIONS, **asked})
+    host, port = running_http_address(asked)
     print(f"deploying {args.name!r}: {settings['model_name']}@{cfg.serve.alias} from "
           f"{settings['tracking_uri'] or 'the default tracking URI'} ...", flush=True)
     try:
         serve.run(application(settings), name=args.name, route_prefix=args.route_prefix)
     except RuntimeError as exc:
         raise RuntimeError(f"the application did not start: {exc}") from exc
-    url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
+    url = f"http://{host}:{port}{args.route_prefix.rstrip('/')}"
     client = Client(url, token=os.environ.get(cfg.serve.token_env))
     deadline = time.monotonic() + args.wait_s
     while not client.ready():
@@ -97,6 +100,19 @@ def deploy(args: argparse.Namespace, cfg: Config) -> int:
     if own_instance:
         serve_until_interrupted()
     return 0
+
+
+def running_http_address(asked: dict) -> tuple[str, int]:
+    """Where the running Serve answers HTTP (``serve.start`` keeps a running Serve's options and
+    only warns); RuntimeError when ``asked`` (--host/--port) differs from it."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    for key, value in asked.items():
+        if getattr(http, key) != value:
+            raise RuntimeError(f"Serve already listens on {http.host}:{http.port} and a running Serve keeps its "
+                               f"HTTP options; leave out --{key}, or `serve shutdown` first")
+    return ("127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host), http.port
 
 
 def started_ray_here() -> bool:

@@ -60,12 +60,15 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
     model_file = model_file.resolve()
     summary_file, summary = read_summary(model_file)
     run_id = summary.get("mlflow_run_id")
-    # the summary describes this file (by name: the run folder may have moved since)
-    same_file = Path(summary.get("model_file") or "").name == model_file.name
     sha = file_sha256(model_file)
+    # the summary describes this file (by name: the run folder may have moved since); its run logged
+    # these very bytes unless the summary records others (a run evaluated again with tracking off
+    # may ship other weights than the ones its MLflow run logged)
+    same_file = Path(summary.get("model_file") or "").name == model_file.name
+    logged = same_file and summary.get("model_sha256") in (None, sha)
     tags = {"imgcls.model_file": str(model_file), SHA_TAG: sha}
     registry = Registry(tracking_uri, name, create=True)  # a file may start a new store
-    if run_id and same_file and summary.get("model_uri"):
+    if run_id and logged and summary.get("model_uri"):
         try:
             version, created = registry.register(run_id, tags)
             log(f"{'registered' if created else 'found'} {name} v{version.version}: the model of training "
@@ -89,7 +92,7 @@ def register(model_file: Path, name: str, tracking_uri: str | None, experiment: 
     if summary_file is not None and same_file and summary.get("mlflow_run_id") != version.run_id:
         # jobs.promote --summary then promotes this version
         summary.update({"mlflow_run_id": version.run_id, "registered_version": str(version.version),
-                        "model_uri": f"models:/{name}/{version.version}"})
+                        "model_uri": f"models:/{name}/{version.version}", "model_sha256": sha})
         summary_file.write_text(json.dumps(summary, indent=1))
         log(f"recorded run {version.run_id} in {summary_file}")
     return version

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import logging
 import os
@@ -43,7 +44,7 @@ from starlette.requests import ClientDisconnect
 
 from imgcls_core.config import ConfigError, ServeConfig, load_config
 from imgcls_core.registry import Registry
-from imgcls_core.serving import (BatchStats, DynamicBatcher, RequestError, ServedModel, decode_upload,
+from imgcls_core.serving import (BatchStats, DynamicBatcher, RequestError, ServedModel, decode_upload, export_tags,
                                  load_served_model)
 from serve.page import PREDICT_OPENAPI, page
 
@@ -53,6 +54,9 @@ RAW_IMAGE_PREFIX, RAW_OCTETS = "image/", "application/octet-stream"  # a raw bod
 MAX_FORM_FIELDS = 100  # non-file multipart fields per request
 QUERY_PARAMETERS = ("top_k", "explain", "format")  # what /v1/predict takes; anything else is a 400
 LOAD_RETRY_BASE_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # back-off of a version that failed to load
+# Serve's own settings when jobs.deploy starts it, as serve/config.yaml gives them to `serve run`
+PROXY_LOCATION = "HeadOnly"
+HTTP_OPTIONS = {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60}
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -161,7 +165,9 @@ class ClassifierReplica:
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
         self.alias, self.version, self.poll_interval_s = self.cfg.alias, self.cfg.version, self.cfg.poll_interval_s
-        self.model: ServedModel = self._load()
+        # Loaded by the first reconfigure (which Serve calls before the replica is ready), so that a
+        # replica started after user_config pinned a version loads that one, never the app's target.
+        self.model: ServedModel | None = None
         self.stats = BatchStats()
         self.counts: dict[str, int] = {}
         self.follow = {"last_check": None, "last_error": None, "swaps": 0, "failed_load": None}
@@ -179,39 +185,58 @@ class ClassifierReplica:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
-        threading.Thread(target=self._follow_alias, name="follow-alias", daemon=True).start()
 
     # ------------------------------------------------------------------ model lifecycle
 
-    def _load(self) -> ServedModel:
+    def _load(self, version: str | None = None) -> ServedModel:
+        """The version followed now (``version``: that one, already resolved), loaded and warmed up."""
         started = time.perf_counter()
-        model = load_served_model(self.tracking_uri, self.name, alias=self.alias, version=self.version,
+        model = load_served_model(self.tracking_uri, self.name, alias=self.alias, version=version or self.version,
                                   device=self.cfg.device, backend=self.cfg.backend, threads=self.cfg.torch_threads,
                                   precision=self.cfg.precision, batch_size=self.cfg.max_batch_size)
         model.warm_up()
+        model.alias = self._served_alias()
         logger.info("imgcls: loaded %s v%s (%s) in %.1f s", self.name, model.version,
                     f"@{self.alias}" if self.version is None else "pinned", time.perf_counter() - started)
         return model
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the deployment's user_config: change what is followed, without a restart."""
+    def _served_alias(self) -> str | None:
+        """The alias the served version answers under: the one followed, none when pinned."""
+        return self.alias if self.version is None else None
+
+    def reconfigure(self, user_config: dict[str, Any] | None, rank: Any = None) -> None:
+        """Serve calls this with the deployment's user_config when a replica starts (always: the
+        method takes ``rank``) and whenever the user_config changes: what is followed changes
+        without a restart. The first call loads the model, synchronously (a version that does not
+        load fails the replica's start); later ones check in the background."""
+        user_config = user_config or {}
         self.alias = user_config.get("alias") or self.cfg.alias
-        version = user_config.get("version")
+        version = user_config.get("version", self.cfg.version)
         self.version = None if version in (None, "") else str(version)
         self.poll_interval_s = float(user_config.get("poll_interval_s", self.cfg.poll_interval_s))
+        if self.model is None:
+            self.model = self._load()
+            self.version_gauge.set(_version_number(self.model.version))
+            threading.Thread(target=self._follow_alias, name="follow-alias", daemon=True).start()
+            return
         self.follow["failed_load"] = None  # a new target: no back-off from the old one
         self._wake.set()  # check now, in the background
 
-    def _target_version(self) -> str:
+    def _target(self):
+        """The registry's ModelVersion followed now: the pinned one, or the alias's."""
+        registry = Registry(self.tracking_uri, self.name)
         if self.version is not None:
-            return self.version
-        found = Registry(self.tracking_uri, self.name).alias(self.alias)
+            return registry.version(self.version)
+        found = registry.alias(self.alias)
         if found is None:
             raise LookupError(f"{self.name!r} has no version with alias {self.alias!r}")
-        return str(found.version)
+        return found
 
     def check_for_new_version(self) -> bool:
-        """Load and swap in the version the alias points at now, if it is not the one served.
+        """Load and swap in the version the alias points at now, if it is not the one served, or
+        the served one again when its exports changed (``jobs.export`` / ``jobs.compress`` tagged
+        it after it was loaded: the backend may change); its other tags (test metrics) and the
+        alias it answers under are refreshed in place.
 
         A version that fails to load (a broken artifact, an export it lacks, a GPU it needs) is not
         downloaded again at every poll: it is retried after 10 s, then 20 s, 40 s ... up to 10 min,
@@ -220,15 +245,18 @@ class ClassifierReplica:
         with self._swap_lock:
             now = time.time()
             self.follow["last_check"] = now
-            target = self._target_version()
-            if target == self.model.version:
+            mv = self._target()
+            target, served = str(mv.version), self.model
+            if target == served.version and export_tags(mv.tags) == export_tags(served.tags):
                 self.follow["failed_load"] = None
+                if served.tags != dict(mv.tags) or served.alias != self._served_alias():
+                    self.model = dataclasses.replace(served, tags=dict(mv.tags), alias=self._served_alias())
                 return False
             failed = self.follow.get("failed_load")
             if failed and failed["version"] == target and now < failed["retry_at"]:
                 return False  # backing off
             try:
-                new = self._load()
+                new = self._load(target)  # the version just resolved (the alias may move meanwhile)
             except Exception as exc:
                 attempts = failed["attempts"] + 1 if failed and failed["version"] == target else 1
                 delay = min(LOAD_RETRY_MAX_S, LOAD_RETRY_BASE_S * 2 ** (attempts - 1))
@@ -286,7 +314,6 @@ class ClassifierReplica:
                                             tag_keys=("kind",))
         self.images_served = metrics.Counter("imgcls_images", description="Images classified")
         self.version_gauge = metrics.Gauge("imgcls_model_version", description="Registry version being served")
-        self.version_gauge.set(_version_number(self.model.version))
 
     def _count(self, route: str, status: int, started: float, error: str | None = None) -> None:
         self.latency.observe(time.perf_counter() - started, tags={"route": route, "status": str(status)})

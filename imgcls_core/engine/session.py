@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from imgcls_core.config import Config
 from imgcls_core.data.preprocessing import Preprocessing
 from imgcls_core.data.records import SplitRecords
-from imgcls_core.engine.checkpoint import (check_same_model, check_same_schedule, save_inference_model,
+from imgcls_core.engine.checkpoint import (check_same_model, check_same_schedule, file_sha256, save_inference_model,
                                            write_text_durably)
 from imgcls_core.engine.fit import StepCallback, WriteCheckpoint, fit
 from imgcls_core.engine.loop import Batch, Engine
@@ -344,6 +344,9 @@ class TrainingSession:
             f"test_{result.val.score_name}": test.score if test is not None else None,
             "skipped_images": skipped, "model_file": str(result.files["model"]),
             "model_uri": info.model_uri if info is not None else earlier.get("model_uri"),
+            # the logged model's bytes: jobs.register trusts model_uri for model_file only when they match
+            "model_sha256": (file_sha256(result.files["model"]) if info is not None
+                             else earlier.get("model_sha256")),
             "registered_version": (getattr(info, "registered_model_version", None) if info is not None
                                    else earlier.get("registered_version")),
             "seconds": result.seconds,

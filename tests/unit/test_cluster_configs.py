@@ -607,3 +607,13 @@ def test_mlflow_server_runs_on_postgresql(tmp_path):
         if started:
             _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], cwd=pg_root)
         shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_jobs_deploy_starts_serve_as_serve_config_yaml_does():
+    """`serve run serve/config.yaml` and `python -m jobs.deploy` run the same application: Serve's
+    proxy location and HTTP options that jobs.deploy starts Serve with are the file's."""
+    from serve.app import HTTP_OPTIONS, PROXY_LOCATION
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert config["proxy_location"] == PROXY_LOCATION
+    assert config["http_options"] == HTTP_OPTIONS

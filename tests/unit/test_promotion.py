@@ -169,6 +169,28 @@ def test_register_then_promote_a_local_model_file(untracked_run, capsys):
     assert decision["promoted"] and decision["extra"]["imgcls.summary"] == str((run / "train_summary.json").resolve())
 
 
+def test_register_does_not_trust_a_summarys_run_for_other_bytes(untracked_run, capsys):
+    """The summary names a run that logged other weights than model.pt holds now (a run evaluated
+    again with tracking off ships other weights): a new version is registered from the file, not
+    the run's model tagged with the file's SHA-256, and the summary then names the new run."""
+    from imgcls_core.engine.checkpoint import Preprocessing, file_sha256, load_checkpoint, save_inference_model
+    from jobs.register import main as register
+
+    run, model_file = untracked_run["run"], untracked_run["model_file"]
+    assert register(["--model", str(model_file), "--name", "d"]) == 0
+    first = json.loads((run / "train_summary.json").read_text())
+    assert first["model_sha256"] == file_sha256(model_file)
+    payload = load_checkpoint(model_file)
+    state = {k: (v + 1 if v.is_floating_point() else v) for k, v in payload["model"].items()}
+    save_inference_model(model_file, state, payload["model_config"], Preprocessing.from_dict(payload["preprocessing"]))
+    capsys.readouterr()
+    assert register(["--model", str(model_file), "--name", "d"]) == 0
+    assert "registered d v2" in capsys.readouterr().out
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["registered_version"] == "2" and summary["model_sha256"] == file_sha256(model_file)
+    assert summary["mlflow_run_id"] != first["mlflow_run_id"]
+
+
 def test_register_refuses_a_missing_file(tmp_path, capsys):
     from jobs.register import main as register
 
