@@ -66,6 +66,19 @@ def predict(
     return Predictions(torch.cat(logits), torch.cat(labels))
 
 
+def without_skipped(preds: Predictions, dataset: Any) -> tuple[Predictions, list[int] | None]:
+    """The predictions of the records that decoded, and their indices (None: all of them).
+
+    A :class:`~imgcls_core.data.records.RecordDataset` gives a corrupt record's place to the next
+    record that decodes, so that batches keep their planned size; an evaluation in record order
+    would count that record twice and credit the corrupt file with its label."""
+    mask = getattr(dataset, "skipped_mask", None)
+    if mask is None or not bool(mask.any()) or len(mask) != len(preds.logits):
+        return preds, None
+    keep = ~mask
+    return Predictions(preds.logits[keep], preds.labels[keep]), keep.nonzero().flatten().tolist()
+
+
 @dataclass
 class EvalReport:
     """Overall and per-class metrics of one evaluation; fractions in [0, 1], not percent."""

@@ -21,7 +21,7 @@ from imgcls_core.data import SplitRecords, decode_image
 from imgcls_core.data.presets import build_eval_transform
 from imgcls_core.data.preprocessing import Preprocessing
 from imgcls_core.engine.checkpoint import load_checkpoint
-from imgcls_core.evaluation import EvalReport, MultiLabelReport, compute_metrics, predict
+from imgcls_core.evaluation import EvalReport, MultiLabelReport, compute_metrics, predict, without_skipped
 from imgcls_core.models import build_model
 
 
@@ -74,7 +74,7 @@ class Predictor:
             raise ValueError(f"a {kinds[not self.pre.multi_label]} model cannot be evaluated on "
                              f"{kinds[not records.multi_label]} data")
         loader = DataLoader(records.dataset(self.transform), batch_size=batch_size, num_workers=num_workers)
-        preds = predict(self.model, loader, self.device)
+        preds, _ = without_skipped(predict(self.model, loader, self.device), loader.dataset)
         return compute_metrics(preds.logits, preds.labels, self.pre.classes,
                                threshold=self.pre.threshold if self.pre.multi_label else None)
 

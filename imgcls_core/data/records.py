@@ -438,6 +438,12 @@ class RecordDataset(Dataset):
         """Distinct records skipped so far by this dataset and its DataLoader workers."""
         return int(self._skipped_flags.sum())
 
+    @property
+    def skipped_mask(self) -> torch.Tensor:
+        """A bool per record: skipped so far (here or in a DataLoader worker). An evaluation drops
+        these rows: each holds the record that took its place, which would be counted twice."""
+        return self._skipped_flags.clone()
+
     def __len__(self) -> int:
         return len(self.records)
 

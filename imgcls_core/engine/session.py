@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from imgcls_core.config import Config
 from imgcls_core.data.preprocessing import Preprocessing
@@ -34,7 +34,7 @@ from imgcls_core.engine.fit import StepCallback, WriteCheckpoint, fit
 from imgcls_core.engine.loop import Batch, Engine
 from imgcls_core.evaluation import (
     EvalReport, MultiLabelReport, compute_metrics, plot_confusion_matrix, plot_learning_curves, predict,
-    write_multi_label_predictions, write_predictions,
+    without_skipped, write_multi_label_predictions, write_predictions,
 )
 from imgcls_core.tensorboard_log import TensorBoardLog
 from imgcls_core.tracking import SUMMARY_FILE, RegistrationError, Tracker, log_training_outputs
@@ -391,8 +391,12 @@ def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: P
     ``files``), and with the split's records the views inside the model (imgcls_core.explain:
     filters, feature maps, Grad-CAM galleries of misclassified and correct images). Multi-label
     decisions use the threshold in ``pre``."""
-    preds = predict(model, loader, device)
+    dataset = getattr(loader, "dataset", None)
+    preds, kept = without_skipped(predict(model, loader, device), dataset)
     paths = records.paths if records is not None else None
+    if kept is not None:  # corrupt test images: not scored, not listed (the run counts them as skipped)
+        paths = [paths[i] for i in kept] if paths is not None else None
+        dataset = Subset(dataset, kept)
     files["test_metrics"] = out / "test_metrics.json"
     files["test_report"] = out / "test_report.txt"
     files["predictions"] = out / "predictions.csv"
@@ -410,7 +414,7 @@ def evaluate_to_files(model, loader, records, device, pre: Preprocessing, out: P
         from imgcls_core.explain import write_model_views
 
         # the loader's dataset: the records in order, through the eval transform the model was tested with
-        files.update(write_model_views(model, loader.dataset, preds.logits, preds.labels, pre.classes,
+        files.update(write_model_views(model, dataset, preds.logits, preds.labels, pre.classes,
                                        pre.mean, pre.std, out, device))
     return report
 

@@ -494,3 +494,22 @@ def test_summary_warns_about_imbalance_and_missing_classes():
     assert "val is imbalanced" not in text  # 3 / 1 is not more than 3x
     balanced = DatasetSplits(_plain(classes, [30, 10]), _plain(classes, [1, 1]), None, classes)
     assert "warning" not in balanced.summary()
+
+
+def test_an_evaluation_scores_each_record_that_decodes_once_and_the_corrupt_ones_not_at_all():
+    """The dataset fills a corrupt record's place with the next one, for training's batch sizes; an
+    evaluation drops those places again: n counts the good images, each once."""
+    from imgcls_core.evaluation import predict, without_skipped
+
+    records = _with_corrupt({1: b"", 4: b"not an image"})
+    dataset = records.dataset(lambda t: t.float().mean((1, 2)))
+    model = torch.nn.Linear(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        preds = predict(model, DataLoader(dataset, batch_size=4, num_workers=1), "cpu")
+    kept_preds, kept = without_skipped(preds, dataset)
+    assert len(preds.labels) == 9 and kept == [0, 2, 3, 5, 6, 7, 8]
+    assert kept_preds.labels.tolist() == [records.labels[i] for i in kept]
+    clean = records.subset(kept).dataset(lambda t: t.float().mean((1, 2)))
+    assert torch.allclose(kept_preds.logits, predict(model, DataLoader(clean, batch_size=4), "cpu").logits)
+    assert without_skipped(preds, records.dataset()) == (preds, None)  # nothing skipped: as it is
