@@ -79,7 +79,11 @@ def format_predictions(result: dict[str, Any]) -> str:
     lines = [f"model {model['name']} v{model['version']}" + (f" (@{model['alias']})" if model.get("alias") else "")]
     for item in result["predictions"]:
         best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in item["top_k"])
-        lines.append(f"  {item['file']}: {best}")
+        present = ""
+        if "labels" in item:  # a multi-label model: every class at or over its threshold
+            names = "|".join(p["label"] for p in item["labels"]) or "none"
+            present = f"; labels {names} (threshold {item.get('threshold', 0.5):.3f})"
+        lines.append(f"  {item['file']}: {best}{present}")
     return "\n".join(lines)
 
 

@@ -195,3 +195,19 @@ def test_the_client_reads_any_error_body_into_an_endpoint_error(body, error, det
     with pytest.raises(EndpointError) as raised:
         Client._check(response)
     assert (raised.value.status, raised.value.error, raised.value.detail) == (502, error, detail)
+
+
+def test_the_client_prints_a_multi_label_answers_labels():
+    from serve.client import format_predictions
+
+    result = {"model": {"name": "m", "version": "2", "alias": "champion"}, "predictions": [
+        {"file": "a.png", "top_k": [{"label": "3", "probability": 0.9}],
+         "labels": [{"label": "3", "probability": 0.9}, {"label": "golden retriever", "probability": 0.6}],
+         "threshold": 0.41},
+        {"file": "b.png", "top_k": [{"label": "7", "probability": 0.2}], "labels": [], "threshold": 0.41},
+        {"file": "c.png", "top_k": [{"label": "1", "probability": 0.8}]}]}
+    assert format_predictions(result).splitlines() == [
+        "model m v2 (@champion)",
+        "  a.png: 3 0.900; labels 3|golden retriever (threshold 0.410)",
+        "  b.png: 7 0.200; labels none (threshold 0.410)",
+        "  c.png: 1 0.800"]
