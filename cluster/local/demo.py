@@ -5,7 +5,7 @@
 
 Stages: start a local Ray head (token auth) and MLflow tracking server (sqlite,
 local artifacts), all on 127.0.0.1; write the digits as PNGs and Parquet shards;
-train with Ray Train (2 DDP workers, Ray Data ingest); promote that baseline to
+train with Ray Train (2 DDP workers, DataLoader ingest of the batched-augmentation recipe); promote that baseline to
 `champion`; a small ASHA sweep with Ray Tune; promote the sweep's best only if
 it beats the champion on the test split; deploy the Serve endpoint; classify
 one real test digit of every class over HTTP. Each stage prints its time.
