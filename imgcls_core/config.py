@@ -16,8 +16,10 @@ params): ``cfg.to_dict()`` there, ``Config.from_dict(d)`` on the other side.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,8 +53,9 @@ class DataConfig:
     val_fraction: float = 0.1
     image_size: int = 32  # side of the square network input, in pixels
     # "dataset": mean/std computed from the training split; "imagenet": the
-    # ImageNet statistics (for pretrained backbones); "auto": imagenet when
-    # model.pretrained is set, else dataset.
+    # ImageNet statistics (for pretrained backbones); "auto": with model.pretrained,
+    # the weights' own (torchvision weights' transforms, an imgcls model.pt's or
+    # checkpoint's recorded mean/std), imagenet for other files; else dataset.
     normalization: Literal["auto", "dataset", "imagenet"] = "auto"
     batch_size: int = 128  # per worker
     eval_batch_size: int = 256
@@ -410,47 +413,103 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set ``a.b=value`` in a nested dict; the value is parsed as YAML (``0.2``, ``[1, 2]``)."""
+    """Set ``a.b=value`` in a nested dict.
+
+    The value is parsed as YAML (``0.2``, ``[1, 2]``, ``true``), except for text settings
+    (``str`` and ``str | None`` fields: names, paths, versions), which take the text as written:
+    YAML would turn ``12:30`` into 750, ``0755`` into 493, ``2024-01-15`` into a date and cut
+    ``my run #2`` at the ``#``. Quotes (``'x'``, ``"x"``) are still removed, and for an optional
+    text setting an empty value, ``null`` or ``~`` means None.
+    """
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
+    key = key.strip()
+    kind = field_type(key)
+    if _is_text(kind):
+        set_dotted(data, key, _text_value(raw, optional=kind is not str))
+        return
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {_yaml_problem(exc)}") from None
-    set_dotted(data, key.strip(), value)
+    set_dotted(data, key, value)
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _is_text(tp: Any) -> bool:
+    """``str`` or ``str | None``: a setting whose value is text (a name, a path, a version)."""
+    if tp is str:
+        return True
+    return get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)}
+
+
+def _text_value(raw: str, *, optional: bool) -> str | None:
+    """A text setting's value from a command line: the text as written, surrounding blanks and one
+    pair of YAML quotes removed; None for an empty value, and for ``null``/``~`` where None is allowed."""
+    text = raw.strip()
+    if not text or (optional and text in _YAML_NULLS):
+        return None  # for a required setting, Config.from_dict then says a string is expected
+    quoted = _quoted_scalar(text)
+    return text if quoted is None else quoted
+
+
+def _quoted_scalar(text: str) -> str | None:
+    """The value of ``text`` when all of it is one YAML-quoted scalar (``'my run'``, ``"a\tb"``), else None."""
+    if text[0] not in "'\"":
+        return None
+    try:
+        scalars = [t for t in yaml.scan(text) if isinstance(t, yaml.ScalarToken)]
+    except yaml.YAMLError:
+        return None  # an unbalanced quote: the text as written
+    if len(scalars) == 1 and scalars[0].style in ("'", '"') and scalars[0].end_mark.index == len(text):
+        return scalars[0].value
+    return None
+
+
+def field_type(key: str, *, schema: type | None = None) -> Any:
+    """The type of the dotted config key ``key`` in ``schema`` (default :class:`Config`), e.g.
+    ``float`` for ``optim.lr``.
+
+    Every part of the key is checked: a misspelt section or key raises a :class:`ConfigError`
+    that names it, the close matches and the allowed names."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"config key {key!r} must look like section.key")
+    tp: Any = Config if schema is None else schema
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"config key {key!r}: {where!r} is a value, not a section")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        if part not in fields:
+            raise ConfigError(_unknown_key(_join(where, part), list(fields), where))
+        tp = typing.get_type_hints(tp)[part]
+    return tp
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any, *, schema: type | None = None) -> None:
     """Set the dotted config key ``key`` (``optim.lr``; any depth) to ``value`` in ``data``, a
     config in its dict form (``Config.to_dict()``, a YAML file's mapping), in place.
 
-    Every part of the key is checked against ``schema`` (default :class:`Config`), so a
-    misspelt section or key fails here with a :class:`ConfigError` that names it, the close
-    matches and the allowed names. Missing sections are created. The value itself is checked
-    later, by ``Config.from_dict``. Command-line overrides (:func:`apply_override`) and
-    Ray Tune samples (``tune_spaces.apply_sample_dict``) both set keys through this function.
+    Every part of the key is checked against ``schema`` (default :class:`Config`) first
+    (:func:`field_type`), so a misspelt section or key fails here with a :class:`ConfigError`
+    that names it, the close matches and the allowed names, and changes nothing. Missing
+    sections are created. The value itself is checked later, by ``Config.from_dict``.
+    Command-line overrides (:func:`apply_override`) and Ray Tune samples
+    (``tune_spaces.apply_sample_dict``) both set keys through this function.
     """
+    field_type(key, schema=schema)
     parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"config key {key!r} must look like section.key")
-    cls: Any = Config if schema is None else schema
     node = data
-    for depth, part in enumerate(parts):
-        where = ".".join(parts[:depth])
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise ConfigError(_unknown_key(_join(where, part), list(fields), where))
-        if depth == len(parts) - 1:
-            break
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"config key {key!r}: {_join(where, part)!r} is a value, not a section")
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:  # absent, or a section left empty in a YAML file
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"{_join(where, part)}: expected a mapping, got {child!r}")
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: expected a mapping, got {child!r}")
         node = child
     node[parts[-1]] = value
 
@@ -483,7 +542,7 @@ def _join(prefix: str, name: str) -> str:
 def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch per type kind
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, {} if value is None else value, key)  # a section left empty in a YAML file: None
     if origin is Literal:
         allowed = get_args(tp)
         if value is False and "off" in allowed:  # YAML 1.1 reads an unquoted off (or no, false) as False
@@ -534,7 +593,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: PLR0911 - one branch
         return float(value)
     if tp is str:
         if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # `serve.version=3` on a command line reads as YAML's integer 3
+            return str(value)  # `version: 3` in a YAML file reads as the integer 3
+        if isinstance(value, datetime.date):  # a datetime too
+            raise ConfigError(f"{key}: YAML reads the unquoted {value.isoformat()} as a date; quote it to keep "
+                              f"it as text ({key.rsplit('.', 1)[-1]}: \"{value.isoformat()}\")")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -558,6 +620,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("data.batch_size", 1, 1 << 16),
     ("data.eval_batch_size", 1, 1 << 16),
     ("data.num_workers", 0, 256),
+    ("data.seed", 0, 2**32 - 1),  # numpy's and scikit-learn's seeds
     ("augment.strength", 0.0, 1.0),
     ("augment.mixup_alpha", 0.0, 10.0),
     ("augment.cutmix_alpha", 0.0, 10.0),
@@ -661,6 +724,9 @@ def validate(cfg: Config) -> None:
     for key in ("tracking.register_as", "serve.model_name"):
         if (error := registered_name_error(flat[key])) is not None:
             raise ConfigError(f"{key}: {error}")
+    if cfg.serve.version is not None and not re.fullmatch(r"[1-9][0-9]*", cfg.serve.version):
+        raise ConfigError(f"serve.version: {cfg.serve.version!r} is not a registered model version (1, 2, 3, ... "
+                          f"as MLflow numbers them, without leading zeros)")
     if cfg.train.final_weights == "ema" and cfg.train.ema_decay <= 0:
         raise ConfigError("train.final_weights: ema needs an EMA of the weights; set train.ema_decay (e.g. 0.98) "
                           "or choose auto, best or last")
@@ -688,17 +754,15 @@ def validate(cfg: Config) -> None:
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas: {cfg.serve.min_replicas} is more than serve.max_replicas "
                           f"({cfg.serve.max_replicas})")
-    from imgcls_core.models import list_models  # the registry is the source of truth
+    # the registry and its models are the source of truth (imported here: they import this module)
+    from imgcls_core.models import check_model_config, list_models
 
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: {cfg.model.name!r} is not registered; choose one of {list_models()}")
-    if (cfg.model.pretrained or "").startswith(TORCHVISION_PREFIX):
-        from imgcls_core.models.transfer import torchvision_weights
-
-        try:
-            torchvision_weights(cfg.model.pretrained)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    try:
+        check_model_config(cfg.model, cfg.data.image_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def registered_name_error(name: str | None) -> str | None:

@@ -22,7 +22,9 @@ with the same ``output_dir`` continues the same MLflow run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -35,9 +37,9 @@ from imgcls_core.engine.checkpoint import CheckpointDir
 from imgcls_core.engine.fit import WriteCheckpoint
 from imgcls_core.engine.loop import Engine
 from imgcls_core.engine.rundir import lock_output_dir
-from imgcls_core.engine.runtime import setup_runtime
+from imgcls_core.engine.runtime import Runtime, setup_runtime
 from imgcls_core.engine.session import RunData, RunHost, RunResult, TrainingSession
-from imgcls_core.models import build_model
+from imgcls_core.models import build_model, check_pretrained_file
 from imgcls_core.tracking import SUMMARY_FILE, Tracker, log_training_inputs
 
 __all__ = ["SUMMARY_FILE", "RunResult", "build_session", "train_and_evaluate"]
@@ -63,15 +65,18 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
     out = Path(cfg.train.output_dir)
     with lock_output_dir(out):
         checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-        session, splits = build_session(cfg, LocalHost(checkpoints, log), job="train_local",
-                                        register_as=cfg.tracking.register_as)
         if not cfg.train.resume and checkpoints.latest() is not None:
             raise ValueError(
                 f"train.resume is false, but {out} holds a run's checkpoints (up to {checkpoints.latest().name}); "
                 f"a new run there would mix into that run's history, MLflow run and checkpoints: "
                 f"set another train.output_dir, or move {checkpoints.root} away")
-        device = session.engine.runtime.device
-        found = checkpoints.load_latest(map_location=device, log=log) if cfg.train.resume else None
+        runtime = setup_runtime(cfg.train)
+        found = checkpoints.load_latest(map_location=runtime.device, log=log) if cfg.train.resume else None
+        if found is None:  # a new run starts from model.pretrained: refused before the data is loaded
+            check_pretrained_file(cfg.model.pretrained)
+        session, splits = build_session(cfg, LocalHost(checkpoints, log), job="train_local",
+                                        register_as=cfg.tracking.register_as, runtime=runtime,
+                                        resume=found[0] if found else None)
         session.resume(*(found or (None, None)))
         tracker = start_tracking(cfg, splits, out, log)
         try:
@@ -83,17 +88,25 @@ def train_and_evaluate(cfg: Config, *, log: Log = print, stop_after: int | None 
 
 
 def build_session(cfg: Config, host: RunHost, *, job: str, register_as: str | None = None,
-                  pre: Preprocessing | None = None) -> tuple[TrainingSession, DatasetSplits]:
+                  pre: Preprocessing | None = None, runtime: Runtime | None = None,
+                  resume: dict[str, Any] | None = None) -> tuple[TrainingSession, DatasetSplits]:
     """A training session in this process over DataLoaders of the config's data (the local runner's,
-    and a one-worker sweep trial's, which passes the preprocessing its driver computed)."""
-    runtime = setup_runtime(cfg.train)
+    and a one-worker sweep trial's, which passes the preprocessing its driver computed).
+
+    ``resume``: the checkpoint state the caller will restore into the session (``session.resume``
+    or ``session.adopt``). The model is then built without ``model.pretrained``'s weights (the
+    checkpoint holds every weight; the file need not be there any more), and the run keeps the
+    checkpoint's normalization."""
+    runtime = runtime or setup_runtime(cfg.train)
     splits = load_dataset(cfg.data)
     if pre is None:  # a caller with the preprocessing (a sweep's driver) has shown the data already
         host.log(splits.summary())
-    pre = pre or build_preprocessing(cfg, splits)
+        resumed = Preprocessing.from_dict(resume["preprocessing"]) if resume is not None else None
+        pre = build_preprocessing(cfg, splits, resumed=resumed)
     loaders = build_loaders(cfg, splits, pre)
     num_classes = len(splits.classes)
-    model = build_model(cfg.model, num_classes, cfg.data.image_size)
+    model_cfg = replace(cfg.model, pretrained=None) if resume is not None else cfg.model
+    model = build_model(model_cfg, num_classes, cfg.data.image_size, log=host.log)
     weights = class_weights(splits.train.labels, num_classes) if cfg.data.balance == "weighted_loss" else None
     engine = Engine(cfg, model, runtime, len(loaders["train"]), class_weights=weights,
                     batch_mix=build_batch_mix(cfg.augment, num_classes))

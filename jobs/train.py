@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcls_core.config import Config, is_multi_label, score_name
+from imgcls_core.config import TORCHVISION_PREFIX, Config, is_multi_label, score_name
 from imgcls_core.tracking import SUMMARY_FILE  # rank 0 writes it into train.output_dir
 from jobs.common import (
     add_config_args, fit_to_cluster, init_ray, is_uri, job_config, local_folder, positive_int, read_record,
@@ -84,9 +84,10 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
     ingest = _fit_to_running_cluster(cfg, ingest, log)
     check_data(cfg, ingest)
     _check_storage(cfg.ray.storage_path)
-    splits = load_dataset(cfg.data)
+    # with Ray Data ingest the train images are read only for the normalization's sample
+    splits = load_dataset(cfg.data, train_images=ingest != "ray_data")
     log(splits.summary())
-    pre = build_preprocessing(cfg, splits)
+    pre = build_preprocessing(cfg, splits, resumed=_resumed_preprocessing(cfg, log))
     teacher = pin_teacher(cfg, pre, log) if cfg.distill.teacher else None
     cfg.ray.name = name = cfg.ray.name or Path(cfg.train.output_dir).name
     return TrainPlan(cfg, name, ingest, pre.to_dict(), len(splits.train),
@@ -96,8 +97,11 @@ def plan_training(cfg: Config, *, log=print, run_key: str | None = None) -> Trai
 def check_data(cfg: Config, ingest: str, *, missing: str = "does not exist on the driver's machine") -> None:
     """That the data a run of ``cfg`` reads with ``ingest`` is there (the digits are written to
     data.root first): a local data.root exists (else FileNotFoundError "data.root <root>
-    <missing>"), and Ray Data ingest finds the validation split among the shards."""
+    <missing>"), and Ray Data ingest finds the validation split among the shards. A local
+    ``model.pretrained`` file must be there too, unless the run resumes from checkpoints of its
+    own (on local storage: see :func:`local_run_checkpoints`), which hold every weight."""
     from imgcls_core.data import materialize_digits
+    from imgcls_core.models import check_pretrained_file
 
     if cfg.data.format == "digits":
         materialize_digits(cfg.data.root, seed=cfg.data.seed)
@@ -108,6 +112,41 @@ def check_data(cfg: Config, ingest: str, *, missing: str = "does not exist on th
             f"ray.ingest=ray_data needs a validation split in the shards ({cfg.data.root}/{cfg.data.val_split}); "
             f"give the source a {cfg.data.val_split}/ folder before converting, or use ray.ingest=dataloader"
         )
+    if not local_run_checkpoints(cfg):
+        check_pretrained_file(cfg.model.pretrained, "does not exist on the driver's machine (the workers load it "
+                                                    "when the run starts; on several nodes, every node needs it)")
+
+
+def local_run_checkpoints(cfg: Config) -> list[Path]:
+    """The checkpoint folders of ``cfg``'s Ray Train run (``<ray.storage_path>/<ray.name>``, the name
+    defaulting as :func:`plan_training` sets it), newest first; [] for remote storage (s3://, gs://),
+    which is not looked into (a run there needs its model.pretrained file even to resume)."""
+    storage = local_folder(cfg.ray.storage_path)
+    if storage is None:
+        return []
+    run = storage / (cfg.ray.name or Path(cfg.train.output_dir).name)
+    if not run.is_dir():
+        return []
+    folders = [p for p in run.glob("checkpoint_*") if p.is_dir()]
+    return sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _resumed_preprocessing(cfg: Config, log):
+    """The preprocessing of the run's own newest readable checkpoint when the run resumes without its
+    local model.pretrained file (deleted since it started; check_data lets that through for a run with
+    checkpoints), so that it goes on normalizing as it trained; None when the file is there (or no
+    file is used): the normalization then follows the config as for a new run."""
+    from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.engine.checkpoint import load_first_readable
+
+    pretrained = cfg.model.pretrained
+    if not pretrained or pretrained.startswith(TORCHVISION_PREFIX) or Path(pretrained).is_file():
+        return None
+    folders = local_run_checkpoints(cfg)
+    if not folders:
+        return None  # a new run: check_data has refused the missing file already
+    state, _ = load_first_readable(folders, map_location="cpu", log=log)
+    return Preprocessing.from_dict(state["preprocessing"])
 
 
 def resolve_ingest(cfg: Config) -> str:

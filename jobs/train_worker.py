@@ -15,6 +15,7 @@ import secrets
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     runtime = setup_runtime(cfg.train, device=ray.train.torch.get_device())
     data = WorkerData(cfg, pre, loop_config, rank, world)
-    model = build_model(cfg.model, len(pre.classes), cfg.data.image_size)
+    # Where the run starts: its own latest checkpoint (a restart, a resubmitted job), else the one
+    # PBT hands a trial (exploit), else model.pretrained / fresh weights.
+    checkpoint, start = ray.train.get_checkpoint(), loop_config.get("init_checkpoint")
+    source = checkpoint if checkpoint is not None else start
+    restored = restore_checkpoint(source, runtime.device, host.log) if source is not None else None
+    # a checkpoint holds every weight: model.pretrained is neither loaded nor needed then
+    model_cfg = replace(cfg.model, pretrained=None) if restored is not None else cfg.model
+    model = build_model(model_cfg, len(pre.classes), cfg.data.image_size, log=host.log)
     if cfg.ray.sync_batchnorm and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine = Engine(
@@ -98,12 +106,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     session = TrainingSession(cfg, pre, engine, data.run_data(), host, job=loop_config["job"],
                               register_as=loop_config["register_as"])
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        session.resume(*restore_checkpoint(checkpoint, runtime.device, host.log))
-    elif loop_config.get("init_checkpoint") is not None:
-        start = loop_config["init_checkpoint"]
-        session.adopt(*restore_checkpoint(start, runtime.device, host.log))
+        session.resume(*restored)
+    elif start is not None:
+        session.adopt(*restored)
 
     tracker = Tracker(cfg.tracking, log=host.log)
     if rank == 0:

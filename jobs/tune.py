@@ -154,6 +154,7 @@ def train_in_trial(plan) -> None:
     import torch
 
     from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.engine.runtime import setup_runtime
     from imgcls_core.runner import build_session
     from imgcls_core.tracking import Tracker
     from jobs.train_worker import RayTrainHost, restore_checkpoint
@@ -161,10 +162,14 @@ def train_in_trial(plan) -> None:
     cfg = plan.cfg
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     host = RayTrainHost(0, Path(cfg.train.output_dir), api=ray.tune)
-    session, _splits = build_session(cfg, host, job="train", pre=Preprocessing.from_dict(plan.preprocessing))
+    runtime = setup_runtime(cfg.train)
     checkpoint = ray.tune.get_checkpoint()
-    if checkpoint is not None:
-        session.resume(*restore_checkpoint(checkpoint, session.engine.runtime.device, host.log))
+    # restored first: a trial resuming from its checkpoint does not load model.pretrained again
+    restored = restore_checkpoint(checkpoint, runtime.device, host.log) if checkpoint is not None else None
+    session, _splits = build_session(cfg, host, job="train", pre=Preprocessing.from_dict(plan.preprocessing),
+                                     runtime=runtime, resume=restored[0] if restored else None)
+    if restored is not None:
+        session.resume(*restored)
     tracker = Tracker(cfg.tracking, log=host.log).start(run_id=plan.mlflow_run_id or session.checkpoint_run_id,
                                                         run_key=plan.run_key)
     session.run(tracker)

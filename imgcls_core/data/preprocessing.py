@@ -38,21 +38,29 @@ class Preprocessing:
 
 
 def resolve_normalization(cfg: Config, train: SplitRecords) -> tuple[list[float], list[float]]:
-    """ImageNet statistics for pretrained backbones (torchvision weights: their own transforms'
-    mean/std), else statistics of the training split."""
-    from imgcls_core.models.transfer import torchvision_weights
+    """The mean/std a run normalizes with. ``data.normalization=auto`` follows ``model.pretrained``:
+    torchvision weights use their own transforms' mean/std, an imgcls ``model.pt`` or checkpoint
+    the mean/std it was trained with (its ``preprocessing``), any other file ImageNet's; without
+    pretrained weights, the statistics of the training split."""
+    from imgcls_core.models.transfer import pretrained_normalization, torchvision_weights
 
-    mode = cfg.data.normalization
-    if mode == "auto" and (cfg.model.pretrained or "").startswith(TORCHVISION_PREFIX):
-        transform = torchvision_weights(cfg.model.pretrained).transforms()
+    mode, pretrained = cfg.data.normalization, cfg.model.pretrained
+    if mode == "auto" and (pretrained or "").startswith(TORCHVISION_PREFIX):
+        transform = torchvision_weights(pretrained).transforms()
         return [float(v) for v in transform.mean], [float(v) for v in transform.std]
-    if mode == "imagenet" or (mode == "auto" and cfg.model.pretrained):
+    if mode == "auto" and pretrained and (recorded := pretrained_normalization(pretrained)) is not None:
+        return recorded
+    if mode == "imagenet" or (mode == "auto" and pretrained):
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return compute_mean_std(train, cfg.data.image_size, seed=cfg.data.seed)
 
 
-def build_preprocessing(cfg: Config, splits: DatasetSplits) -> Preprocessing:
-    """How this run turns images into model input (input size, mean/std, eval crop, class names)."""
-    mean, std = resolve_normalization(cfg, splits.train)
+def build_preprocessing(cfg: Config, splits: DatasetSplits, *, resumed: Preprocessing | None = None) -> Preprocessing:
+    """How this run turns images into model input (input size, mean/std, eval crop, class names).
+
+    ``resumed``: the preprocessing of the checkpoint the run resumes from. Its mean/std are kept
+    (a run goes on normalizing as it trained), and ``model.pretrained`` is not read: a resumed
+    run does not need that file any more."""
+    mean, std = (resumed.mean, resumed.std) if resumed is not None else resolve_normalization(cfg, splits.train)
     return Preprocessing(cfg.data.image_size, mean, std, cfg.augment.eval_crop_ratio, list(splits.classes),
                          multi_label=is_multi_label(cfg))

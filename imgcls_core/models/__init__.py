@@ -10,11 +10,14 @@ Callers build models by name and never import model classes::
 Every model has a ``head_name`` (its classifier, ``"fc"``) and ``stage_names``
 (what ``freeze_stages`` freezes). The engine calls ``keep_frozen_bn_eval``
 after each ``model.train()`` so frozen BatchNorm layers keep their statistics.
+``check_model_config`` is config validation's look at a ``ModelConfig`` (options,
+stages, torchvision weights) before anything is built.
 """
 
 from imgcls_core.models import cnn, resnet  # noqa: F401 - importing registers the models
 from imgcls_core.models.catalog import (
     build_model,
+    check_model_config,
     create_model,
     list_models,
     model_options,
@@ -22,6 +25,7 @@ from imgcls_core.models.catalog import (
 )
 from imgcls_core.models.transfer import (
     LoadReport,
+    check_pretrained_file,
     freeze_stages,
     keep_frozen_bn_eval,
     load_pretrained,
@@ -34,6 +38,8 @@ from imgcls_core.models.transfer import (
 __all__ = [
     "LoadReport",
     "build_model",
+    "check_model_config",
+    "check_pretrained_file",
     "create_model",
     "freeze_stages",
     "keep_frozen_bn_eval",

@@ -15,6 +15,8 @@ Frozen BatchNorm layers must also stop updating their running statistics;
 from __future__ import annotations
 
 import logging
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from imgcls_core.config import TORCHVISION_PREFIX, ConfigError
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 NamedParams = list[tuple[str, nn.Parameter]]
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -42,6 +45,18 @@ class LoadReport:
     missing_head: list[str] = field(default_factory=list)
     # Missing/unexpected backbone keys tolerated by strict_backbone=False.
     ignored: list[str] = field(default_factory=list)
+    head: str = "fc"  # the model's head_name
+
+    def describe(self) -> str:
+        """One line for the run's log: what was loaded, and whether the head is the file's or new."""
+        if self.dropped_head:
+            head = f"head {self.head} is new (the file's is shaped for another number of classes)"
+        elif self.missing_head:
+            head = f"head {self.head} is new (the file has none)"
+        else:
+            head = f"head {self.head} loaded too (the file's has this run's number of classes)"
+        ignored = f"; {len(self.ignored)} keys ignored ({_preview(self.ignored, 3)})" if self.ignored else ""
+        return f"pretrained weights: loaded {len(self.loaded)} tensors from {self.path}; {head}{ignored}"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -85,11 +100,11 @@ def torchvision_weights(spec: str):
                          f"torchvision:<WeightsEnum>.<NAME>, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2") from None
 
 
-def resolve_pretrained(spec: str | Path) -> Path:
+def resolve_pretrained(spec: str | Path, log: Log | None = None) -> Path:
     """The local state_dict file for a ``model.pretrained`` value: a path as it is, or for
     ``torchvision:<Enum>.<MEMBER>`` the file in torch's hub cache (``$TORCH_HOME/hub/checkpoints``,
-    where torchvision itself keeps it), downloaded there first when missing. Loading it is
-    :func:`load_pretrained`'s (``weights_only=True``)."""
+    where torchvision itself keeps it), downloaded there first when missing (said to ``log``,
+    else to this module's logger). Loading it is :func:`load_pretrained`'s (``weights_only=True``)."""
     if not str(spec).startswith(TORCHVISION_PREFIX):
         return Path(spec)
     import re
@@ -103,7 +118,7 @@ def resolve_pretrained(spec: str | Path) -> Path:
     match = re.search(torch.hub.HASH_REGEX, file.name)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s to %s", weights.url, file)
+        (log or _log.info)(f"downloading {weights.url} to {file}")
         torch.hub.download_url_to_file(weights.url, str(file), hash_prefix=match.group(1) if match else None,
                                        progress=False)
     except Exception as exc:  # offline, a proxy, a hash mismatch, a read-only cache
@@ -125,13 +140,12 @@ def load_pretrained(model: nn.Module, path: str | Path, strict_backbone: bool = 
     tolerates missing and unexpected backbone keys (shapes must still match).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {path} does not exist")
     state = _read_state_dict(path)
     bare = unwrap_model(model)
-    head_prefix = head_name(bare) + "."
+    head = head_name(bare)
+    head_prefix = head + "."
     own = bare.state_dict()
-    report = LoadReport(path=str(path))
+    report = LoadReport(path=str(path), head=head)
 
     for key in [k for k in state if k.startswith(head_prefix) and k in own]:
         if state[key].shape != own[key].shape:
@@ -160,8 +174,6 @@ def load_pretrained(model: nn.Module, path: str | Path, strict_backbone: bool = 
         del state[key]
     bare.load_state_dict(state, strict=False)
     report.loaded = sorted(state)
-    fresh = report.dropped_head + report.missing_head
-    log.info("loaded %d tensors from %s; fresh head: %s", len(report.loaded), path, fresh or "none")
     return report
 
 
@@ -172,20 +184,28 @@ def freeze_stages(model: nn.Module, n: int) -> nn.Module:
     eval mode; the engine keeps them there with :func:`keep_frozen_bn_eval`.
     """
     bare = unwrap_model(model)
-    stages = getattr(bare, "stage_names", None)
-    if stages is None:
-        raise ValueError(f"{type(bare).__name__} defines no stage_names, so no stages to freeze")
-    if not 0 <= n <= len(stages):
-        raise ConfigError(  # a setting of the run's config: exit 2, as for every config mistake
-            f"model.freeze_stages={n} is out of range for {type(bare).__name__}: it has {len(stages)} "
-            f"stages ({', '.join('+'.join(s) for s in stages)}), so use 0..{len(stages)}"
-        )
-    for stage in stages[:n]:
+    for stage in stages_to_freeze(bare, n):
         for name in stage:
             module = bare.get_submodule(name)
             module.requires_grad_(False)
     keep_frozen_bn_eval(bare)
     return model
+
+
+def stages_to_freeze(model: nn.Module, n: int) -> tuple[tuple[str, ...], ...]:
+    """The first ``n`` of ``model``'s ``stage_names``; ConfigError (model.freeze_stages) when it
+    has fewer, ValueError when it defines none."""
+    bare = unwrap_model(model)
+    stages = getattr(bare, "stage_names", None)
+    if stages is None:
+        raise ValueError(f"model.freeze_stages={n}: {type(bare).__name__} defines no stage_names, so no stages "
+                         f"to freeze")
+    if not 0 <= n <= len(stages):
+        raise ConfigError(  # a setting of the run's config: exit 2, as for every config mistake
+            f"model.freeze_stages={n} is out of range for {type(bare).__name__}: it has {len(stages)} "
+            f"stages ({', '.join('+'.join(s) for s in stages)}), so use 0..{len(stages)}"
+        )
+    return tuple(stages[:n])
 
 
 def unfreeze_all(model: nn.Module) -> nn.Module:
@@ -208,11 +228,36 @@ def keep_frozen_bn_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def check_pretrained_file(spec: str | None, missing: str = "does not exist") -> None:
+    """FileNotFoundError ``model.pretrained <spec> <missing>`` when ``spec`` names a local file that
+    is not there (torchvision weights by name are fetched into torch's cache when first used)."""
+    if spec and not spec.startswith(TORCHVISION_PREFIX) and not Path(spec).is_file():
+        raise FileNotFoundError(f"model.pretrained {spec} {missing}")
+
+
+def pretrained_normalization(path: str | Path) -> tuple[list[float], list[float]] | None:
+    """The mean/std an imgcls ``model.pt`` or training checkpoint records in its ``preprocessing``
+    (what that model was trained on), or None for a plain state_dict, which records none."""
+    payload = _read_payload(Path(path), mmap=True)  # the tensors stay on disk: only this dict is read
+    pre = payload.get("preprocessing") if isinstance(payload, dict) else None
+    if not isinstance(pre, dict) or "mean" not in pre or "std" not in pre:
+        return None
+    return [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+
+
+def _read_payload(path: Path, mmap: bool = False):
+    """What ``path`` holds, read with ``weights_only=True`` (no code runs); ``mmap``: tensors mapped
+    from the file rather than read (torch's zip format, that of every torch.save since 1.6)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
         raise ValueError(f"pretrained weights {path} could not be read: {exc}") from exc
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    payload = _read_payload(path)
     for key in ("model", "state_dict"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]

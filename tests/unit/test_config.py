@@ -80,8 +80,86 @@ def test_optional_fields_accept_null_and_values():
     assert load_config(None, ["model.small_input=true"]).model.small_input is True
     assert load_config(None, ["model.pretrained=/w.pt"]).model.pretrained == "/w.pt"
     assert load_config(None, ["serve.version=3"]).serve.version == "3"  # a number given for a text field
-    with pytest.raises(ConfigError, match="serve.version: expected a string"):
+    with pytest.raises(ConfigError, match=r"serve.version: '\[3\]' is not a registered model version"):
         load_config(None, ["serve.version=[3]"])
+    with pytest.raises(ConfigError, match="serve.version: expected a string"):
+        Config.from_dict({"serve": {"version": [3]}})
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("tracking.run_name=12:30", "tracking.run_name", "12:30"),  # YAML 1.1: sexagesimal 750
+        ("tracking.run_name=2024_01_15", "tracking.run_name", "2024_01_15"),  # YAML 1.1: 20240115
+        ("tracking.run_name=0755", "tracking.run_name", "0755"),  # YAML 1.1: octal 493
+        ("tracking.run_name=2024-01-15", "tracking.run_name", "2024-01-15"),  # YAML: a date
+        ("tracking.run_name=my run #2", "tracking.run_name", "my run #2"),  # YAML: a comment from #
+        ("tracking.run_name=true", "tracking.run_name", "true"),
+        ("tracking.run_name=1.5", "tracking.run_name", "1.5"),
+        ("tracking.run_name=[wip] baseline", "tracking.run_name", "[wip] baseline"),
+        ("tracking.run_name= padded ", "tracking.run_name", "padded"),
+        ("tracking.run_name='my run'", "tracking.run_name", "my run"),  # quotes still quote
+        ('tracking.run_name="a\\tb"', "tracking.run_name", "a\tb"),
+        ("tracking.run_name='a' #x'", "tracking.run_name", "'a' #x'"),  # not one quoted value: as written
+        ("tracking.run_name=", "tracking.run_name", None),
+        ("tracking.run_name=null", "tracking.run_name", None),
+        ("tracking.run_name=~", "tracking.run_name", None),
+        ("tracking.experiment=0x1F", "tracking.experiment", "0x1F"),  # YAML 1.1: hex 31
+        ("tracking.experiment=null", "tracking.experiment", "null"),  # required text: a name like any
+        ("serve.version=010", "serve.version", None),  # YAML 1.1: octal 8, another model version
+        ("data.root=~/data", "data.root", "~/data"),  # expanded where the paths are resolved
+        ("data.root=~", "data.root", "~"),
+        ("model.pretrained=~/w.pt", "model.pretrained", "~/w.pt"),
+        ("model.pretrained=~", "model.pretrained", None),
+        ("train.output_dir=runs/2024-01-15", "train.output_dir", "runs/2024-01-15"),
+    ],
+)
+def test_text_settings_on_the_command_line_keep_the_text_as_written(override, key, expected):
+    """YAML would read these as numbers, dates or comments; a text setting takes the text itself."""
+    if key == "serve.version":
+        with pytest.raises(ConfigError, match=r"serve.version: '010' is not a registered model version"):
+            load_config(None, [override])
+        return
+    assert load_config(None, [override]).flat()[key] == expected
+
+
+def test_text_settings_that_are_choices_or_need_a_value_behave_as_before():
+    assert load_config(None, ["optim.name='adamw'"]).optim.name == "adamw"  # a Literal: parsed as YAML
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="tracking.experiment: expected a string, got None"):
+        load_config(None, ["tracking.experiment="])
+    with pytest.raises(ConfigError, match=r"unknown config key 'tracking.run_nam' \(did you mean 'run_name'\?\)"):
+        load_config(None, ["tracking.run_nam=12:30"])
+
+
+def test_a_date_in_a_yaml_file_for_a_text_setting_asks_for_quotes(tmp_path):
+    path = _write(tmp_path, b"tracking:\n  run_name: 2024-01-15\n")
+    with pytest.raises(ConfigError, match=r"tracking.run_name: YAML reads the unquoted 2024-01-15 as a date; "
+                                          r"quote it to keep it as text \(run_name: \"2024-01-15\"\)"):
+        load_config(path)
+    stamp = _write(tmp_path, b"tracking:\n  run_name: 2024-01-15 10:30:00\n")
+    with pytest.raises(ConfigError, match=r"tracking.run_name: YAML reads the unquoted 2024-01-15T10:30:00 as a date"):
+        load_config(stamp)
+    quoted = _write(tmp_path, b"tracking:\n  run_name: '2024-01-15'\nserve:\n  version: 3\n")
+    cfg = load_config(quoted)
+    assert cfg.tracking.run_name == "2024-01-15" and cfg.serve.version == "3"  # a plain integer still works
+
+
+def test_a_section_left_empty_in_a_yaml_file_means_its_defaults(tmp_path):
+    path = _write(tmp_path, b"tracking:\n  # enabled: true\n  # experiment: x\noptim:\n  lr: 0.2\n")
+    cfg = load_config(path, ["train.epochs=3"])
+    assert cfg.tracking == Config().tracking and cfg.optim.lr == 0.2
+    assert Config.from_dict({"train": None}).train == Config().train
+    with pytest.raises(ConfigError, match="tracking: expected a mapping, got 3"):
+        Config.from_dict({"tracking": 3})
+
+
+def test_data_seed_must_be_a_seed_numpy_and_scikit_learn_take():
+    with pytest.raises(ConfigError, match=r"data.seed: -1 is out of range; expected 0 <= value <= 4294967295"):
+        load_config(None, ["data.seed=-1"])
+    with pytest.raises(ConfigError, match="data.seed: 4294967296 is out of range"):
+        load_config(None, [f"data.seed={2**32}"])
+    assert load_config(None, [f"data.seed={2**32 - 1}"]).data.seed == 2**32 - 1
 
 
 def test_malformed_override_and_missing_file(tmp_path):

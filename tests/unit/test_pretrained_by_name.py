@@ -91,5 +91,5 @@ def test_a_relative_pretrained_path_resolves_like_data_root_in_a_submitted_job(m
     cfg = resolve_config_paths(load_config(None, ["model.pretrained=weights/r18.pth", "data.root=data/x"]))
     assert cfg.model.pretrained == str(tmp_path / "weights" / "r18.pth")
     assert cfg.data.root == str(tmp_path / "data" / "x")
-    named = resolve_config_paths(load_config(None, [f"model.pretrained={SPEC}"]))
+    named = resolve_config_paths(load_config(None, [f"model.pretrained={SPEC}", "model.small_input=false"]))
     assert named.model.pretrained == SPEC

@@ -120,7 +120,7 @@ def test_trial_runs_left_running_end_killed_or_failed_and_finished_ones_are_kept
 def test_a_sweep_definition_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """A submitted job runs in a copy of the working dir: a weights name is no path to resolve there."""
     args = ["model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.IMAGENET1K_V1",
-            f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'out'}"]
+            "model.small_input=false", f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'out'}"]
     space = load_space("lr_schedules")
     monkeypatch.chdir(tmp_path)
     here = sweep_definition(load_config(None, args), space)

@@ -118,3 +118,64 @@ def test_build_model_skips_small_input_for_models_without_a_stem_choice():
 def test_build_model_refuses_an_option_the_model_cannot_honour():
     with pytest.raises(ValueError, match="'cnn3' does not support model.zero_init_residual=True"):
         build_model(ModelConfig(name="cnn3", zero_init_residual=True), 4, 32)
+
+
+# --------------------------------------------------------------------------- checked before anything runs
+
+RESNET50_TV = "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=cnn3", "model.zero_init_residual=true"],
+         r"model 'cnn3' does not support model.zero_init_residual=True; it accepts: dropout, width"),
+        (["model.name=cnn3", "model.freeze_stages=4"],
+         r"model.freeze_stages=4 is out of range for CNN3: it has 3 stages \(block1, block2, block3\), so use 0..3"),
+        ([f"model.pretrained={RESNET50_TV}", "model.small_input=false"],
+         r"model.pretrained: torchvision:ResNet50_Weights.IMAGENET1K_V2 are weights of torchvision's resnet50 "
+         r"architecture, not of model.name=resnet18; set model.name=resnet50"),
+        (["model.pretrained=torchvision:ViT_B_16_Weights.IMAGENET1K_V1"],
+         r"torchvision's vit_b_16 architecture, not of model.name=resnet18; imgcls has no vit_b_16 model"),
+        (["model.name=cnn3", "model.pretrained=torchvision:ResNet18_Weights.IMAGENET1K_V1"],
+         r"torchvision's resnet18 architecture, not of model.name=cnn3; set model.name=resnet18"),
+        (["model.name=resnet50", f"model.pretrained={RESNET50_TV}", "model.small_input=false", "model.width=0.5"],
+         r"model.width: torchvision weights \(.*\) are shaped for width 1.0, not 0.5"),
+        (["model.name=resnet50", f"model.pretrained={RESNET50_TV}"],  # 32 px: small_input unset picks 3x3
+         r"model.small_input: torchvision weights \(.*\) have the 7x7 stem, .*\(unset, it picks the 3x3 stem for "
+         r"data.image_size=32 <= 64\); set model.small_input=false"),
+        (["model.name=resnet50", f"model.pretrained={RESNET50_TV}", "model.small_input=true",
+          "data.image_size=224"], r"model.small_input: torchvision weights .* 7x7 stem.*set model.small_input=false"),
+    ],
+)
+def test_model_mistakes_are_config_errors_before_anything_runs(overrides, message):
+    """What build_model or load_pretrained would refuse only after the data loaded (or in every Ray worker)."""
+    from imgcls_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_models_that_fit_their_weights_and_stages_pass_validation():
+    from imgcls_core.config import load_config
+
+    load_config(None, ["model.name=cnn3", "model.freeze_stages=3", "model.width=0.5"])
+    load_config(None, ["model.name=resnet50", "model.freeze_stages=5"])
+    cfg = load_config(None, ["model.name=resnet50", f"model.pretrained={RESNET50_TV}", "data.image_size=224"])
+    assert cfg.model.small_input is None  # 224 px: the 7x7 stem, the weights' own
+    load_config(None, ["model.name=resnet50", f"model.pretrained={RESNET50_TV}", "model.small_input=false"])
+
+
+def test_a_model_without_stages_cannot_be_frozen():
+    from imgcls_core.models import check_model_config
+
+    @register_model
+    def stageless_for_test(num_classes):
+        return nn.Linear(4, num_classes)
+
+    try:
+        check_model_config(ModelConfig(name="stageless_for_test"), 32)
+        with pytest.raises(ValueError, match="model.freeze_stages=1: Linear defines no stage_names"):
+            check_model_config(ModelConfig(name="stageless_for_test", freeze_stages=1), 32)
+    finally:
+        del _MODELS["stageless_for_test"]

@@ -189,3 +189,34 @@ def test_split_head_parameters_sees_through_torch_compile_wrappers():
     assert [n for n, _ in head] == ["fc.weight", "fc.bias"]
     split = {id(p) for _, p in backbone} | {id(p) for _, p in head}
     assert split == {id(p) for p in model.parameters()}
+
+
+# --------------------------------------------------------------------------- what a run is told, and normalization
+
+
+def test_build_model_tells_the_runs_log_what_it_loaded_and_whether_the_head_is_new(tmp_path, resnet18_file):
+    lines: list[str] = []
+    cfg = ModelConfig(name="resnet18", small_input=False, pretrained=str(resnet18_file))
+    build_model(cfg, num_classes=10, image_size=64, log=lines.append)
+    assert lines == [f"pretrained weights: loaded 120 tensors from {resnet18_file}; head fc is new (the file's is "
+                     f"shaped for another number of classes)"]
+    build_model(cfg, num_classes=1000, image_size=64, log=lines.append)  # ImageNet's 1000 classes: kept
+    assert lines[-1] == (f"pretrained weights: loaded 122 tensors from {resnet18_file}; head fc loaded too (the "
+                         f"file's has this run's number of classes)")
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in torch.load(resnet18_file, weights_only=True).items()
+                if not k.startswith("fc.")}, headless)
+    build_model(ModelConfig(name="resnet18", small_input=False, pretrained=str(headless)), 10, 64, log=lines.append)
+    assert lines[-1].endswith("; head fc is new (the file has none)")
+
+
+def test_an_imgcls_model_file_gives_its_own_normalization(tmp_path, resnet18_file):
+    from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.engine.checkpoint import save_inference_model
+    from imgcls_core.models.transfer import pretrained_normalization
+
+    pre = Preprocessing(32, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], 1.0, ["a", "b"])
+    model = save_inference_model(tmp_path / "model.pt", create_model("cnn3", 2, width=0.25).state_dict(),
+                                 {"name": "cnn3", "width": 0.25}, pre)
+    assert pretrained_normalization(model) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert pretrained_normalization(resnet18_file) is None  # a plain state_dict records none
