@@ -88,6 +88,7 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
 
     cfg = resolve_config_paths(cfg)
     margin = cfg.tracking.promote_margin if margin is None else margin
+    run_id, tags = candidate_run(cfg, run_id, summary)
     registry = Registry(cfg.tracking.tracking_uri, model_name)  # a missing store is refused before any work
     if cfg.data.format == "digits":
         materialize_digits(cfg.data.root, seed=cfg.data.seed)
@@ -96,7 +97,6 @@ def promote(cfg: Config, *, model_name: str, run_id: str | None = None, margin: 
         raise ValueError(f"{cfg.data.root} has no held-out test split ({cfg.data.test_split}/); promotion "
                          f"compares models on data neither was trained or selected on")
     data_hash = test.fingerprint()
-    run_id, tags = candidate_run(cfg, run_id, summary)
     version, created = registry.register(run_id, tags)
     number = str(version.version)
     log(f"{'registered' if created else 'found'} {model_name} v{number} for run {run_id}")

@@ -23,6 +23,7 @@ between train and a held-out split.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,6 +196,47 @@ def read_shard_table(root: str | Path, split: str, *, images: bool = True) -> pa
             schema = pa.schema([field for field in schema if field.name != "image"])
         tables.append(pq.read_table(f, columns=schema.names).cast(schema))
     return pa.concat_tables(tables)
+
+
+class ShardImages(Sequence):
+    """The ``image`` column of ``<root>/<split>/*.parquet`` as a sequence of bytes, read on demand.
+
+    Rows are numbered as :func:`read_shard_table` orders them. Reading a row reads its row group's
+    image column and keeps that one group, so a pass in row order (a seeded sample sorted, as the
+    normalization statistics take it) holds one row group's bytes at a time, not the split's. Used
+    for the train split when Ray Data streams it (``load_dataset(train_images=False)``): the driver
+    and the workers never load it whole. Pickles without its cache."""
+
+    def __init__(self, root: str | Path, split: str):
+        self.files = sorted((Path(root) / split).glob("*.parquet"))
+        starts, groups, first = [], [], 0
+        for f in self.files:
+            meta = pq.ParquetFile(f).metadata
+            for g in range(meta.num_row_groups):
+                starts.append(first)
+                groups.append((f, g))
+                first += meta.row_group(g).num_rows
+        self._starts, self._groups, self._len = starts, groups, first
+        self._cached: tuple[int, list[bytes]] | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):  # noqa: ANN001 - an int (a slice gives a list)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if not -self._len <= index < self._len:
+            raise IndexError(f"row {index} of {self._len}")
+        index %= self._len
+        group = bisect.bisect_right(self._starts, index) - 1
+        if self._cached is None or self._cached[0] != group:
+            path, number = self._groups[group]
+            column = pq.ParquetFile(path).read_row_group(number, columns=["image"]).column("image")
+            self._cached = (group, column.to_pylist())
+        return self._cached[1][index - self._starts[group]]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cached": None}
 
 
 def load_class_index(root: str | Path) -> list[str]:

@@ -35,7 +35,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from imgcls_core.config import DataConfig, is_multi_label
 from imgcls_core.data.digits import materialize_digits
 from imgcls_core.data.records import DatasetSplits, SplitRecords
-from imgcls_core.data.shards import CLASS_INDEX, find_image_classes, load_class_index, not_hidden, read_shard_table
+from imgcls_core.data.shards import (CLASS_INDEX, ShardImages, find_image_classes, load_class_index, not_hidden,
+                                     read_shard_table)
 
 _LAYOUTS = {
     "imagefolder": "<root>/<split>/<class>/<image>, e.g. <root>/train/cat/001.jpg",
@@ -53,7 +54,8 @@ def load_dataset(cfg: DataConfig, *, train_images: bool = True) -> DatasetSplits
     """Train, val and test records for ``cfg`` (test is None when the source has no test split).
 
     ``train_images=False`` (Parquet shards read by Ray Data, which streams the train images itself):
-    the train records carry labels and paths only, and the image bytes stay on disk."""
+    the train records' image bytes stay on disk, read a row group at a time when a record is
+    loaded (:class:`~imgcls_core.data.shards.ShardImages`; the normalization statistics' sample)."""
     root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
     multi = is_multi_label(cfg)
     if cfg.format == "digits":
@@ -392,7 +394,7 @@ def _load_parquet(
             list(classes),
             labels,
             table.column("path").to_pylist(),
-            images=table.column("image").to_pylist() if images else None,
+            images=table.column("image").to_pylist() if images else ShardImages(root, name),
             multi_label=multi,
         )
 

@@ -249,14 +249,44 @@ def test_parquet_source_errors(tmp_path):
         load_class_index(root)
 
 
-def test_without_train_images_the_train_records_hold_labels_and_paths_only(image_folder, tmp_path):
-    """Ray Data streams the train images itself: a Train worker loads only the labels (the image bytes
-    of a large split would be held once per worker)."""
+def test_without_train_images_the_train_records_read_their_images_on_demand(image_folder, tmp_path):
+    """Ray Data streams the train images itself: a Train worker, and the driver, load only the labels
+    (the image bytes of a large split would be held once per process); a record's bytes are read
+    from its row group when it is loaded (the normalization's sample), one row group at a time."""
+    import pickle
+
+    from imgcls_core.data.shards import ShardImages
+    from imgcls_core.data.stats import compute_mean_std
+
     convert_image_folder(image_folder(LAYOUT), tmp_path / "out", num_workers=0)
     cfg = DataConfig(format="parquet", root=str(tmp_path / "out"))
     full, light = load_dataset(cfg), load_dataset(cfg, train_images=False)
-    assert light.train.images is None and full.train.images is not None
+    assert isinstance(light.train.images, ShardImages) and light.train.images._cached is None
+    assert list(light.train.images) == list(full.train.images)  # every row, in the same order
+    assert light.train.images[-1] == full.train.images[-1] and light.train.images[1:3] == full.train.images[1:3]
+    assert pickle.loads(pickle.dumps(light.train.images))._cached is None  # no bytes travel with it
+    assert compute_mean_std(light.train, 16) == compute_mean_std(full.train, 16)
     assert (light.train.labels, light.train.paths) == (full.train.labels, full.train.paths)
     assert light.val.images == full.val.images and light.test.images == full.test.images
     table = read_shard_table(tmp_path / "out", "train", images=False)
     assert table.column_names == ["label", "path"] and table.num_rows == 18
+
+
+def test_shard_images_cross_files_and_row_groups_in_read_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcls_core.data.shards import SCHEMA, ShardImages
+
+    (tmp_path / "train").mkdir()
+    rows = [bytes([i]) * (i + 1) for i in range(11)]
+    for part, chunk in enumerate((rows[:7], rows[7:])):
+        table = pa.table({"image": chunk, "label": [0] * len(chunk), "path": [f"p{i}" for i in range(len(chunk))]},
+                         schema=SCHEMA)
+        pq.write_table(table, tmp_path / "train" / f"part-{part}.parquet", row_group_size=3)
+    images = ShardImages(tmp_path, "train")
+    assert len(images) == 11 and len(images._groups) == 5  # 3 + 3 + 1 and 3 + 1 rows
+    assert [images[i] for i in (10, 0, 6, 7, 3)] == [rows[i] for i in (10, 0, 6, 7, 3)]
+    assert list(images) == rows == read_shard_table(tmp_path, "train").column("image").to_pylist()
+    with pytest.raises(IndexError):
+        images[11]
