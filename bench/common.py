@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -31,13 +32,39 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def save(name: str, result: dict) -> Path:
-    """Write bench/results/<name>.json, or the file $IMGCLS_BENCH_OUT names (bench.run sets it per run)."""
-    path = Path(os.environ.get("IMGCLS_BENCH_OUT") or RESULTS / f"{name}.json")
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (or a
+    crash half-way) never sees a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **result}, indent=1))
-    print(f"results: {path}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where a run still in progress keeps what it has so far: <name>.partial.json beside ``path``."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def save(name: str, result: dict, partial: bool = False) -> Path:
+    """Write bench/results/<name>.json, or the file $IMGCLS_BENCH_OUT names (bench.run sets it per run),
+    atomically. ``partial``: a run in progress saving what it has so far, to <name>.partial.json
+    beside it, so that the result of the last complete run stays; the final save removes it."""
+    path = Path(os.environ.get("IMGCLS_BENCH_OUT") or RESULTS / f"{name}.json")
+    target = partial_path(path) if partial else path
+    write_atomic(target, json.dumps({"machine": machine(), **result, **({"partial": True} if partial else {})},
+                                    indent=1))
+    if not partial:
+        partial_path(path).unlink(missing_ok=True)
+    print(f"results: {target}")
+    return target
 
 
 def start_local_ray(cpus: int) -> None:

@@ -8,7 +8,8 @@ One run on this machine, one model file (the digits default: ResNet-18 at width 
 as many threads as all the replicas together, so that both sides have the same cores:
 
 (a) in process, end to end: decode + preprocess + batched forward of ``--max-batch-size``
-    PNGs in one process (the practical ceiling), and the batched forward alone;
+    PNGs in one process (the practical ceiling), the batched forward alone, and one image at a
+    time end to end;
 (b) bench/naive_server.py: uvicorn + FastAPI, one image per request, forward inline;
 (c) the Serve app (``--replicas``, 1 CPU each) in each ``--modes`` ingress, each in a fresh Ray
     instance: ``proxy`` (Serve's default HTTP proxy actor), ``proxy_grpc`` (the proxy with
@@ -26,6 +27,21 @@ one PNG per request, then ``--images-per-request`` PNGs per request as multipart
 ``--serve-set key=value`` sets ``serve`` config keys of the app (e.g. ``batcher=timeout``);
 ``--export`` gives the served version its checked ONNX export first, as ``jobs.export`` does,
 so that ``serve.backend: auto`` (the default) can choose ONNX Runtime when it measures faster.
+
+Like for like: the naive server and the in-process runs use the backend and precision each
+mode serves (``precision=bf16``: the PyTorch weights under bf16 autocast; ``backend=onnx``, or
+``auto`` where it would choose ONNX Runtime: the model's ONNX export), one naive sweep and one
+in-process run per distinct kind, so that no served / naive ratio credits Serve with what bf16
+or ONNX Runtime gives. The replica's actual choice (``GET /v1/model``) is recorded; where the
+two sides still differ (``auto`` choosing otherwise in the replica, TensorRT, int8) the ratio
+names both sides.
+
+Every point's warm-up lasts at least 2 full queue rounds and its window at least 3 (and
+``--warmup`` / ``--seconds``): bench.loadgen measures the round in the warm-up itself. A point
+whose p50 latency is as long as its window, or with nothing answered inside it, is marked
+invalid and left out of the saturation picks. Repeats of the harness (bench.run sets
+IMGCLS_BENCH_REPEAT) alternate the order of the naive server and the modes: forward on even
+repeats, reversed on odd ones (``--order``).
 """
 
 from __future__ import annotations
@@ -80,15 +96,99 @@ def digit_pngs(n: int = 64) -> list[bytes]:
     return out
 
 
-def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float, device: str = "cpu",
-               threads: int = 1) -> dict:
+# --------------------------------------------------------------------------- backend and precision
+
+TORCH_FP32 = "torch fp32"  # what the naive server and the in-process runs used before they followed the mode
+
+
+def mode_settings(spec: str, serve_set: list[str]) -> dict[str, str]:
+    """The serve keys a mode spec (``haproxy:backend=torch,precision=bf16``) runs with."""
+    _, _, extra = spec.partition(":")
+    return dict(item.partition("=")[::2] for item in [*serve_set, *filter(None, extra.split(","))])
+
+
+def served_kind(settings: dict[str, str], export: bool) -> str:
+    """``"<backend> <precision>"`` a mode's replica runs, as far as it is known before it starts:
+    ``auto fp32`` when serve.backend=auto has an ONNX export to choose from (the replica times both)."""
+    precision, backend = settings.get("precision", "fp32"), settings.get("backend", "auto")
+    if precision == "bf16":
+        return "torch bf16"  # what auto means for bf16 (imgcls_core.serving.load_served_model)
+    if precision == "int8":
+        return "onnx int8"
+    if backend == "auto":
+        return "auto fp32" if export else TORCH_FP32
+    return f"{backend} {precision}"
+
+
+def naive_kind(served: str, auto_choice: str | None) -> str:
+    """The kind the naive server and the in-process runs use for a mode serving ``served``:
+    the same where they can run it (torch fp32/bf16, onnx fp32; ``auto``: the parent's own
+    choice, made as the replica makes it), else torch fp32 (and the ratio then names both)."""
+    if served == "auto fp32":
+        return f"{auto_choice or 'torch'} fp32"
+    return served if served in ("torch fp32", "torch bf16", "onnx fp32") else TORCH_FP32
+
+
+def choose_auto(model_file: Path, onnx_file: Path, device: str, threads: int, batch_size: int) -> dict:
+    """serve.backend=auto's choice made as the replica makes it (imgcls_core.serving._fastest):
+    PyTorch and ONNX Runtime timed on one blank batch of ``batch_size`` with the replica's threads,
+    best of 3 after a warm-up; the faster wins."""
     import torch
 
+    from bench.naive_server import load_predictor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictors = {"torch": load_predictor(model_file, device=device),
+                      "onnx": load_predictor(model_file, device=device, backend="onnx", onnx_file=onnx_file,
+                                             threads=threads)}
+        size = predictors["torch"].pre.image_size
+        batch = torch.zeros(batch_size, 3, size, size)
+        timed = {}
+        for name, predictor in predictors.items():
+            predictor.probabilities(batch)
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                predictor.probabilities(batch)
+                times.append((time.perf_counter() - started) * 1000)
+            timed[name] = min(times)
+    finally:
+        torch.set_num_threads(before)
+    return {"chosen": "onnx" if timed["onnx"] < timed["torch"] else "torch",
+            **{f"{k}_ms": round(v, 3) for k, v in timed.items()}}
+
+
+def export_onnx_file(model_file: Path, images: list[bytes], out_dir: Path) -> Path:
+    """The model file's checked ONNX export (imgcls_core.export.export_model, as jobs.export makes
+    it), checked on the benchmark's images."""
+    import torch
+
+    from imgcls_core.export import export_model
     from imgcls_core.predict import Predictor
     from imgcls_core.serving import decode_upload
 
+    predictor = Predictor.from_file(model_file)
+    batch = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in images[:32]])
+    files, _ = export_model(model_file, batch, out_dir, formats=("onnx",), log=lambda _m: None)
+    return Path(files["onnx"])
+
+
+def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: float, device: str = "cpu",
+               threads: int = 1, kind: str = TORCH_FP32, onnx_file: Path | None = None,
+               full: bool = True) -> dict:
+    """Rates of the model run in this process as ``kind`` (``"<backend> <precision>"``);
+    ``full``: also the preprocessing options' CPU cost (the same for every kind)."""
+    import torch
+
+    from bench.naive_server import load_predictor
+    from imgcls_core.serving import decode_upload
+
     torch.set_num_threads(threads)
-    predictor = Predictor.from_file(model_file, device=device)
+    backend, precision = kind.split()
+    predictor = load_predictor(model_file, device=device, backend=backend, precision=precision, onnx_file=onnx_file,
+                               threads=threads)
     batch = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in images[:batch_size]])
     while len(batch) < batch_size:
         batch = torch.cat([batch, batch])[:batch_size]
@@ -109,6 +209,15 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
         x = torch.stack([predictor.transform(decode_upload(d, max_pixels=10**7)) for d in pngs])
         return predictor.rank(predictor.probabilities(x), 5)
 
+    forward, _ = rate(lambda: predictor.probabilities(batch), batch_size)
+    e2e, e2e_cpu = rate(end_to_end, batch_size)
+    single, _ = rate(lambda: predictor.probabilities(
+        predictor.transform(decode_upload(images[0], max_pixels=10**7))[None]), 1)
+    out = {"kind": kind, "batched_forward_images_per_s": forward, "end_to_end_images_per_s": e2e,
+           "end_to_end_cpu_ms_per_image": e2e_cpu, "one_image_end_to_end_images_per_s": single}
+    if not full:
+        return out
+
     # Normalising a stacked uint8 batch once instead of each image (an option evaluated, not taken):
     # the same tensor, the CPU cost of the two ways at this input size.
     from torchvision.transforms import v2
@@ -119,23 +228,19 @@ def in_process(model_file: Path, images: list[bytes], batch_size: int, seconds: 
                           normalise(torch.stack([geometry(i) for i in decoded])), atol=1e-5)
     _, per_image_cpu = rate(lambda: torch.stack([predictor.transform(i) for i in decoded]), batch_size)
     _, once_cpu = rate(lambda: normalise(torch.stack([geometry(i) for i in decoded])), batch_size)
-
-    forward, _ = rate(lambda: predictor.probabilities(batch), batch_size)
-    e2e, e2e_cpu = rate(end_to_end, batch_size)
-    single, _ = rate(lambda: predictor.probabilities(
-        predictor.transform(decode_upload(images[0], max_pixels=10**7))[None]), 1)
-    return {"batched_forward_images_per_s": forward, "end_to_end_images_per_s": e2e,
-            "end_to_end_cpu_ms_per_image": e2e_cpu, "one_image_end_to_end_images_per_s": single,
-            "preprocess_cpu_ms_per_image": per_image_cpu, "preprocess_uint8_batch_normalised_once_cpu_ms_per_image": once_cpu}
+    return {**out, "preprocess_cpu_ms_per_image": per_image_cpu,
+            "preprocess_uint8_batch_normalised_once_cpu_ms_per_image": once_cpu}
 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
                headers: dict | None = None, **options) -> dict:
     """bench.loadgen's closed loop in this process (one PNG per request; ``options`` such as
-    ``drain_s`` go to bench.loadgen.run): the rate counts each answered request's share of time
-    inside the measured window (bench.loadgen says why)."""
-    from bench.loadgen import run
+    ``drain_s``, ``warmup_rounds`` and ``window_rounds`` go to bench.loadgen.run): the rate counts
+    each answered request's share of time inside the measured window (bench.loadgen says why).
+    By default the warm-up lasts 2 queue rounds and the window 3 at least, as in the sweeps."""
+    from bench.loadgen import WARMUP_ROUNDS, WINDOW_ROUNDS, run
 
+    options = {"warmup_rounds": WARMUP_ROUNDS, "window_rounds": WINDOW_ROUNDS, **options}
     return await run(url, images, concurrency, seconds, warmup_s, 1, headers or {}, **options)
 
 
@@ -187,16 +292,21 @@ def tree_cpu_s(roots: list[int], exclude: set[int]) -> dict[int, float]:
 
 
 def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int, seconds: float,
-                  server_roots: list[int], stats_url: str | None = None) -> dict:
+                  server_roots: list[int], stats_url: str | None = None, *, warmup_s: float = 1.0,
+                  warmup_rounds: int = 2, window_rounds: float = 3.0, max_warmup_s: float = 300.0) -> dict:
     """One closed-loop point with bench.loadgen in its own process; adds server CPU-ms per image
-    and (from the replica's /v1/stats) the mean batch formed over the window."""
+    and (from the replica's /v1/stats) the mean batch formed over the window. The warm-up lasts
+    ``warmup_s`` and ``warmup_rounds`` full queue rounds, the window ``seconds`` and
+    ``window_rounds`` rounds, at least (bench.loadgen measures the round in the warm-up)."""
     import json
 
     import requests
 
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--images", str(image_dir), "--concurrency",
-           str(concurrency), "--seconds", str(seconds), "--images-per-request", str(per_request), "--out", str(out)]
+           str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup_s), "--warmup-rounds",
+           str(warmup_rounds), "--window-rounds", str(window_rounds), "--max-warmup", str(max_warmup_s),
+           "--images-per-request", str(per_request), "--out", str(out)]
     gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     cpu: dict[str, dict[int, float]] = {}
     batches: dict[str, dict] = {}
@@ -212,7 +322,8 @@ def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int,
     out.unlink()
     used = sum(v - cpu["start"].get(pid, 0.0) for pid, v in cpu["end"].items())
     row["server_cpu_s"] = used
-    row["server_cpu_ms_per_image"] = 1000 * used / (row["images_per_s"] * seconds) if row["images_per_s"] else None
+    images = row["images_per_s"] * row["window_s"]
+    row["server_cpu_ms_per_image"] = 1000 * used / images if images else None
     if batches:
         delta = {int(k): v - batches["start"].get(k, 0) for k, v in batches["end"].items()}
         formed = sum(delta.values())
@@ -222,10 +333,12 @@ def measure_point(url: str, image_dir: Path, concurrency: int, per_request: int,
 
 def _print(label: str, row: dict) -> None:
     batch = f"  batch {row['mean_batch']:5.1f}" if "mean_batch" in row else ""
+    invalid = "" if row.get("valid", True) else f"  INVALID: {row.get('invalid_reason')}"
+    window = f"  warm-up {row['warmup_s']:4.1f} s window {row['window_s']:4.1f} s" if "window_s" in row else ""
     print(f"  {label:<26} c={row['concurrency']:<3} x{row['images_per_request']:<2} {row['images_per_s']:7.1f} img/s"
           f"  p50 {row['p50_ms'] or float('nan'):7.1f} ms  p99 {row['p99_ms'] or float('nan'):7.1f} ms"
-          f"  server {row['server_cpu_ms_per_image'] or float('nan'):5.2f} CPU-ms/img{batch}  errors {row['errors']}",
-          flush=True)
+          f"  server {row['server_cpu_ms_per_image'] or float('nan'):5.2f} CPU-ms/img{batch}  errors {row['errors']}"
+          f"{window}{invalid}", flush=True)
 
 
 def sweep(url: str, image_dir: Path, args, roots: list[int], label: str, per_request: list[int],
@@ -233,23 +346,29 @@ def sweep(url: str, image_dir: Path, args, roots: list[int], label: str, per_req
     rows = []
     for k in per_request:
         for c in args.concurrency:
-            row = measure_point(url, image_dir, c, k, args.seconds, roots, stats_url)
+            row = measure_point(url, image_dir, c, k, args.seconds, roots, stats_url, warmup_s=args.warmup,
+                                warmup_rounds=args.warmup_rounds, window_rounds=args.window_rounds,
+                                max_warmup_s=args.max_warmup)
             _print(label, row)
             rows.append(row)
     return rows
 
 
-def run_naive(model_file: Path, image_dir: Path, args) -> list[dict]:
-    print("(b) naive FastAPI server (uvicorn, one image per request)", flush=True)
+def run_naive(model_file: Path, image_dir: Path, args, kind: str = TORCH_FP32, onnx_file: Path | None = None) -> list[dict]:
+    """The naive server's sweep, running the model as ``kind`` (``"<backend> <precision>"``)."""
+    print(f"(b) naive FastAPI server (uvicorn, one image per request), {kind}", flush=True)
+    backend, precision = kind.split()
     port = free_port()
     env = {**os.environ, "IMGCLS_NAIVE_MODEL": str(model_file), "OMP_NUM_THREADS": "1",
            "IMGCLS_NAIVE_THREADS": str(args.threads * args.replicas),
-           "IMGCLS_NAIVE_DEVICE": "cuda" if args.num_gpus > 0 else "cpu"}
+           "IMGCLS_NAIVE_DEVICE": "cuda" if args.num_gpus > 0 else "cpu",
+           "IMGCLS_NAIVE_BACKEND": backend, "IMGCLS_NAIVE_PRECISION": precision,
+           "IMGCLS_NAIVE_ONNX": str(onnx_file) if onnx_file else ""}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/docs")
-        return sweep(f"http://127.0.0.1:{port}/v1/predict", image_dir, args, [proc.pid], "naive", [1])
+        return sweep(f"http://127.0.0.1:{port}/v1/predict", image_dir, args, [proc.pid], f"naive {kind}", [1])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -342,6 +461,11 @@ def served_child(args) -> None:
         if args.served == "direct":
             base = f"http://127.0.0.1:{find_direct_port(int(os.environ['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']))}"
         wait_ready(f"{base}/readyz")
+        import requests
+
+        # the backend and precision the replica runs (serve.backend=auto: what it chose, and why)
+        info = requests.get(f"{base}/v1/model", timeout=30).json()
+        model = {k: info.get(k) for k in ("backend", "precision", "backend_choice", "device")}
         rows = sweep(f"{base}/v1/predict", Path(args.images_dir), args, [os.getpid()], args.label,
                      [1, args.images_per_request],
                      # one replica's batch histogram: with several, consecutive reads may reach different ones
@@ -349,11 +473,12 @@ def served_child(args) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    Path(args.out).write_text(json.dumps(rows))
+    Path(args.out).write_text(json.dumps({"rows": rows, "model": model}))
 
 
-def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]:
-    """``spec``: a mode, optionally with serve keys for this run alone: ``haproxy:batcher=timeout,backend=onnx``."""
+def run_served(spec: str, model_file: Path, image_dir: Path, args) -> tuple[list[dict], dict]:
+    """``spec``: a mode, optionally with serve keys for this run alone: ``haproxy:batcher=timeout,backend=onnx``.
+    Its points, and the backend and precision its replica ran (``GET /v1/model``)."""
     import json
 
     mode, _, extra = spec.partition(":")
@@ -367,31 +492,81 @@ def run_served(spec: str, model_file: Path, image_dir: Path, args) -> list[dict]
            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 200)}
     cmd = [sys.executable, "-m", "bench.serve_throughput", "--served", mode, "--model-file", str(model_file),
            "--images-dir", str(image_dir), "--out", str(out), "--seconds", str(args.seconds),
+           "--warmup", str(args.warmup), "--warmup-rounds", str(args.warmup_rounds),
+           "--window-rounds", str(args.window_rounds), "--max-warmup", str(args.max_warmup),
            "--concurrency", *map(str, args.concurrency), "--images-per-request", str(args.images_per_request),
            "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing),
            "--threads", str(args.threads), "--replicas", str(args.replicas),
            *(["--export"] if args.export else []),
            "--num-gpus", str(args.num_gpus), "--label", spec, *[f"--serve-set={s}" for s in settings]]
     subprocess.run(cmd, env=env, check=True)
-    rows = json.loads(out.read_text())
+    done = json.loads(out.read_text())
     out.unlink()
-    return rows
+    return done["rows"], done["model"]
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def best(rows: list[dict], per_request: int = 1) -> dict:
-    return max((r for r in rows if r["images_per_request"] == per_request), key=lambda r: r["images_per_s"])
+def best(rows: list[dict], per_request: int = 1, window_s: float | None = None) -> dict | None:
+    """The valid point of ``per_request`` images per request with the most images/s (None when there
+    is none): a point whose p50 is as long as its window, or that answered nothing inside it, saw no
+    steady state and is left out (bench.loadgen.row_invalid; ``window_s`` for rows that predate it)."""
+    from bench.loadgen import row_invalid
+
+    valid = [r for r in rows if r["images_per_request"] == per_request and row_invalid(r, window_s) is None]
+    return max(valid, key=lambda r: r["images_per_s"], default=None)
+
+
+def repeat_order(order: str, env: dict | None = None) -> bool:
+    """Whether this run takes the naive server and the modes in reverse: ``--order reverse``, or
+    ``auto`` on an odd repeat of the harness (IMGCLS_BENCH_REPEAT, 0-based, set by bench.run)."""
+    if order != "auto":
+        return order == "reverse"
+    return int((env if env is not None else os.environ).get("IMGCLS_BENCH_REPEAT", "0")) % 2 == 1
+
+
+def mode_ratios(rows: list[dict], per_request: int, served: str, naive_side: str, local: dict,
+                naive: list[dict] | None) -> dict:
+    """One mode's ratios at saturation (valid points only), each side's backend and precision named."""
+    one, many = best(rows, 1), best(rows, per_request)
+    r = {"served_kind": served, "naive_kind": naive_side, "in_process_kind": local.get("kind", TORCH_FP32),
+         "served_img_s_at_saturation": one["images_per_s"] if one else None,
+         "server_cpu_ms_per_image_at_saturation": one["server_cpu_ms_per_image"] if one else None,
+         f"x{per_request}_over_in_process_end_to_end":
+             many["images_per_s"] / local["end_to_end_images_per_s"] if many else None,
+         "served_over_in_process_forward": one["images_per_s"] / local["batched_forward_images_per_s"] if one else None}
+    if naive is not None:
+        n = best(naive)
+        r["served_over_naive_at_saturation"] = one["images_per_s"] / n["images_per_s"] if one and n else None
+        by_c = {x["concurrency"]: x for x in naive if best([x]) is not None}
+        r["by_concurrency"] = [
+            {"concurrency": s["concurrency"],
+             "images_per_s_served_over_naive": s["images_per_s"] / by_c[s["concurrency"]]["images_per_s"],
+             "p99_served_over_naive": (s["p99_ms"] / by_c[s["concurrency"]]["p99_ms"])
+             if s["p99_ms"] and by_c[s["concurrency"]]["p99_ms"] else float("nan")}
+            for s in rows if s["images_per_request"] == 1 and best([s]) is not None
+            and by_c.get(s["concurrency"], {}).get("images_per_s")]
+    return r
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="measured seconds per point, at least (the window spans --window-rounds queue rounds too)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="warm-up seconds per point, at least (it lasts --warmup-rounds queue rounds too)")
+    parser.add_argument("--warmup-rounds", type=int, default=2,
+                        help="full queue rounds of warm-up per point (every client answered this many times)")
+    parser.add_argument("--window-rounds", type=float, default=3.0, help="queue rounds the window spans, at least")
+    parser.add_argument("--max-warmup", type=float, default=300.0,
+                        help="seconds after which a point's window starts anyway (the point is then invalid)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 48])
     parser.add_argument("--images-per-request", type=int, default=8, help="the multipart points' images per request")
     parser.add_argument("--modes", nargs="+", default=["proxy", "haproxy"], metavar="MODE[:KEY=VALUE,...]",
                         help=f"ingress modes ({', '.join(MODES)}), each optionally with serve keys of its own")
+    parser.add_argument("--order", choices=("auto", "forward", "reverse"), default="auto",
+                        help="order of the naive server and the modes: auto reverses it on odd repeats of bench.run")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) threads per replica")
     parser.add_argument("--replicas", type=int, default=1,
@@ -419,6 +594,9 @@ def main(argv: list[str] | None = None) -> dict:
         return served_child(args)
     if args.replicas * args.num_gpus > 1:  # the local instance declares one GPU
         parser.error(f"--replicas {args.replicas} x --num-gpus {args.num_gpus} is more than the one GPU used")
+    for spec in args.modes:
+        if spec.partition(":")[0] not in MODES:
+            parser.error(f"unknown mode {spec!r}; choose from {list(MODES)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-serve-"))
     model_file = make_model_file(tmp / "model.pt", args.image_size, args.width, args.model)
@@ -428,45 +606,75 @@ def main(argv: list[str] | None = None) -> dict:
     image_dir.mkdir()
     for i, data in enumerate(images):
         (image_dir / f"{i:03d}.png").write_bytes(data)
-    print(f"(a) in process, {args.threads * args.replicas} thread(s)", flush=True)
-    local = in_process(model_file, images, args.max_batch_size, args.seconds, device, args.threads * args.replicas)
-    print(f"  end to end (decode + preprocess + batched forward) {local['end_to_end_images_per_s']:.0f} img/s, "
-          f"{local['end_to_end_cpu_ms_per_image']:.2f} CPU-ms/img; batched forward alone "
-          f"{local['batched_forward_images_per_s']:.0f} img/s; one image at a time "
-          f"{local['one_image_end_to_end_images_per_s']:.0f} img/s; preprocessing "
-          f"{local['preprocess_cpu_ms_per_image']:.3f} CPU-ms/img normalised per image, "
+
+    # Which backend and precision each mode serves, and what the naive server and the in-process runs
+    # use beside it: the same where they can run it.
+    served_kinds = {spec: served_kind(mode_settings(spec, args.serve_set), args.export) for spec in args.modes}
+    onnx_file = auto = None
+    if {"auto fp32", "onnx fp32"} & set(served_kinds.values()):
+        onnx_file = export_onnx_file(model_file, images, tmp / "onnx")
+    if "auto fp32" in served_kinds.values():
+        auto = choose_auto(model_file, onnx_file, device, args.threads, args.max_batch_size)
+        print(f"serve.backend=auto, chosen here as a replica chooses: {auto}", flush=True)
+    naive_kinds = {spec: naive_kind(kind, auto and auto["chosen"]) for spec, kind in served_kinds.items()}
+    kinds = list(dict.fromkeys(naive_kinds.values()))
+
+    threads = args.threads * args.replicas
+    print(f"(a) in process, {threads} thread(s)", flush=True)
+    local = in_process(model_file, images, args.max_batch_size, args.seconds, device, threads)
+    local_by_kind = {TORCH_FP32: local}
+    for kind in kinds:
+        if kind not in local_by_kind:
+            local_by_kind[kind] = in_process(model_file, images, args.max_batch_size, args.seconds, device, threads,
+                                             kind=kind, onnx_file=onnx_file, full=False)
+    for kind, x in local_by_kind.items():
+        print(f"  {kind}: end to end (decode + preprocess + batched forward) {x['end_to_end_images_per_s']:.0f} img/s, "
+              f"{x['end_to_end_cpu_ms_per_image']:.2f} CPU-ms/img; batched forward alone "
+              f"{x['batched_forward_images_per_s']:.0f} img/s; one image at a time end to end "
+              f"{x['one_image_end_to_end_images_per_s']:.0f} img/s", flush=True)
+    print(f"  preprocessing {local['preprocess_cpu_ms_per_image']:.3f} CPU-ms/img normalised per image, "
           f"{local['preprocess_uint8_batch_normalised_once_cpu_ms_per_image']:.3f} as a uint8 batch normalised once",
           flush=True)
-    naive = [] if args.skip_naive else run_naive(model_file, image_dir, args)
-    served = {mode: run_served(mode, model_file, image_dir, args) for mode in args.modes}
 
+    # The naive server (one sweep per kind the modes need) and the modes, in this repeat's order.
+    jobs = [*[("naive", kind) for kind in ([] if args.skip_naive else kinds)], *[("served", spec) for spec in args.modes]]
+    if repeat_order(args.order):
+        jobs.reverse()
+    print(f"order: {', '.join(f'{what} {which}' for what, which in jobs)}", flush=True)
+    naive_by_kind: dict[str, list[dict]] = {}
+    served: dict[str, list[dict]] = {}
+    served_model: dict[str, dict] = {}
+    for what, which in jobs:
+        if what == "naive":
+            naive_by_kind[which] = run_naive(model_file, image_dir, args, which, onnx_file)
+        else:
+            served[which], served_model[which] = run_served(which, model_file, image_dir, args)
+    served = {spec: served[spec] for spec in args.modes}  # the modes' order, whatever the run's
+
+    k = args.images_per_request
     ratios: dict = {"by_mode": {}}
-    for mode, rows in served.items():
-        one, many = best(rows, 1), best(rows, args.images_per_request)
-        r = {"served_img_s_at_saturation": one["images_per_s"],
-             "server_cpu_ms_per_image_at_saturation": one["server_cpu_ms_per_image"],
-             f"x{args.images_per_request}_over_in_process_end_to_end":
-                 many["images_per_s"] / local["end_to_end_images_per_s"],
-             "served_over_in_process_forward": one["images_per_s"] / local["batched_forward_images_per_s"]}
-        if naive:
-            r["served_over_naive_at_saturation"] = one["images_per_s"] / best(naive)["images_per_s"]
-            by_c = {n["concurrency"]: n for n in naive}
-            r["by_concurrency"] = [
-                {"concurrency": s["concurrency"],
-                 "images_per_s_served_over_naive": s["images_per_s"] / by_c[s["concurrency"]]["images_per_s"],
-                 "p99_served_over_naive": (s["p99_ms"] / by_c[s["concurrency"]]["p99_ms"])
-                 if s["p99_ms"] and by_c[s["concurrency"]]["p99_ms"] else float("nan")}
-                for s in rows if s["images_per_request"] == 1 and by_c.get(s["concurrency"], {}).get("images_per_s")]
-        ratios["by_mode"][mode] = r
-        print(f"\n{mode}: served {one['images_per_s']:.0f} img/s at saturation, "
-              f"{one['server_cpu_ms_per_image']:.2f} server CPU-ms/img"
-              + (f", x{r['served_over_naive_at_saturation']:.2f} the naive server" if naive else "")
-              + f"; {args.images_per_request} images per request: "
-                f"x{r[f'x{args.images_per_request}_over_in_process_end_to_end']:.2f} in-process end to end")
-    if naive:
-        n = best(naive)
-        print(f"naive: {n['images_per_s']:.0f} img/s at saturation, {n['server_cpu_ms_per_image']:.2f} CPU-ms/img")
-    result = {"config": vars(args), "in_process": local, "naive": naive, "served": served, "ratios": ratios}
+    for spec, rows in served.items():
+        model = served_model[spec]
+        actual = f"{model['backend']} {model['precision']}" if model.get("backend") else served_kinds[spec]
+        nk = naive_kinds[spec]
+        r = mode_ratios(rows, k, actual, nk, local_by_kind[nk], None if args.skip_naive else naive_by_kind[nk])
+        ratios["by_mode"][spec] = r
+        one = best(rows, 1)
+        like = "like for like" if actual == nk else f"NOT like for like: served {actual}, naive/in-process {nk}"
+        print(f"\n{spec} ({like}): served "
+              + (f"{one['images_per_s']:.0f} img/s at saturation, {one['server_cpu_ms_per_image']:.2f} server CPU-ms/img"
+                 if one else "no valid x1 point")
+              + (f", x{r['served_over_naive_at_saturation']:.2f} the naive server"
+                 if r.get("served_over_naive_at_saturation") else "")
+              + (f"; {k} images per request: x{r[f'x{k}_over_in_process_end_to_end']:.2f} in-process end to end"
+                 if r[f"x{k}_over_in_process_end_to_end"] else f"; no valid x{k} point"))
+    for kind, rows in naive_by_kind.items():
+        if n := best(rows):
+            print(f"naive {kind}: {n['images_per_s']:.0f} img/s at saturation, {n['server_cpu_ms_per_image']:.2f} CPU-ms/img")
+    result = {"config": vars(args), "order": [f"{what} {which}" for what, which in jobs], "in_process": local,
+              "in_process_by_kind": local_by_kind, "auto_backend_choice": auto,
+              "naive": naive_by_kind.get(TORCH_FP32, []), "naive_by_kind": naive_by_kind,
+              "served": served, "served_model": served_model, "ratios": ratios}
     save(args.name, result)
     return result
 

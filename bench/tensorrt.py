@@ -1,10 +1,13 @@
-"""Inference images/s on one GPU: a TensorRT engine (fp16) vs eager PyTorch (AMP + channels_last),
-ResNet-50 at 224 px, batch 64; and the engine's parity with eager on the same batch.
+"""Inference images/s on one GPU: a TensorRT engine (fp16) vs eager PyTorch (fp16 autocast +
+channels_last), ResNet-50 at 224 px, batch 64; and the engine's parity with eager on the same batch.
 
     python -m bench.tensorrt [--model resnet50] [--image-size 224] [--batch-size 64] [--seconds 10]
 
 Both sides run the same random-weight network on the same synthetic batch resident on the GPU,
-alternating, ``--repeats`` times; the figures are medians. The engine is built by
+alternating, ``--repeats`` (5) times; the figures are medians. Like for like: eager runs in the
+engine's precision (``--precision fp16``: fp16 autocast, not bf16; fp32: no autocast) with the
+project's runtime set-up (imgcls_core.engine.runtime.setup_runtime: cudnn.benchmark, TF32), as
+bench.gpu_train does. The engine is built by
 imgcls_core.trt_export (Torch-TensorRT, the ``tensorrt`` extra) exactly as ``jobs.export
 --formats tensorrt`` builds it, so the build time is reported too. On a machine without CUDA or
 Torch-TensorRT it writes ``{"skipped": reason}`` and exits 0.
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     args = parser.parse_args(argv)
 
@@ -51,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from imgcls_core.config import ModelConfig
+    from imgcls_core.config import ModelConfig, TrainConfig
     from imgcls_core.data.preprocessing import Preprocessing
+    from imgcls_core.engine.runtime import setup_runtime
     from imgcls_core.export import check_parity
     from imgcls_core.models import build_model
     from imgcls_core.trt_export import TensorRTModule, export_tensorrt, tolerance_for
 
+    # the runtime the training and gpu_train use: cudnn.benchmark, TF32; autocast in the engine's precision
+    runtime = setup_runtime(TrainConfig(device="cuda", amp="fp16" if args.precision == "fp16" else "off",
+                                        channels_last=True))
     torch.manual_seed(0)
     size, bs = args.image_size, args.batch_size
     model = build_model(ModelConfig(name=args.model), 1000, size).eval()
@@ -71,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     eager = model.cuda().to(memory_format=torch.channels_last)
     gpu_batch = batch.cuda().to(memory_format=torch.channels_last)
-    amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp = runtime.amp_dtype  # float16 for the fp16 engine, None (fp32) for the fp32 one
+    eager_precision = "fp16 autocast" if amp == torch.float16 else "fp32"
 
     @torch.inference_mode()
     def run_eager(x):
-        with torch.autocast("cuda", dtype=amp):
+        with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
             return eager(x)
 
     @torch.inference_mode()
@@ -88,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         engine_rates.append(rate(run_engine, gpu_batch, args.seconds))
     result = {
         "gpu": torch.cuda.get_device_name(), "model": args.model, "image_size": size, "batch_size": bs,
-        "precision": args.precision, "build_s": round(build_s, 1), "parity": parity.to_dict(),
+        "precision": args.precision, "eager_precision": eager_precision,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark, "build_s": round(build_s, 1), "parity": parity.to_dict(),
         "eager_amp_images_per_s": median(eager_rates), "tensorrt_images_per_s": median(engine_rates),
         "runs": {"eager": eager_rates, "tensorrt": engine_rates},
         "ratios": {"tensorrt_over_eager_amp": median(engine_rates) / median(eager_rates)},
     }
-    print(f"{result['gpu']}: {args.model} {size} px batch {bs}: eager AMP {result['eager_amp_images_per_s']:.0f} "
+    print(f"{result['gpu']}: {args.model} {size} px batch {bs}: eager {eager_precision} "
+          f"{result['eager_amp_images_per_s']:.0f} "
           f"img/s, TensorRT {args.precision} {result['tensorrt_images_per_s']:.0f} img/s "
           f"({result['ratios']['tensorrt_over_eager_amp']:.2f}x); build {build_s:.0f} s; {parity.summary()}")
     save("tensorrt", result)

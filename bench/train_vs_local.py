@@ -596,8 +596,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rows[layout] += [done["local"], done["ray"]]
                 result["layouts"][layout] = {"summary": summarize(rows[layout]), "runs": rows[layout]}
             result["rounds_done"] = index + 1
-            if index + 1 < args.rounds:
-                save("train_vs_local", result)  # so far: a run cut short keeps its rounds
+            if index + 1 < args.rounds:  # so far, beside the result file: a run cut short keeps its rounds
+                save("train_vs_local", result, partial=True)  # and the last complete run's file stays
     finally:
         ray.shutdown()
     for layout in args.layouts:

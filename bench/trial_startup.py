@@ -1,7 +1,7 @@
 """What a sweep's trial costs beyond its training: one-worker trials in the trial's own process
 (jobs.tune's default) vs every trial on its own TorchTrainer (``tune.in_trial=false``).
 
-    python -m bench.trial_startup [--trials 4] [--rounds 3]
+    python -m bench.trial_startup [--trials 4] [--rounds 5]
 
 Each round runs the same seeded FIFO sweep of ``--trials`` two-epoch trials, one trial at a
 time, in both modes (alternating which goes first). Per trial: the wall time of the sweep over
@@ -26,7 +26,7 @@ from bench.common import median, save, start_local_ray, sweep_overrides
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (medians of >= 5)")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     args = parser.parse_args(argv)
 
