@@ -136,6 +136,7 @@ def choose_auto(model_file: Path, onnx_file: Path, device: str, threads: int, ba
     import torch
 
     from bench.naive_server import load_predictor
+    from imgcls_core.serving import time_backends
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -143,17 +144,7 @@ def choose_auto(model_file: Path, onnx_file: Path, device: str, threads: int, ba
         predictors = {"torch": load_predictor(model_file, device=device),
                       "onnx": load_predictor(model_file, device=device, backend="onnx", onnx_file=onnx_file,
                                              threads=threads)}
-        size = predictors["torch"].pre.image_size
-        batch = torch.zeros(batch_size, 3, size, size)
-        timed = {}
-        for name, predictor in predictors.items():
-            predictor.probabilities(batch)
-            times = []
-            for _ in range(3):
-                started = time.perf_counter()
-                predictor.probabilities(batch)
-                times.append((time.perf_counter() - started) * 1000)
-            timed[name] = min(times)
+        timed = time_backends(predictors, batch_size)
     finally:
         torch.set_num_threads(before)
     return {"chosen": "onnx" if timed["onnx"] < timed["torch"] else "torch",

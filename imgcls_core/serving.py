@@ -215,30 +215,36 @@ def _fastest(registry: Registry, mv, tmp: str, weights: Predictor, threads: int,
 
     A version with a checked ONNX export (``jobs.export`` tags it after its parity check) is timed
     both ways on one blank batch of ``batch_size`` (best of 3 after a warm-up) on this replica's
-    device and threads; the faster answers. Without an export the PyTorch weights answer."""
-    import time
-
+    device and threads (:func:`time_backends`); the faster answers. Without an export the PyTorch
+    weights answer."""
     if not mv.tags.get(ONNX_URI_TAG):
         return "torch", weights, None, {"chosen": "torch", "reason": "the version has no checked ONNX export "
                                         f"(python -m jobs.export --model {registry.name} --version {mv.version})"}
     onnx = _onnx_predictor(registry, mv, tmp, weights.device, threads)
-    size = weights.pre.image_size
-    batch = torch.zeros(batch_size, 3, size, size)
+    timed = time_backends({"torch": weights, "onnx": onnx}, batch_size)
+    chosen = "onnx" if timed["onnx"] < timed["torch"] else "torch"
+    choice = {"chosen": chosen, "batch": batch_size, **{f"{k}_ms": round(v, 3) for k, v in timed.items()},
+              "reason": f"{chosen} answered a batch of {batch_size} faster"}
+    return (chosen, onnx, weights, choice) if chosen == "onnx" else (chosen, weights, None, choice)
 
-    def best_ms(predictor: Predictor) -> float:
+
+def time_backends(predictors: dict[str, Predictor], batch_size: int) -> dict[str, float]:
+    """Milliseconds each predictor takes for one blank batch of ``batch_size``: best of 3 after a
+    warm-up (how serve.backend=auto chooses; bench.serve_throughput makes the same choice)."""
+    import time
+
+    size = next(iter(predictors.values())).pre.image_size
+    batch = torch.zeros(batch_size, 3, size, size)
+    timed = {}
+    for name, predictor in predictors.items():
         predictor.probabilities(batch)
         times = []
         for _ in range(3):
             started = time.perf_counter()
             predictor.probabilities(batch)
             times.append((time.perf_counter() - started) * 1000)
-        return min(times)
-
-    timed = {"torch": best_ms(weights), "onnx": best_ms(onnx)}
-    chosen = "onnx" if timed["onnx"] < timed["torch"] else "torch"
-    choice = {"chosen": chosen, "batch": batch_size, **{f"{k}_ms": round(v, 3) for k, v in timed.items()},
-              "reason": f"{chosen} answered a batch of {batch_size} faster"}
-    return (chosen, onnx, weights, choice) if chosen == "onnx" else (chosen, weights, None, choice)
+        timed[name] = min(times)
+    return timed
 
 
 def _onnx_predictor(registry: Registry, mv, tmp: str, device: torch.device, threads: int,

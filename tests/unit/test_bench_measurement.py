@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import time
 from pathlib import Path
 
 import pytest
 
 from bench.run import BENCHES, INVALID, main, render, summarize
+from tests.http_stub import load_against
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -23,35 +23,6 @@ def recorded(name: str, **changes) -> dict:
 
 
 # --------------------------------------------------------------------------- the load generator
-
-
-def _load_against(delay_s: float, **load_args) -> tuple[dict, float]:
-    """bench.serve_throughput.load (4 clients) against a local server answering after ``delay_s``."""
-    from aiohttp import web
-
-    from bench.serve_throughput import load
-    from jobs.common import free_port
-
-    async def handler(request):
-        await request.read()
-        await asyncio.sleep(delay_s)
-        return web.Response(text="ok")
-
-    async def run():
-        app = web.Application()
-        app.router.add_post("/", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            started = time.perf_counter()
-            row = await load(f"http://127.0.0.1:{port}/", [b"x"], concurrency=4, **load_args)
-            return row, time.perf_counter() - started
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(run())
 
 
 def test_a_point_is_invalid_without_answers_in_its_window_or_with_a_p50_as_long_as_it():
@@ -72,7 +43,7 @@ def test_a_point_is_invalid_without_answers_in_its_window_or_with_a_p50_as_long_
 def test_the_warm_up_lasts_two_queue_rounds_and_the_window_three():
     """4 clients against 0.25 s answers: a round is 0.25 s. A 0.2 s window and no warm-up asked for
     become a 0.5 s warm-up (every client answered twice) and a 0.75 s window."""
-    row, _ = _load_against(0.25, seconds=0.2, warmup_s=0.0, warmup_rounds=2, window_rounds=3)
+    row, _ = load_against(0.25, seconds=0.2, warmup_s=0.0, warmup_rounds=2, window_rounds=3)
     assert row["valid"] and "invalid_reason" not in row
     assert row["round_s"] == pytest.approx(0.25, abs=0.05)
     assert 0.45 <= row["warmup_s"] < 0.65
@@ -81,7 +52,7 @@ def test_the_warm_up_lasts_two_queue_rounds_and_the_window_three():
 
 
 def test_the_window_starts_after_max_warmup_and_the_point_is_then_invalid():
-    row, took = _load_against(0.4, seconds=1.0, warmup_s=0.0, warmup_rounds=50, window_rounds=0, max_warmup_s=0.5)
+    row, took = load_against(0.4, seconds=1.0, warmup_s=0.0, warmup_rounds=50, window_rounds=0, max_warmup_s=0.5)
     assert row["ok"] and row["p50_ms"] < 1000
     assert not row["valid"] and "warm-up" in row["invalid_reason"]
     assert row["warmup_s"] == pytest.approx(0.5, abs=0.1) and took < 2.5
@@ -310,42 +281,19 @@ def test_a_point_measured_by_the_load_generator_process_uses_the_window_it_repor
     """bench.serve_throughput.measure_point runs bench.loadgen in its own process with the rounds,
     reads the window's edges from its output, and divides the server's CPU time by the images of
     the window the load generator actually used (here 3 rounds of 0.2 s, longer than --seconds)."""
-    import threading
-
     from aiohttp import web
 
     from bench.serve_throughput import measure_point
-    from jobs.common import free_port
+    from tests.http_stub import stub_server
 
     async def handler(request):
         await request.read()
         await asyncio.sleep(0.2)
         return web.Response(text="ok")
 
-    port, ready, stop = free_port(), threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def run():
-            app = web.Application()
-            app.router.add_post("/", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.02)
-            await runner.cleanup()
-        asyncio.run(run())
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    assert ready.wait(10)
     (tmp_path / "0.png").write_bytes(b"x")
-    try:
-        row = measure_point(f"http://127.0.0.1:{port}/", tmp_path, 4, 1, 0.1, [], warmup_s=0.0)
-    finally:
-        stop.set()
-        server.join(10)
+    with stub_server(handler) as url:
+        row = measure_point(url, tmp_path, 4, 1, 0.1, [], warmup_s=0.0)
     assert row["valid"] and row["warmup_s"] >= 0.35 and row["window_s"] == pytest.approx(3 * row["round_s"])
     assert row["images_per_s"] == pytest.approx(4 / 0.2, rel=0.15)
     assert row["server_cpu_s"] == 0 and row["server_cpu_ms_per_image"] == 0  # no server process was named

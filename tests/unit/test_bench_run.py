@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench.run import BENCHES, main, render, run_one, summarize
+from tests.http_stub import load_against
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -96,47 +94,11 @@ def test_render_only_rewrites_the_markdown_from_the_state(tmp_path):
     assert "| images/s, Ray Data / DataLoader (x) |" in markdown.read_text()
 
 
-def _slow_server(delay_s: float):
-    """A local HTTP server that answers every POST after ``delay_s`` (aiohttp, in this event loop)."""
-    from aiohttp import web
-
-    async def handler(request):
-        await request.read()
-        await asyncio.sleep(delay_s)
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/", handler)
-    return web.AppRunner(app)
-
-
-def _load_against(delay_s: float, **load_args) -> tuple[dict, float]:
-    """bench.serve_throughput.load (4 clients) against :func:`_slow_server`; (row, seconds taken)."""
-    from aiohttp import web
-
-    from bench.serve_throughput import load
-    from jobs.common import free_port
-
-    async def main():
-        runner = _slow_server(delay_s)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            started = time.perf_counter()
-            row = await load(f"http://127.0.0.1:{port}/", [b"x"], concurrency=4, **load_args)
-            return row, time.perf_counter() - started
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
-
-
 def test_load_counts_the_window_s_share_of_rounds_that_straddle_its_edges():
     """4 clients in step against 0.3 s answers: a 1 s window holds 3.3 rounds. Counting the requests
     answered inside it would give 3 rounds (12 req/s, -9%); each request's share of the window gives
     the true 4 / 0.3 s."""
-    row, took = _load_against(0.3, seconds=1.0, warmup_s=0.0, warmup_rounds=0, window_rounds=0)
+    row, took = load_against(0.3, seconds=1.0, warmup_s=0.0, warmup_rounds=0, window_rounds=0)
     latency_s = row["p50_ms"] / 1000
     assert row["ok"] == 12 and row["unfinished"] == 0 and not row["errors"]
     assert row["images_per_s"] == pytest.approx(4 / latency_s, rel=0.03)
@@ -146,7 +108,7 @@ def test_load_counts_the_window_s_share_of_rounds_that_straddle_its_edges():
 def test_load_credits_requests_slower_than_the_window_with_their_share():
     """Answers take 1.5 s and the window 0.5 s: none is answered inside it (no latency to report),
     but a third of each request's time is, so the rate is 4 / 1.5 s, not 0 and not clients / seconds."""
-    row, took = _load_against(1.5, seconds=0.5, warmup_s=0.0, warmup_rounds=0, window_rounds=0)
+    row, took = load_against(1.5, seconds=0.5, warmup_s=0.0, warmup_rounds=0, window_rounds=0)
     assert row["ok"] == 0 and row["p50_ms"] is None and row["unfinished"] == 0
     assert row["valid"] is False and "no request answered" in row["invalid_reason"]
     assert row["images_per_s"] == pytest.approx(4 / 1.5, rel=0.05)
@@ -154,7 +116,7 @@ def test_load_credits_requests_slower_than_the_window_with_their_share():
 
 
 def test_load_gives_up_on_requests_unanswered_after_the_drain_and_counts_nothing_for_them():
-    row, took = _load_against(1.5, seconds=0.5, warmup_s=0.0, drain_s=0.2, warmup_rounds=0, window_rounds=0)
+    row, took = load_against(1.5, seconds=0.5, warmup_s=0.0, drain_s=0.2, warmup_rounds=0, window_rounds=0)
     assert row["unfinished"] == 4 and row["images_per_s"] == 0 and row["ok"] == 0
     assert took < 1.2  # the clients still waiting were cancelled instead of holding the sweep
 
@@ -165,7 +127,7 @@ def test_soak_counts_503_with_retry_after_as_shed_and_every_other_failure_as_an_
     from aiohttp import web
 
     from bench.reliability import NO_RETRY_AFTER, open_loop, summarize_soak
-    from jobs.common import free_port
+    from tests.http_stub import stub_server
 
     answers = iter([200, 503, 503] * 100)
 
@@ -177,30 +139,8 @@ def test_soak_counts_503_with_retry_after_as_shed_and_every_other_failure_as_an_
         shedding = request.app["shed_next"] = not request.app.get("shed_next", False)
         return web.Response(status=503, headers={"Retry-After": "1"} if shedding else {})
 
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def main():
-            app = web.Application()
-            app.router.add_post("/", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.02)
-            await runner.cleanup()
-        asyncio.run(main())
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    assert ready.wait(10)
-    try:
-        records = open_loop(f"http://127.0.0.1:{port}/", [b"x"], rate=30.0, seconds=1.0)
-    finally:
-        stop.set()
-        server.join(10)
+    with stub_server(handler) as url:
+        records = open_loop(url, [b"x"], rate=30.0, seconds=1.0)
     s = summarize_soak(records, 1.0, 0.5)
     assert s["sent"] == 30 and s["answered"] == 10, s
     assert s["shed"] == 10 and s["shed_fraction"] == pytest.approx(1 / 3), s
