@@ -85,10 +85,9 @@ class LRSchedule:
             return lr_scheduler.OneCycleLR(
                 opt, max_lr=peaks, total_steps=total, pct_start=min(max(warm, 2), total - 1) / total,  # torch divides by zero below 2
                 div_factor=div, final_div_factor=final_div,
-                # cycled between optim.momentum (at the LR's peak: lowest) and 0.1 less, as torch's
-                # 0.95/0.85 default spreads it, so optim.momentum is the momentum SGD is set to
+                # SGD's momentum cycles 0.95 -> 0.85 (at the LR's peak) -> 0.95, OneCycleLR's own
+                # defaults (the recipes were tuned with them): optim.momentum only switches it on
                 cycle_momentum=isinstance(opt, torch.optim.SGD) and cfg.momentum > 0,
-                max_momentum=cfg.momentum, base_momentum=max(0.0, cfg.momentum - 0.1),
             )
         warmup = lr_scheduler.LinearLR(opt, cfg.warmup_start_factor, 1.0, total_iters=warm) if warm else None
         main: lr_scheduler.LRScheduler | None = None
