@@ -130,6 +130,16 @@ def test_schedule_state_survives_a_weights_only_round_trip(kind):
     assert math.isclose(sched2.last_lr(), sched.last_lr())
 
 
+def _trace(opt, sched, key: str, steps: int) -> list[float]:
+    """The first parameter group's ``key`` (lr, momentum) before each of ``steps`` optimizer steps."""
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0][key])
+        opt.step()
+        sched.step_batch()
+    return seen
+
+
 def test_cosine_decays_each_group_to_its_own_floor():
     """A backbone at a tenth of the head's LR ends at a tenth of the head's floor (a floor taken from
     optim.lr alone made a small backbone LR rise over the 'decay')."""
@@ -138,12 +148,7 @@ def test_cosine_decays_each_group_to_its_own_floor():
     groups = [{"params": list(net[0].parameters()), "lr": 0.05, "weight_decay": 0.0},
               {"params": list(net[1].parameters()), "lr": 1.0, "weight_decay": 0.0}]
     opt = build_optimizer(groups, cfg)
-    sched = LRSchedule(opt, cfg, 2, 10)
-    backbone = []
-    for _ in range(20):
-        backbone.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step_batch()
+    backbone = _trace(opt, LRSchedule(opt, cfg, 2, 10), "lr", steps=20)
     assert all(a >= b for a, b in zip(backbone, backbone[1:]))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005) and opt.param_groups[1]["lr"] == pytest.approx(0.1)
 
@@ -168,12 +173,7 @@ def test_onecycle_cycles_sgd_momentum_as_torch_does():
     net = torch.nn.Linear(2, 2)
     cfg = OptimConfig(lr=1.0, schedule="onecycle", momentum=0.5, warmup_epochs=1)
     opt = build_optimizer(param_groups_for(net, cfg), cfg)
-    sched = LRSchedule(opt, cfg, 2, 10)
-    seen = []
-    for _ in range(20):
-        seen.append(opt.param_groups[0]["momentum"])
-        opt.step()
-        sched.step_batch()
+    seen = _trace(opt, LRSchedule(opt, cfg, 2, 10), "momentum", steps=20)
     assert max(seen) == pytest.approx(0.95) and min(seen) == pytest.approx(0.85, abs=0.01)
 
 
