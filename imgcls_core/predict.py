@@ -95,7 +95,11 @@ class Predictor:
 
     def classify(self, images: list[bytes | str | Path | torch.Tensor], top_k: int = 5) -> list[list[dict]]:
         """:meth:`rank` of the images' probabilities."""
-        return self.rank(self.probabilities(self.preprocess(images)), top_k)
+        return self.classify_batch(self.preprocess(images), top_k)
+
+    def classify_batch(self, batch: torch.Tensor, top_k: int = 5) -> list[list[dict]]:
+        """:meth:`rank` of a preprocessed batch's probabilities."""
+        return self.rank(self.probabilities(batch), top_k)
 
     def present(self, ranked: list[dict]) -> list[dict]:
         """The classes of a ranked row (best first, every class) at or over the multi-label threshold."""

@@ -120,7 +120,7 @@ class ServedModel:
     def classify(self, batch: torch.Tensor, top_k: int) -> list[list[dict[str, Any]]]:
         """Top-k ``{"label", "index", "probability"}`` per row of a preprocessed batch, best first
         (multi-label versions rank every class: :meth:`answer` cuts the top-k)."""
-        return self.predictor.rank(self.predictor.probabilities(batch), top_k)
+        return self.predictor.classify_batch(batch, top_k)
 
     def answer(self, ranked: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
         """One image's prediction in a response: its top-k, and for multi-label versions every class

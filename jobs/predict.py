@@ -107,7 +107,7 @@ def _classify_batch(predictor, images: list, top_k: int) -> list:
     import torch
 
     def classify(batch: list) -> list:
-        return predictor.rank(predictor.probabilities(torch.stack(batch)), top_k)
+        return predictor.classify_batch(torch.stack(batch), top_k)
 
     if not images:
         return []
